@@ -1,0 +1,36 @@
+"""Prepare: three Parquet tables -> split, fitted feature state, encoded Parquet.
+
+Inputs: the ``data`` and ``features`` sections of the config.
+Outputs: ``RUN_DIR/prepared/`` (see :mod:`pipeline.prepare` for the layout).
+
+    python -m jobs.prepare --config configs/demo.yaml --output-dir runs/demo
+    ray job submit --working-dir . -- python -m jobs.prepare \
+        --config configs/demo.yaml --output-dir /shared/runs/demo
+"""
+
+from __future__ import annotations
+
+import sys
+
+from jobs.cli import parse_job_args
+from pipeline.config import Config
+from pipeline.prepare import run_prepare
+
+
+def run(cfg: Config, run_dir) -> dict:
+    """Run the prepare step; returns its manifest."""
+    return run_prepare(cfg, run_dir, log=lambda m: print(m, file=sys.stderr, flush=True))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse flags and run."""
+    cfg, run_dir = parse_job_args(__doc__.splitlines()[0], argv)
+    try:
+        run(cfg, run_dir)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

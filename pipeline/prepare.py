@@ -1,0 +1,178 @@
+"""The prepare step: validate -> read (Ray Data) -> split -> fit -> transform -> write.
+
+This is pipeline's only Ray-facing module. Outputs under ``RUN_DIR/prepared/``:
+
+- ``train/``, ``validation/``, ``test/``: one row per interaction with the raw keys,
+  ``item_index`` (row in ``items.parquet``), every encoded user feature (``user__NAME``,
+  the history sequence built from strictly earlier interactions) and every encoded item
+  feature (``item__NAME``);
+- ``items.parquet``: the encoded catalogue, one row per item, in ``item_index`` order;
+- ``users.parquet``: the encoded features and latest full history of every known user,
+  plus ``seen_item_index`` (for serving: a known user id alone is enough);
+- ``feature_state.json`` (vocabularies and statistics) and ``manifest.json``.
+
+Everything is written to a temporary folder renamed at the end, so a failed run leaves
+no partial ``prepared/``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import config as C
+from pipeline import io, split, state, transforms
+from pipeline.prepare_rows import Interactions, build_context, write_splits, write_tables
+from pipeline.state import FeatureStateSet, TowerState
+
+Log = Callable[[str], None]
+
+
+def run_prepare(cfg: C.Config, run_dir: str | Path, log: Log = print) -> dict:
+    """Run the whole prepare step; returns the manifest it wrote."""
+    from pipeline.ray_setup import ensure_ray
+
+    t0 = time.perf_counter()
+    files = validate_inputs(cfg)
+    ensure_ray()
+    users, items, raw = read_tables(files, cfg, log)
+    inter = order_interactions(raw, items, cfg, log)
+    fitted = fit_state(cfg, inter, users, items)
+    log(f"[prepare] fitted feature state {fitted.content_hash()} "
+        f"({time.perf_counter() - t0:.1f}s)")
+    out = Path(run_dir) / "prepared"
+    tmp = Path(run_dir) / ".prepared.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    ctx = build_context(cfg, fitted, inter, users, items)
+    counts = write_splits(ctx, inter, tmp, cfg, log)
+    n_users = write_tables(ctx, inter, users, items, fitted, tmp)
+    fitted.save(tmp / "feature_state.json")
+    manifest = {
+        "feature_state_hash": fitted.content_hash(),
+        "rows": counts,
+        "items": items.num_rows,
+        "users": n_users,
+        "interactions_read": raw.num_rows,
+        "inputs": {t.name: t.paths for t in files.values()},
+        "config": cfg.to_dict(),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    log(f"[prepare] wrote {out} in {manifest['seconds']}s: {counts}")
+    return manifest
+
+
+def validate_inputs(cfg: C.Config) -> dict[str, io.TableFiles]:
+    """Resolve and check the three tables' files; raises before anything is read."""
+    needed = io.required_columns(cfg)
+    files = {}
+    for name in ("interactions", "users", "items"):
+        tf = io.resolve_files(name, cfg.data.resolve(getattr(cfg.data, name)))
+        io.validate_table(tf, needed[name])
+        files[name] = tf
+    return files
+
+
+def read_tables(files: dict[str, io.TableFiles], cfg: C.Config, log: Log):
+    """Read the three tables through Ray Data (file order kept) into Arrow tables."""
+    import ray
+
+    needed = io.required_columns(cfg)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # row order breaks timestamp ties
+    out = []
+    for name in ("users", "items", "interactions"):
+        tf = files[name]
+        ds = ray.data.read_parquet(tf.paths, filesystem=tf.filesystem)
+        ds = ds.select_columns(list(needed[name]))
+        table = pa.concat_tables(ray.get(list(ds.to_arrow_refs())), promote_options="default")
+        log(f"[prepare] read {name}: {table.num_rows:,} rows from {len(tf.paths)} file(s)")
+        out.append(table.combine_chunks())
+    users, items, inter = out
+    for name, table, key in (("users", users, cfg.data.user_id), ("items", items, cfg.data.item_id)):
+        _check_unique(name, table[key])
+    return users, items, inter
+
+
+def _check_unique(name: str, keys: pa.ChunkedArray) -> None:
+    counts = pc.value_counts(keys)
+    dup = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(dup):
+        raise ValueError(f"{name} table: key {dup[0]['values'].as_py()!r} appears "
+                         f"{dup[0]['counts'].as_py()} times; keys must be unique")
+    if keys.null_count:
+        raise ValueError(f"{name} table: {keys.null_count} rows have a null key")
+
+
+def order_interactions(raw: pa.Table, items: pa.Table, cfg: C.Config, log: Log) -> Interactions:
+    """Drop interactions with unknown items or null keys, then split per user by time."""
+    d = cfg.data
+    item_index = pc.index_in(raw[d.item_id], value_set=items[d.item_id]).to_numpy(
+        zero_copy_only=False)
+    ok = ~np.isnan(item_index.astype(float)) & ~raw[d.user_id].is_null().to_numpy(
+        zero_copy_only=False)
+    if (~ok).sum():
+        log(f"[prepare] dropping {int((~ok).sum()):,} interactions with a null user or an "
+            "item missing from the item table")
+    raw = raw.filter(pa.array(ok))
+    item_index = np.asarray(item_index[ok], dtype=np.int64)
+    ts = raw[d.timestamp]
+    if pa.types.is_timestamp(ts.type):
+        ts = pc.cast(ts, pa.int64())
+    ts = ts.to_numpy().astype(np.int64)
+    codes = pc.dictionary_encode(raw[d.user_id]).combine_chunks().indices.to_numpy()
+    sp = split.leave_last_out(codes, ts, cfg.prepare.min_user_interactions)
+    o = sp.order
+    weight = (raw[d.weight].to_numpy().astype(np.float32)[o] if d.weight
+              else np.ones(len(o), np.float32))
+    return Interactions(user_id=raw[d.user_id].take(o).combine_chunks(),
+                        item_id=raw[d.item_id].take(o).combine_chunks(),
+                        timestamp=ts[o], weight=weight, item_index=item_index[o], split=sp)
+
+
+def _id_feature(st: state.FeatureState, key: str) -> bool:
+    return st.type == "categorical" and st.source == key
+
+
+def fit_state(cfg: C.Config, inter: Interactions, users: pa.Table,
+              items: pa.Table) -> FeatureStateSet:
+    """Fit every feature: ids on training interactions, metadata on the tables."""
+    train = inter.split.split == split.TRAIN
+    train_users = inter.user_id.filter(pa.array(train))
+    train_items = inter.item_id.filter(pa.array(train))
+    d = cfg.data
+
+    def fit_tower(feats: list, table: pa.Table, key: str, key_values: pa.Array) -> TowerState:
+        fitted = {}
+        for f in feats:
+            if f.type == "sequence":
+                continue
+            col = key_values if f.source == key else table[f.source].combine_chunks()
+            if f.type == "text":
+                col = transforms.tokenize(col)
+            if f.type in ("multi_hot", "text"):
+                col = pc.list_flatten(col)
+            fitted[f.name] = state.fit_feature(f, col)
+        return TowerState(fitted)
+
+    item_tower = fit_tower(cfg.features.item, items, d.item_id, train_items)
+    user_tower = fit_tower(cfg.features.user, users, d.user_id, train_users)
+    feats = dict(user_tower.features)
+    for f in cfg.features.user:
+        if f.type == "sequence":
+            feats[f.name] = state.sequence_state(f, train_items, item_tower, d.item_id)
+    ordered = {f.name: feats[f.name] for f in cfg.features.user}
+    return FeatureStateSet(user=TowerState(ordered), item=item_tower,
+                           user_id=d.user_id, item_id=d.item_id)
+
+

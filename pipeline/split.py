@@ -1,0 +1,77 @@
+"""Leave-last-out split, as ``../shared/EVALUATION.md`` defines it (pure numpy).
+
+Each user's interactions are ordered by ``(timestamp, input row number)``; the last one
+is the test target, the one before it the validation target, the rest is training. A
+row's history is every earlier interaction of the same user, so a validation row sees
+training items only and a test row sees training + validation items: targets never leak
+into the inputs they are scored with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+TRAIN, VALIDATION, TEST = 0, 1, 2
+SPLIT_NAMES = {TRAIN: "train", VALIDATION: "validation", TEST: "test"}
+
+
+@dataclass(frozen=True)
+class Split:
+    """Interactions in time order per user.
+
+    Attributes:
+        order: [N'] input row numbers sorted by (user, timestamp, row); dropped users removed.
+        split: [N'] TRAIN / VALIDATION / TEST label of each sorted row.
+        group_start: [N'] sorted position of the first row of the same user.
+    """
+
+    order: np.ndarray
+    split: np.ndarray
+    group_start: np.ndarray
+
+    def rows(self, which: int) -> np.ndarray:
+        """Sorted positions of one split, in (user, time) order."""
+        return np.flatnonzero(self.split == which)
+
+
+def leave_last_out(user_codes: np.ndarray, timestamps: np.ndarray, min_interactions: int) -> Split:
+    """Split interactions per user by time.
+
+    Args:
+        user_codes: [N] integer user codes (any deterministic encoding of the ids).
+        timestamps: [N] int64 times; ties are broken by the input row number.
+        min_interactions: users with fewer interactions are dropped.
+
+    Returns:
+        The :class:`Split`.
+    """
+    n = len(user_codes)
+    order = np.lexsort((np.arange(n), timestamps, user_codes))  # last key is primary
+    users = user_codes[order]
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if n else np.zeros(0, int)
+    counts = np.diff(np.r_[starts, n])
+    keep = np.repeat(counts >= min_interactions, counts)
+    counts = counts[counts >= min_interactions]
+    order = order[keep]
+    new_starts = np.r_[0, np.cumsum(counts)[:-1]].astype(np.int64)
+    group_start = np.repeat(new_starts, counts)
+    from_end = np.repeat(new_starts + counts, counts) - 1 - np.arange(len(order))
+    split = np.select([from_end == 0, from_end == 1], [TEST, VALIDATION], TRAIN).astype(np.int8)
+    return Split(order=order, split=split, group_start=group_start)
+
+
+def history_windows(positions: np.ndarray, group_start: np.ndarray, max_length: int) -> np.ndarray:
+    """Sorted positions of each row's last ``max_length`` earlier interactions.
+
+    Args:
+        positions: [B] sorted positions of the rows.
+        group_start: [N'] first sorted position of each row's user.
+        max_length: L.
+
+    Returns:
+        [B, L] int64 positions, pre-padded with -1 (most recent at column L - 1).
+    """
+    cols = positions[:, None] - max_length + np.arange(max_length)[None, :]  # [B, L]
+    return np.where(cols >= group_start[positions][:, None], cols, -1)

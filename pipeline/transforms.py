@@ -1,0 +1,239 @@
+"""Pure batch transforms: raw columns -> fixed-shape numpy model inputs.
+
+One function per feature type, each ``(raw column, fitted state) -> np.ndarray``, and
+:func:`transform_tower` that applies a whole tower. The prepare job (through Ray Data) and
+the serving endpoint (on request JSON) call the same functions, so a request is encoded
+exactly as a training row was.
+
+Index convention for every vocabulary-backed feature: 0 = padding / null, 1 = out of
+vocabulary, 2.. = vocabulary entries in the fitted order. Bags (multi-hot, text) are
+post-padded ``[v1, v2, 0, 0]``; sequences are pre-padded ``[0, 0, i1, i2]`` so the most
+recent item is always the last position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.state import FeatureState, TowerState
+
+PAD = 0
+OOV = 1
+_TOKEN_SPLIT = r"[^0-9a-z]+"
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+
+
+def column_name(tower: str, feature: str, suffix: str | None = None) -> str:
+    """Name of a transformed column in prepared Parquet, e.g. ``user__age__missing``."""
+    return f"{tower}__{feature}" + (f"__{suffix}" if suffix else "")
+
+
+def as_arrow(values: Any) -> pa.Array:
+    """Accept a pyarrow array / chunked array, numpy array or Python list."""
+    if isinstance(values, pa.ChunkedArray):
+        return values.combine_chunks()
+    if isinstance(values, pa.Array):
+        return values
+    if isinstance(values, np.ndarray) and values.dtype == object:
+        values = [v.tolist() if isinstance(v, np.ndarray) else v for v in values]
+    return pa.array(values)
+
+
+def lookup(values: Any, vocab: pa.Array) -> np.ndarray:
+    """Map raw values to vocabulary indices (null -> 0, unseen -> 1, vocab[i] -> i + 2).
+
+    Args:
+        values: [N] raw values; cast to the vocabulary's type.
+        vocab: [V] the fitted vocabulary.
+
+    Returns:
+        [N] int64 indices.
+    """
+    arr = as_arrow(values)
+    if arr.type != vocab.type:
+        arr, vocab = _common_type(arr, vocab)
+    pos = pc.index_in(arr, value_set=vocab).fill_null(-1).to_numpy(zero_copy_only=False)
+    idx = np.where(pos < 0, OOV, pos + 2).astype(np.int64)
+    idx[arr.is_null().to_numpy(zero_copy_only=False)] = PAD
+    return idx
+
+
+def _common_type(arr: pa.Array, vocab: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """Cast values to the vocabulary's type, or compare both as text when that fails."""
+    if pa.types.is_null(arr.type):
+        return pa.nulls(len(arr), vocab.type), vocab
+    try:
+        return pc.cast(arr, vocab.type), vocab
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        # e.g. "abc" sent for an integer id: compared as text it is simply unseen.
+        return pc.cast(arr, pa.string()), pc.cast(vocab, pa.string())
+
+
+def hash_bucket(values: Any, buckets: int) -> np.ndarray:
+    """Stable FNV-1a hash of each value's text into ``2 .. buckets + 1`` (null -> 0)."""
+    arr = pc.cast(as_arrow(values), pa.large_string())
+    n = len(arr)
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + n + 1]
+    data = arr.buffers()[2]
+    data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+    lengths = np.diff(offsets)
+    h = np.full(n, _FNV_OFFSET, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(int(lengths.max(initial=0))):
+            live = lengths > j
+            h[live] = (h[live] ^ data[offsets[:-1][live] + j].astype(np.uint64)) * _FNV_PRIME
+    idx = (h % np.uint64(buckets)).astype(np.int64) + 2
+    idx[arr.is_null().to_numpy(zero_copy_only=False)] = PAD
+    return idx
+
+
+def pad_bags(flat: np.ndarray, offsets: np.ndarray, max_length: int, pre: bool) -> np.ndarray:
+    """Lay out ragged rows into a [B, max_length] matrix padded with 0.
+
+    Args:
+        flat: [T] values of all rows back to back.
+        offsets: [B + 1] row boundaries into ``flat``.
+        max_length: columns of the output; longer rows keep their first (``pre=False``)
+            or last (``pre=True``) ``max_length`` values.
+        pre: pad on the left (sequences: most recent last) instead of the right (bags).
+
+    Returns:
+        [B, max_length] int64.
+    """
+    b = len(offsets) - 1
+    lengths = np.diff(offsets)
+    kept = np.minimum(lengths, max_length)
+    out = np.zeros((b, max_length), dtype=np.int64)
+    rows = np.repeat(np.arange(b), kept)
+    within = np.arange(kept.sum()) - np.repeat(np.cumsum(kept) - kept, kept)
+    start = offsets[:-1] + (lengths - kept if pre else 0)
+    src = np.repeat(start, kept) + within
+    col = within + (np.repeat(max_length - kept, kept) if pre else 0)
+    out[rows, col] = flat[src]
+    return out
+
+
+def _list_parts(values: Any) -> tuple[pa.Array, np.ndarray]:
+    arr = as_arrow(values)
+    if pa.types.is_fixed_size_list(arr.type):
+        arr = pc.cast(arr, pa.list_(arr.type.value_type))
+    if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
+        raise ValueError(f"expected a list column, got {arr.type}")
+    arr = arr.fill_null(pa.scalar([], arr.type)) if arr.null_count else arr
+    offsets = np.asarray(arr.offsets, dtype=np.int64)
+    return arr.values.slice(offsets[0], offsets[-1] - offsets[0]), offsets - offsets[0]
+
+
+def tokenize(values: Any) -> pa.Array:
+    """Lower-case and split text on non-alphanumerics: [N] strings -> [N] token lists."""
+    arr = pc.utf8_lower(pc.cast(as_arrow(values), pa.string()).fill_null(""))
+    parts = pc.split_pattern_regex(arr, _TOKEN_SPLIT)
+    flat = pc.list_flatten(parts)
+    parent = pc.list_parent_indices(parts).to_numpy()
+    keep = pc.not_equal(flat, "").to_numpy(zero_copy_only=False)
+    counts = np.bincount(parent[keep], minlength=len(arr))
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), flat.filter(pa.array(keep)))
+
+
+def encode_bag(values: Any, state: FeatureState) -> np.ndarray:
+    """Multi-hot list column -> [B, max_length] vocabulary ids (post-padded)."""
+    flat, offsets = _list_parts(values)
+    return pad_bags(lookup(flat, state.vocab_array()), offsets, state.max_length, pre=False)
+
+
+def encode_text(values: Any, state: FeatureState) -> np.ndarray:
+    """Text column -> [B, max_length] token ids (post-padded)."""
+    return encode_bag(tokenize(values), state)
+
+
+def encode_numeric(values: Any, state: FeatureState) -> tuple[np.ndarray, np.ndarray]:
+    """Numeric column -> ([B] float32 value or int64 bucket, [B] float32 null flag)."""
+    arr = pc.cast(as_arrow(values), pa.float64())
+    missing = arr.is_null().to_numpy(zero_copy_only=False)
+    x = arr.fill_null(state.fill_value).to_numpy(zero_copy_only=False).astype(np.float64)
+    missing |= ~np.isfinite(x)
+    x = np.where(np.isfinite(x), x, state.fill_value)
+    if state.transform == "bucketize":
+        buckets = np.searchsorted(np.asarray(state.boundaries), x, side="right") + 1
+        return buckets.astype(np.int64), missing.astype(np.float32)
+    if state.transform == "log":
+        x = np.log1p(np.maximum(x, 0.0))
+    if state.transform in ("standardize", "log"):
+        x = (x - state.mean) / state.std
+    return x.astype(np.float32), missing.astype(np.float32)
+
+
+def encode_dense(values: Any, state: FeatureState, name: str) -> np.ndarray:
+    """Fixed-length vector column -> [B, dim] float32 (null rows -> zeros)."""
+    arr = as_arrow(values)
+    flat, offsets = _list_parts(arr)
+    lengths = np.diff(offsets)
+    nulls = arr.is_null().to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero((lengths != state.dim) & ~nulls)
+    if len(bad):
+        raise ValueError(
+            f"dense_vector {name!r}: row {int(bad[0])} has {int(lengths[bad[0]])} values, "
+            f"expected dim={state.dim}"
+        )
+    out = np.zeros((len(arr), state.dim), dtype=np.float32)
+    vals = pc.cast(flat, pa.float32()).fill_null(0.0).to_numpy(zero_copy_only=False)
+    out[~nulls] = vals.reshape(-1, state.dim)
+    return out
+
+
+def encode_sequence(histories: Any, item_vocab: pa.Array, max_length: int) -> np.ndarray:
+    """Raw item-id histories (oldest first) -> [B, max_length] ids, pre-padded."""
+    flat, offsets = _list_parts(histories)
+    return pad_bags(lookup(flat, item_vocab), offsets, max_length, pre=True)
+
+
+def encode_feature(values: Any, state: FeatureState, name: str) -> dict[str, np.ndarray]:
+    """Encode one non-sequence feature; returns ``{name: array}`` (+ ``name__missing``)."""
+    kind = state.type
+    if kind == "categorical":
+        if state.hash_buckets:
+            return {name: hash_bucket(values, state.hash_buckets)}
+        return {name: lookup(values, state.vocab_array())}
+    if kind == "multi_hot":
+        return {name: encode_bag(values, state)}
+    if kind == "text":
+        return {name: encode_text(values, state)}
+    if kind == "numeric":
+        value, missing = encode_numeric(values, state)
+        out = {name: value}
+        if state.missing_indicator:
+            out[f"{name}__missing"] = missing
+        return out
+    if kind == "dense_vector":
+        return {name: encode_dense(values, state, name)}
+    raise ValueError(f"feature {name!r}: type {kind!r} is not a per-row feature")
+
+
+def transform_tower(
+    batch: Mapping[str, Any], tower: TowerState, skip: Sequence[str] = ()
+) -> dict[str, np.ndarray]:
+    """Encode every table-backed feature of a tower from a batch of raw columns.
+
+    Args:
+        batch: raw columns by source column name ([B] each; lists for bag features).
+        tower: the tower's fitted state.
+        skip: feature names not to encode (e.g. sequences, built from interactions).
+
+    Returns:
+        ``{feature name (+ "__missing"): [B, ...] array}``.
+    """
+    out: dict[str, np.ndarray] = {}
+    for name, st in tower.features.items():
+        if st.type == "sequence" or name in skip:
+            continue
+        if st.source not in batch:
+            raise ValueError(f"feature {name!r}: column {st.source!r} missing from the batch")
+        out.update(encode_feature(batch[st.source], st, name))
+    return out
