@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install the project with its dev extra.
+# Installs the local CPU wheel torch==2.13.0 first, so that no CUDA build is downloaded.
+# Source it: `. scripts/setup_env.sh` leaves the environment activated.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+py="${PYTHON:-python3.11}"
+command -v "$py" >/dev/null 2>&1 || py=python3
+if [ ! -x "$root/.venv/bin/python" ]; then
+    echo "[setup] creating $root/.venv with $($py --version)" >&2
+    "$py" -m venv "$root/.venv"
+fi
+# shellcheck disable=SC1091
+. "$root/.venv/bin/activate"
+stamp="$root/.venv/.towerline-installed"
+want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    echo "[setup] installing torch==2.13.0 (CPU) and the project (about 2 minutes)" >&2
+    python -m pip install -q --upgrade pip >/dev/null
+    python -m pip install -q "torch==2.13.0"
+    python -m pip install -q -e "$root[dev]"
+    echo "$want" > "$stamp"
+fi
+set +eu

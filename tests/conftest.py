@@ -1,0 +1,108 @@
+"""Shared fixtures: one Ray per test session, the MovieLens data, tiny tables."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def need_data(path: Path) -> Path:
+    """Return ``path``; fail loudly in CI when it is missing, skip elsewhere."""
+    if path.exists():
+        return path
+    message = f"test data missing: {path} (see ../shared/EVALUATION.md)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def ml100k_dir() -> Path:
+    """The raw MovieLens-100K folder from ../shared/data (never copied into the project)."""
+    return need_data(SHARED_DATA / "ml-100k")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Start Ray once for the whole session (2 CPUs, no dashboard) and shut it down."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "120")
+    os.environ.setdefault("SERVE_SOCKET_REUSE_PORT_ENABLED", "0")
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False,
+                 object_store_memory=1 << 30, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def write_tiny_tables(root: Path) -> Path:
+    """Three hand-made tables whose split and encodings are worked out in the tests.
+
+    Interactions (user, item, timestamp) in file order, two files:
+      u1: (10,5) (11,1) (12,3) (13,3)  -> sorted 11, 12, 13, 10 (12 before 13: row order)
+      u2: (10,1) (12,2) (14,3)
+      u3: (11,7) (11,7) (13,7) (99,8)  -> 99 is not in the catalogue and is dropped
+    """
+    (root / "interactions").mkdir(parents=True)
+    inter = pa.table({
+        "user_id": [1, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3],
+        "item_id": [10, 11, 12, 13, 10, 12, 14, 11, 11, 13, 99],
+        "timestamp": [5, 1, 3, 3, 1, 2, 3, 7, 7, 7, 8],
+        "weight": [1.0] * 11,
+    })
+    pq.write_table(inter.slice(0, 6), root / "interactions" / "part-0.parquet")
+    pq.write_table(inter.slice(6), root / "interactions" / "part-1.parquet")
+    pq.write_table(pa.table({
+        "user_id": [1, 2, 4], "age": [20, None, 40], "gender": ["F", "M", None],
+    }), root / "users.parquet")
+    pq.write_table(pa.table({
+        "item_id": [10, 11, 12, 13, 14],
+        "category": ["x", "y", "x", None, "z"],
+        "tags": [["a", "b"], ["b"], [], None, ["c", "a", "d"]],
+        "title": ["The Big Cat", "big dog", "A cat!", "dog days", "Nothing"],
+        "price": [1.0, 2.0, None, 4.0, 5.0],
+        "embedding": pa.array([[0.5, 1.0], [1.0, 0.0], [0.0, 0.0], None, [2.0, 2.0]],
+                              pa.list_(pa.float32())),
+    }), root / "items.parquet")
+    return root
+
+
+TINY_CONFIG = {
+    "data": {"interactions": "interactions", "users": "users.parquet",
+             "items": "items.parquet", "weight": "weight"},
+    "features": {
+        "user": [
+            {"name": "user_id", "type": "categorical"},
+            {"name": "age", "type": "numeric", "transform": "bucketize", "boundaries": [30]},
+            {"name": "gender", "type": "categorical"},
+            {"name": "history", "type": "sequence", "max_length": 3,
+             "item_features": ["category"]},
+        ],
+        "item": [
+            {"name": "item_id", "type": "categorical"},
+            {"name": "category", "type": "categorical"},
+            {"name": "tags", "type": "multi_hot", "max_length": 2},
+            {"name": "title", "type": "text", "max_tokens": 3, "min_count": 1},
+            {"name": "price", "type": "numeric", "transform": "log"},
+            {"name": "embedding", "type": "dense_vector", "dim": 2},
+        ],
+    },
+    "prepare": {"min_user_interactions": 3},
+}
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    """The tiny tables written under a temporary folder."""
+    return write_tiny_tables(tmp_path / "tiny")

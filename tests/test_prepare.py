@@ -1,0 +1,97 @@
+"""The prepare job end to end through Ray Data on hand-made tables."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import parse_config
+from pipeline.prepare import run_prepare
+from tests.conftest import TINY_CONFIG
+
+
+def tiny_cfg(root, **prepare):
+    raw = copy.deepcopy(TINY_CONFIG)
+    raw["data"]["root"] = str(root)
+    raw["prepare"].update(prepare)
+    return parse_config(raw)
+
+
+def read_split(run_dir, name):
+    table = pads.dataset(run_dir / "prepared" / name).to_table()
+    return table.sort_by([("user_id", "ascending"), ("timestamp", "ascending")]).to_pylist()
+
+
+@pytest.fixture
+def prepared(ray_session, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    manifest = run_prepare(tiny_cfg(tiny_data), run_dir, log=lambda m: None)
+    return run_dir, manifest
+
+
+def test_rows_histories_and_features(prepared):
+    run_dir, manifest = prepared
+    # u1: 11,12 train, 13 val, 10 test; u2: 10 train, 12 val, 14 test; u3: 11 / 11 / 13
+    assert manifest["rows"] == {"train": 4, "validation": 3, "test": 3}
+    state = json.loads((run_dir / "prepared" / "feature_state.json").read_text())
+    # item ids fitted on training interactions only: 11 x2, 10 x1, 12 x1 (13, 14 are targets)
+    assert state["item"]["features"]["item_id"]["vocab"] == [11, 10, 12]
+    assert state["user"]["features"]["history"]["vocab_of"] == "item_id"
+    test = read_split(run_dir, "test")
+    assert [(r["user_id"], r["item_id"]) for r in test] == [(1, 10), (2, 14), (3, 13)]
+    # u1 test history = 11, 12, 13 -> [2, 4, oov 1]; categories y, x, null -> [3, 2, 0]
+    assert test[0]["user__history"] == [2, 4, 1]
+    assert test[0]["user__history__category"] == [3, 2, 0]
+    val = read_split(run_dir, "validation")
+    assert val[0]["user__history"] == [0, 2, 4]  # training items only
+    assert val[2]["user__history"] == [0, 0, 2]  # u3: first 11 only (tie broken by row)
+    # u2 has a null age: filled with the mean 30 -> bucket 2, flagged missing
+    assert (val[1]["user__age"], val[1]["user__age__missing"]) == (2, 1.0)
+    # u3 is not in the user table: null features, but its id is known from training
+    assert (val[2]["user__gender"], val[2]["user__user_id"]) == (0, 4)
+    assert test[1]["item__tags"] == [4, 2]  # c, a (d truncated); vocab a, b, c, d
+    assert test[0]["item__embedding"] == [0.5, 1.0]
+
+
+def test_serving_tables(prepared):
+    run_dir, _ = prepared
+    items = pq.read_table(run_dir / "prepared" / "items.parquet")
+    assert items["item_id"].to_pylist() == [10, 11, 12, 13, 14]
+    users = pq.read_table(run_dir / "prepared" / "users.parquet").to_pylist()
+    by_id = {u["user_id"]: u for u in users}
+    assert set(by_id) == {1, 2, 3, 4}
+    assert by_id[1]["user__history"] == [4, 1, 3]  # latest: 12, 13, 10
+    assert by_id[1]["seen_item_index"] == [1, 2, 3, 0]
+    assert by_id[4]["user__history"] == [0, 0, 0] and by_id[4]["user__user_id"] == 1
+
+
+def test_two_runs_give_identical_state(ray_session, tiny_data, tmp_path):
+    texts = []
+    for name in ("a", "b"):
+        run_prepare(tiny_cfg(tiny_data), tmp_path / name, log=lambda m: None)
+        texts.append((tmp_path / name / "prepared" / "feature_state.json").read_bytes())
+    assert texts[0] == texts[1]
+
+
+def test_missing_column_names_file_and_writes_nothing(ray_session, tiny_data, tmp_path):
+    bad = pq.read_table(tiny_data / "items.parquet").drop_columns(["price"])
+    pq.write_table(bad, tiny_data / "items.parquet")
+    with pytest.raises(ValueError, match=r"items table, file .*items.parquet: column 'price' "
+                                         r"is missing"):
+        run_prepare(tiny_cfg(tiny_data), tmp_path / "run", log=lambda m: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_wrong_type_names_file_and_column(ray_session, tiny_data, tmp_path):
+    part = tiny_data / "interactions" / "part-1.parquet"
+    t = pq.read_table(part)
+    t = t.set_column(2, "timestamp", pa.array([str(v) for v in t["timestamp"].to_pylist()]))
+    pq.write_table(t, part)
+    with pytest.raises(ValueError, match=r"part-1.parquet: column 'timestamp' has type string"):
+        run_prepare(tiny_cfg(tiny_data), tmp_path / "run", log=lambda m: None)
+    assert not (tmp_path / "run").exists()
