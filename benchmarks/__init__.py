@@ -1,0 +1,1 @@
+"""Benchmark scripts: each prints its figures next to a baseline and writes JSON."""
