@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.config_model import Aggregation, LossConfig, ModelConfig, TowerConfig, TowerType
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
@@ -234,10 +236,57 @@ class Config(_Strict):
     data: DataConfig
     features: FeaturesConfig
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+
+    @model_validator(mode="after")
+    def _model_matches_features(self) -> Config:
+        for tower in ("user", "item"):
+            _check_tower(tower, getattr(self.model, tower), getattr(self.features, tower),
+                         self.data.user_id if tower == "user" else self.data.item_id)
+        item_id = [f for f in self.features.item
+                   if isinstance(f, CategoricalFeature) and f.source == self.data.item_id]
+        if self.model.tie_sequence_embedding is True and item_id:
+            for f in self.features.user:
+                if isinstance(f, SequenceFeature) and f.embedding_dim != item_id[0].embedding_dim:
+                    raise ValueError(
+                        f"model.tie_sequence_embedding=true needs features.user {f.name!r} "
+                        f"embedding_dim={f.embedding_dim} to equal features.item "
+                        f"{item_id[0].name!r} embedding_dim={item_id[0].embedding_dim}")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able mapping (enums as values), for artifacts."""
         return self.model_dump(mode="json")
+
+
+def _check_tower(tower: str, tc: TowerConfig, feats: list, key: str) -> None:
+    """Cross-check one tower's model section against its features."""
+    names = [f.name for f in feats]
+    used = tc.features if tc.features is not None else names
+    unknown = [n for n in used if n not in names]
+    if unknown:
+        raise ValueError(f"model.{tower}.features {unknown} are not in features.{tower}; "
+                         f"accepted: {names}")
+    seqs = [f.name for f in feats if isinstance(f, SequenceFeature) and f.name in used]
+    if tc.type in (TowerType.TRANSFORMER, TowerType.CNN):
+        body = tc.transformer if tc.type is TowerType.TRANSFORMER else tc.cnn
+        wanted = body.sequence or (seqs[0] if len(seqs) == 1 else None)
+        if wanted not in seqs:
+            raise ValueError(
+                f"model.{tower}.type={tc.type.value} needs one sequence feature to run over "
+                f"(set model.{tower}.{tc.type.value}.sequence); sequences in this tower: {seqs}")
+    if tc.type is TowerType.FUSION:
+        grouped = [n for g in tc.fusion.groups.values() for n in g]
+        bad = [n for n in grouped if n not in used]
+        if bad:
+            raise ValueError(f"model.{tower}.fusion.groups name {bad}, which are not features "
+                             f"of this tower; accepted: {used}")
+    if tc.aggregation is Aggregation.SUM_ITEM_MULTIPLY and not any(
+            isinstance(f, CategoricalFeature) and f.source == key and f.name in used
+            for f in feats):
+        raise ValueError(f"model.{tower}.aggregation=sum_item_multiply needs the id feature "
+                         f"on column {key!r} among the tower's features")
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
