@@ -21,12 +21,16 @@ def job_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_job_args(description: str, argv: list[str] | None = None) -> tuple[Config, Path]:
-    """Parse flags and load the config; a config error exits with its message, code 2."""
-    args = job_parser(description).parse_args(argv)
+def load_job_config(args: argparse.Namespace) -> Config:
+    """Load ``--config`` with ``--set`` overrides; a config error exits with code 2."""
     try:
-        cfg = load_config(args.config, args.overrides)
+        return load_config(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    return cfg, Path(args.output_dir)
+
+
+def parse_job_args(description: str, argv: list[str] | None = None) -> tuple[Config, Path]:
+    """Parse the common flags and load the config (exit code 2 on a config error)."""
+    args = job_parser(description).parse_args(argv)
+    return load_job_config(args), Path(args.output_dir)

@@ -1,0 +1,1 @@
+"""Data contracts and Ray Data IO: config, fitted state, pure transforms, prepare."""

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.config_model import Aggregation, LossConfig, ModelConfig, TowerConfig, TowerType
+from pipeline.config_run import IndexConfig, ServeConfig, TrainConfig
 
 
 class _Strict(BaseModel):
@@ -238,6 +239,9 @@ class Config(_Strict):
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @model_validator(mode="after")
     def _model_matches_features(self) -> Config:

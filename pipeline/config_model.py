@@ -110,7 +110,9 @@ class TransformerConfig(_Strict):
 class CNNConfig(_Strict):
     """1-D convolutions over a sequence feature."""
 
-    sequence: str | None = Field(default=None, description="Sequence feature; default: the only one.")
+    sequence: str | None = Field(
+        default=None, description="Sequence feature; default: the only one."
+    )
     channels: list[int] = Field(default_factory=lambda: [64], description="Channels per layer.")
     kernel_size: int = Field(default=3, ge=1, description="Kernel width.")
     pooling: SequencePooling = Field(default=SequencePooling.MAX, description="Pooling.")

@@ -131,7 +131,7 @@ def validate_table(files: TableFiles, columns: dict[str, str]) -> pa.Schema:
 
 
 def to_arrow_table(columns: dict[str, np.ndarray]) -> pa.Table:
-    """numpy columns -> a plain Arrow table; [N, L] arrays become fixed_size_list<L>."""
+    """Numpy columns -> a plain Arrow table; [N, L] arrays become fixed_size_list<L>."""
     out = {}
     for name, arr in columns.items():
         if isinstance(arr, np.ndarray) and arr.ndim == 2:

@@ -199,13 +199,16 @@ def _read_rating_lines(path: Path, sep: str) -> pa.Table:
     if sep != "\t":
         data = data.replace(sep.encode(), b"\t")
     try:
+        # No names: with 4 names pandas would silently take a 5th field as the row index.
         frame = pd.read_csv(
-            io.BytesIO(data), sep="\t", header=None, names=_RATING_COLUMNS, engine="c",
-            dtype={"user_id": "int64", "item_id": "int64", "rating": "float64",
-                   "timestamp": "int64"},
+            io.BytesIO(data), sep="\t", header=None, engine="c",
+            dtype={0: "int64", 1: "int64", 2: "float64", 3: "int64"},
         )
     except (ValueError, pd.errors.ParserError) as err:
         raise ValueError(f"{path}: not 4 numeric fields separated by {sep!r} ({err})") from err
+    if frame.shape[1] != len(_RATING_COLUMNS):
+        raise ValueError(f"{path}: expected 4 fields separated by {sep!r}, found {frame.shape[1]}")
+    frame.columns = _RATING_COLUMNS
     return _interactions_table(
         frame["user_id"].to_numpy(), frame["item_id"].to_numpy(),
         frame["timestamp"].to_numpy(), frame["rating"].to_numpy(),
@@ -296,7 +299,7 @@ def _read_ml100k_items(path: Path, genre_names: list[str]) -> pa.Table:
         ids.append(_int(path, lineno, fields[0], "item id"))
         titles.append(_split_title(fields[1])[0])
         years.append(_release_year(path, lineno, fields[2]))
-        genres.append([name for name, flag in zip(genre_names, flags) if flag == "1"])
+        genres.append([name for name, flag in zip(genre_names, flags, strict=True) if flag == "1"])
     return _items_table(path, ids, titles, genres, years)
 
 

@@ -99,7 +99,8 @@ def read_tables(files: dict[str, io.TableFiles], cfg: C.Config, log: Log):
         log(f"[prepare] read {name}: {table.num_rows:,} rows from {len(tf.paths)} file(s)")
         out.append(table.combine_chunks())
     users, items, inter = out
-    for name, table, key in (("users", users, cfg.data.user_id), ("items", items, cfg.data.item_id)):
+    d = cfg.data
+    for name, table, key in (("users", users, d.user_id), ("items", items, d.item_id)):
         _check_unique(name, table[key])
     return users, items, inter
 

@@ -187,7 +187,7 @@ def user_table(ctx: RowContext, inter: Interactions, users: pa.Table,
         windows[name] = np.where(cols >= start[:, None], cols, -1)
     out.update(sequence_columns(ctx, windows))
     seen_offsets = np.r_[0, np.cumsum(end - start)].astype(np.int32)
-    seen = np.concatenate([ctx.item_index[s:e] for s, e in zip(start, end)] or [[]])
+    seen = np.concatenate([ctx.item_index[s:e] for s, e in zip(start, end, strict=True)] or [[]])
     table = io.to_arrow_table(out)
     return table.append_column("seen_item_index", pa.ListArray.from_arrays(
         pa.array(seen_offsets), pa.array(seen, pa.int64())))
