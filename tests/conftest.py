@@ -106,3 +106,58 @@ TINY_CONFIG = {
 def tiny_data(tmp_path) -> Path:
     """The tiny tables written under a temporary folder."""
     return write_tiny_tables(tmp_path / "tiny")
+
+
+# Small enough for a 2-core machine, big enough that every split and feature is populated.
+DEMO_SIZES = {"n_users": 300, "n_items": 120, "n_interactions": 9000}
+DEMO_OVERRIDES = [
+    "features.user.0.embedding_dim=16", "features.user.5.embedding_dim=16",
+    "features.item.0.embedding_dim=16", "model.output_dim=16", "model.user.mlp.hidden=[32]",
+    "model.item.mlp.hidden=[32]", "train.batch_size=256", "train.epochs=2",
+    "train.warmup_steps=5", "train.mlflow.enabled=false", "index.recall_users=100",
+    "index.factory=Flat", "index.recall_k=20",
+]
+
+
+def demo_config(data_root: Path, *overrides: str):
+    """configs/demo.yaml pointed at ``data_root`` with the tiny sizes above."""
+    from pipeline.config import load_config
+
+    return load_config(ROOT / "configs" / "demo.yaml",
+                       [f"data.root={data_root}", *DEMO_OVERRIDES, *overrides])
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """Tiny generated demo tables (once per session)."""
+    from pipeline.demo_data import generate_demo_data
+
+    root = tmp_path_factory.mktemp("demo") / "data"
+    generate_demo_data(str(root), seed=3, **DEMO_SIZES)
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_prepared(ray_session, demo_data, tmp_path_factory) -> Path:
+    """A RUN_DIR with ``prepared/`` from the real prepare step (copy it before writing)."""
+    from pipeline.prepare import run_prepare
+
+    run_dir = tmp_path_factory.mktemp("demo_run")
+    run_prepare(demo_config(demo_data), run_dir, log=lambda m: None)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def demo_trained(demo_prepared, demo_data, tmp_path_factory) -> Path:
+    """A RUN_DIR with a model (plain-process training) and a Flat index (Ray Data)."""
+    import shutil
+
+    from jobs import build_index
+    from training.loop import run_plain
+
+    run_dir = tmp_path_factory.mktemp("demo_trained")
+    shutil.copytree(demo_prepared / "prepared", run_dir / "prepared")
+    cfg = demo_config(demo_data)
+    run_plain(cfg, run_dir, log=lambda m: None)
+    build_index.run(cfg, run_dir)
+    return run_dir

@@ -1,0 +1,1 @@
+"""Offline retrieval artifacts: batch embeddings, the FAISS index and its evaluation."""

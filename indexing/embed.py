@@ -1,0 +1,113 @@
+"""Batch inference of a tower over a prepared table with Ray Data, into versioned Parquet.
+
+:class:`TowerEmbedder` is the stateful callable Ray Data runs in an actor pool: each actor
+loads ``RUN_DIR/model`` once and embeds batches of encoded columns. Embeddings are written
+under ``RUN_DIR/embeddings/{items,users}/model_version=V/`` (Hive-style partitions), with a
+``_run.json`` beside the files, so successive trainings keep a history of embeddings and
+the run metadata they came from.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from pipeline.io import to_arrow_table
+from training.data import ITEM, USER, prefix, table_to_numpy, to_tensors, tower_inputs
+from training.evaluate import embed
+
+EMBEDDING = "embedding"
+KEY_COLUMNS = {ITEM: ("item_id", "items.parquet"), USER: ("user_id", "users.parquet")}
+
+
+class TowerEmbedder:
+    """Ray Data callable class: ``{key, tower columns}`` batch -> ``{key, row, embedding}``."""
+
+    def __init__(self, run_dir: str, tower: str, device: str = "cpu"):
+        import torch
+
+        from training.checkpoint import load_model
+
+        torch.set_num_threads(1)  # one core per actor; the pool gives the parallelism
+        model, meta, fitted, _ = load_model(Path(run_dir), device)
+        self._encode = model.encode_item if tower == ITEM else model.encode_user
+        self._key = fitted.item_id if tower == ITEM else fitted.user_id
+        self._tower, self._device = tower, device
+        self.model_version = meta["model_version"]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """Embed one batch; keeps the key and the table row number."""
+        import torch
+
+        feats = {k: v for k, v in batch.items() if k.startswith(prefix(self._tower))}
+        with torch.no_grad():
+            emb = self._encode(tower_inputs(to_tensors(feats, self._device), self._tower))
+        return to_arrow_table({self._key: batch[self._key], "row": batch["row"],
+                               EMBEDDING: emb.float().cpu().numpy()})
+
+
+def embed_table(run_dir: Path, tower: str, model_version: str, num_actors: int,
+                num_cpus: float, batch_size: int, use_gpu: bool = False) -> Path:
+    """Embed every row of ``prepared/items.parquet`` or ``users.parquet`` with Ray Data.
+
+    Returns:
+        The partition folder written (``.../model_version=V``).
+    """
+    import ray
+
+    key, file = KEY_COLUMNS[tower]
+    source = Path(run_dir) / "prepared" / file
+    table = pads.dataset(str(source)).to_table()
+    keep = [c for c in table.column_names if c.startswith(prefix(tower)) or c == key]
+    table = table.select(keep).append_column("row", pa.array(np.arange(table.num_rows)))
+    blocks = max(num_actors, -(-table.num_rows // batch_size))
+    ds = ray.data.from_arrow(table).repartition(blocks)
+    ds = ds.map_batches(
+        TowerEmbedder, fn_constructor_kwargs={"run_dir": str(run_dir), "tower": tower,
+                                              "device": "cuda" if use_gpu else "cpu"},
+        compute=ray.data.ActorPoolStrategy(size=num_actors), batch_size=batch_size,
+        batch_format="numpy", num_cpus=num_cpus, num_gpus=1 if use_gpu else 0)
+    out = embeddings_dir(run_dir, tower, model_version)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds.write_parquet(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def embeddings_dir(run_dir: Path, tower: str, model_version: str) -> Path:
+    """``RUN_DIR/embeddings/{items,users}/model_version=V``."""
+    return Path(run_dir) / "embeddings" / f"{tower}s" / f"model_version={model_version}"
+
+
+def write_run_info(folder: Path, info: dict[str, Any]) -> None:
+    """The run metadata kept beside one version's embeddings."""
+    (Path(folder) / "_run.json").write_text(json.dumps(info, indent=1, sort_keys=True))
+
+
+def read_embeddings(folder: Path, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(keys [N], rows [N], embeddings [N, D] float32), sorted by row."""
+    table = pads.dataset(str(folder), format="parquet").to_table()
+    table = table.sort_by("row")
+    emb = table[EMBEDDING].combine_chunks()
+    dim = emb.type.list_size if pa.types.is_fixed_size_list(emb.type) else None
+    flat = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    dim = dim or flat.size // max(1, table.num_rows)
+    return (table[key].to_numpy(), table["row"].to_numpy(), flat.reshape(table.num_rows, dim))
+
+
+def local_embed(run_dir: Path, tower: str, encode: Callable, batch_size: int = 4096
+                ) -> np.ndarray:
+    """Embed a prepared table in this process (small tables, tests): [N, D] float32."""
+    _, file = KEY_COLUMNS[tower]
+    table = pads.dataset(str(Path(run_dir) / "prepared" / file)).to_table()
+    cols = table_to_numpy(table, [c for c in table.column_names if c.startswith(prefix(tower))])
+    return embed(encode, cols, tower, "cpu", batch_size).numpy()

@@ -1,0 +1,84 @@
+"""Test and validation metrics, exact and through the index (EVALUATION.md's protocol).
+
+Exact figures rank the whole catalogue by brute force; index figures rank what the index
+returns for the user's top ``max(ks)`` (a target it does not return counts as a miss).
+Masked figures remove the user's history items, unmasked ones keep them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from indexing.build import load_index, recall_at_k
+from towers.metrics import DEFAULT_KS, metrics_from_ranks
+from towers.topk import TopK, build_topk
+from training.checkpoint import load_model
+from training.data import ITEM, USER, EvalSet, load_eval_set, read_catalogue
+from training.evaluate import embed, evaluate
+
+MISS = 1 << 30  # the rank of a target the index did not return
+
+
+def index_ranks(index: TopK, user_emb: np.ndarray, eval_set: EvalSet, k: int,
+                masked: bool) -> np.ndarray:
+    """[U] 0-based rank of each target in the index's answer (``MISS`` when absent)."""
+    off, hist = eval_set.history_offsets, eval_set.history_items
+    exclude = None
+    if masked:
+        exclude = [np.setdiff1d(hist[off[u]:off[u + 1]], [t])
+                   for u, t in enumerate(eval_set.targets)]
+    _, ids = index.search(user_emb, k, exclude=exclude)
+    hit = ids == eval_set.targets[:, None]  # [U, k]
+    return np.where(hit.any(1), hit.argmax(1), MISS)
+
+
+def index_metrics(index: TopK, user_emb: np.ndarray, eval_set: EvalSet,
+                  ks=DEFAULT_KS) -> dict[str, dict[str, float]]:
+    """Masked and unmasked HR@K / NDCG@10 through the index."""
+    k = max(ks)
+    return {name: metrics_from_ranks(torch.as_tensor(
+        index_ranks(index, user_emb, eval_set, k, masked)), ks)
+        for name, masked in (("masked", True), ("unmasked", False))}
+
+
+def split_metrics(model: torch.nn.Module, index: TopK, run_dir: Path, split: str
+                  ) -> dict[str, Any]:
+    """``{"exact": {...}, "index": {...}, "unmasked": {"exact", "index"}}`` for one split."""
+    prepared = Path(run_dir) / "prepared"
+    eval_set = load_eval_set(prepared, split)
+    exact = evaluate(model, eval_set, read_catalogue(prepared))
+    user_emb = embed(model.encode_user, eval_set.user_inputs, USER, torch.device("cpu"))
+    through = index_metrics(index, user_emb.numpy(), eval_set)
+    return {"exact": exact["masked"], "index": through["masked"],
+            "unmasked": {"exact": exact["unmasked"], "index": through["unmasked"]},
+            "users": len(eval_set)}
+
+
+def evaluate_run(run_dir: Path) -> dict[str, Any]:
+    """All of ``metrics.json`` for a run directory with a model and an index."""
+    t0 = time.perf_counter()
+    model, meta, _, trained = load_model(run_dir)
+    similarity = trained.model.similarity
+    index, manifest = load_index(run_dir, meta, similarity, trained.model.output_dim)
+    out: dict[str, Any] = {split: split_metrics(model, index, run_dir, split)
+                           for split in ("test", "validation")}
+    prepared = Path(run_dir) / "prepared"
+    test = load_eval_set(prepared, "test")
+    cpu = torch.device("cpu")
+    users = embed(model.encode_user, test.user_inputs, USER, cpu).numpy()
+    items = embed(model.encode_item, read_catalogue(prepared), ITEM, cpu).numpy()
+    exact = build_topk(items, np.arange(len(items), dtype=np.int64), similarity, "exact", {})
+    k = manifest["recall"]["k"]
+    out["index_recall"] = {f"recall@{k}": recall_at_k(index, exact, users, k),
+                           "users": len(users), "index_type": manifest["index_type"],
+                           "sampled_users_recall": manifest["recall"]["value"]}
+    out["model_version"] = meta["model_version"]
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    (Path(run_dir) / "metrics.json").write_text(json.dumps(out, indent=1, sort_keys=True))
+    return out

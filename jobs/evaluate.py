@@ -1,0 +1,46 @@
+"""Evaluate: ``RUN_DIR/model`` + ``RUN_DIR/index`` -> ``RUN_DIR/metrics.json``.
+
+Test and validation targets ranked over the whole catalogue as ``../shared/EVALUATION.md``
+defines it: exact (brute force, the reference) and through the index; masked (history
+removed) as the primary figures, unmasked alongside; plus the index's recall@K against
+exact search on every test user. The model's own config (saved with it) decides the
+similarity; ``--config`` is read for the common flags only.
+
+    python -m jobs.evaluate --config configs/ml100k.yaml --output-dir runs/ml100k
+    ray job submit --working-dir . -- python -m jobs.evaluate \
+        --config configs/ml100k.yaml --output-dir /shared/runs/ml100k
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from indexing.evaluate import evaluate_run
+from jobs.cli import parse_job_args
+from pipeline.config import Config
+
+
+def run(cfg: Config, run_dir: Path) -> dict:
+    """Compute and write ``metrics.json``; returns it."""
+    out = evaluate_run(run_dir)
+    t, r = out["test"]["exact"], out["index_recall"]
+    recall = next(v for k, v in r.items() if k.startswith("recall@"))
+    print(f"[evaluate] test (masked, exact): HR@10 {t['HR@10']:.4f} HR@50 {t['HR@50']:.4f} "
+          f"HR@100 {t['HR@100']:.4f} NDCG@10 {t['NDCG@10']:.4f}; index ({r['index_type']}) "
+          f"recall {recall:.4f} -> {Path(run_dir) / 'metrics.json'}", file=sys.stderr)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse flags and run."""
+    cfg, run_dir = parse_job_args(__doc__.splitlines()[0], argv)
+    try:
+        run(cfg, run_dir)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

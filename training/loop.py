@@ -1,0 +1,157 @@
+"""The training loop shared by Ray Train workers and the plain process.
+
+:func:`setup` builds everything one worker needs from ``RUN_DIR/prepared/``;
+:func:`finish_epoch` evaluates on the validation targets, applies early stopping and
+says whether this epoch is the new best; :func:`run_plain` trains in this process with no
+Ray at all (``python -m jobs.train --no-ray``), over the same step and the same data.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from towers.model import build_two_tower, model_version
+
+from pipeline.config import Config
+from pipeline.state import FeatureStateSet
+from training import checkpoint as ckpt
+from training.data import (
+    EvalSet,
+    item_counts,
+    iterate_batches,
+    load_eval_set,
+    model_columns,
+    read_catalogue,
+    read_split,
+    table_to_numpy,
+    to_tensors,
+)
+from training.evaluate import evaluate, flat_metrics
+from training.step import make_optimizer, make_scheduler, train_epoch
+from training.task import RetrievalTask, TrainModule
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Setup:
+    """Everything one worker trains with."""
+
+    cfg: Config
+    run_dir: Path
+    fitted: FeatureStateSet
+    model: nn.Module  # the bare TwoTowerModel (what is saved)
+    module: nn.Module  # what is stepped: TrainModule, DDP-wrapped under Ray
+    task: RetrievalTask
+    opt: torch.optim.Optimizer
+    scheduler: Any
+    device: torch.device
+    catalogue: dict[str, np.ndarray]
+    eval_set: EvalSet | None  # rank 0 only
+    steps_per_epoch: int
+
+
+def prepared_dir(run_dir: Path) -> Path:
+    """``RUN_DIR/prepared``, checked."""
+    path = Path(run_dir) / "prepared"
+    if not (path / "feature_state.json").exists():
+        raise FileNotFoundError(f"{path} has no feature_state.json: run jobs.prepare first")
+    return path
+
+
+def train_rows(run_dir: Path) -> int:
+    """Training rows, from the prepare manifest."""
+    manifest = json.loads((prepared_dir(run_dir) / "manifest.json").read_text())
+    return int(manifest["rows"]["train"])
+
+
+def setup(cfg: Config, run_dir: Path, device: torch.device, world_size: int, rank: int,
+          wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> Setup:
+    """Build model, task, optimiser and evaluation data for one worker."""
+    torch.manual_seed(cfg.train.seed)
+    prepared = prepared_dir(run_dir)
+    fitted = FeatureStateSet.load(prepared / "feature_state.json")
+    model = build_two_tower(cfg.model, fitted).to(device)
+    module = wrap(TrainModule(model))
+    catalogue = read_catalogue(prepared)
+    num_items = len(next(iter(catalogue.values())))
+    task = RetrievalTask(cfg.loss, item_counts(prepared, num_items),
+                         to_tensors(catalogue), seed=cfg.train.seed)
+    steps = max(1, train_rows(run_dir) // max(1, world_size) // cfg.train.batch_size)
+    opt = make_optimizer(module, cfg.train)
+    scheduler = make_scheduler(opt, cfg.train, steps * cfg.train.epochs)
+    eval_set = load_eval_set(prepared, "validation") if rank == 0 else None
+    return Setup(cfg, Path(run_dir), fitted, model, module, task, opt, scheduler, device,
+                 catalogue, eval_set, steps)
+
+
+def finish_epoch(s: Setup, state: ckpt.TrainState, stats: dict[str, float]
+                 ) -> tuple[dict[str, float], bool, bool]:
+    """Validation metrics, early-stopping bookkeeping; returns (metrics, is_best, stop).
+
+    Called on rank 0 only (it holds the evaluation data).
+    """
+    state.epoch += 1
+    state.step += int(stats["steps"])
+    metrics = {"epoch": state.epoch, "train/loss": stats["loss"],
+               "train/samples_per_s": stats["samples_per_s"], "train/lr": stats["lr"]}
+    t0 = time.perf_counter()
+    metrics.update(flat_metrics(evaluate(s.model, s.eval_set, s.catalogue, s.device), "val"))
+    metrics["val/seconds"] = time.perf_counter() - t0
+    score = metrics[f"val/{s.cfg.train.early_stopping_metric}"]
+    is_best = score > state.best_metric
+    if is_best:
+        state.best_metric, state.best_epoch, state.bad_epochs = score, state.epoch, 0
+    else:
+        state.bad_epochs += 1
+    state.history.append(metrics)
+    stop = state.bad_epochs >= s.cfg.train.patience or state.epoch >= s.cfg.train.epochs
+    return metrics, is_best, stop
+
+
+def checkpoint_meta(s: Setup, metrics: dict[str, float]) -> dict[str, Any]:
+    """What every checkpoint carries besides the weights."""
+    return {"config": s.cfg.to_dict(), "feature_state_hash": s.fitted.content_hash(),
+            "model_version": model_version(s.model), "metrics": metrics}
+
+
+def describe(metrics: dict[str, float]) -> str:
+    """One progress line for an epoch."""
+    keys = ("train/loss", "train/samples_per_s", "val/HR@10", "val/HR@50", "val/NDCG@10")
+    return " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
+
+
+def run_plain(cfg: Config, run_dir: Path, log: Log = print,
+              device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Train in this process, without Ray: the same step over the same data.
+
+    The best epoch is saved under ``RUN_DIR/plain/best`` and published to ``RUN_DIR/model/``.
+    """
+    device = torch.device(device)
+    s = setup(cfg, run_dir, device, world_size=1, rank=0)
+    table = read_split(prepared_dir(run_dir), "train")
+    columns = table_to_numpy(table, model_columns(table.column_names))
+    state, best_dir = ckpt.TrainState(), Path(run_dir) / "plain" / "best"
+    rng = np.random.default_rng(cfg.train.seed)
+    while True:
+        order = rng.permutation(len(columns["item_index"]))
+        batches = (to_tensors(b) for b in iterate_batches(
+            columns, cfg.train.batch_size, order, drop_last=True))
+        stats = train_epoch(s.module, s.task, batches, s.opt, s.scheduler, cfg.train, device)
+        metrics, is_best, stop = finish_epoch(s, state, stats)
+        log(f"[train] epoch {state.epoch}/{cfg.train.epochs} {describe(metrics)}")
+        if is_best:
+            ckpt.save_checkpoint(best_dir, s.model, None, None, state, checkpoint_meta(s, metrics))
+        if stop:
+            break
+    ckpt.publish_model(best_dir, run_dir)
+    return {"best_epoch": state.best_epoch, "best_metric": state.best_metric,
+            "history": state.history}

@@ -1,0 +1,151 @@
+"""Ray Train: DDP workers over Ray Data shards, checkpoints, resume and restarts.
+
+The driver (:func:`fit`) materialises the training split once (streaming Parquet reads
+next to workers that hold every CPU deadlocks on small machines, see RAY_NOTES) and
+starts a ``TorchTrainer``. Each worker (:func:`train_loop_per_worker`) re-validates the
+config, resumes from ``ray.train.get_checkpoint()`` when there is one, and per epoch
+streams its shard with a new local shuffle, trains, and reports. Rank 0 evaluates,
+decides early stopping for everyone, logs to MLflow and attaches the checkpoint.
+
+Running again with the same ``RUN_DIR`` resumes: the run name and storage path are
+fixed, so Ray Train restores its checkpoint history and the workers continue from the
+latest checkpoint. A worker crash restarts the group (``FailureConfig``) the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import Config, parse_config
+from training import checkpoint as ckpt
+from training.loop import Log, checkpoint_meta, describe, finish_epoch, prepared_dir, setup
+from training.step import train_epoch
+from training.tracking import Tracker
+
+RUN_NAME = "train"
+
+
+def storage_path(cfg: Config, run_dir: Path) -> str:
+    """Ray Train storage: the config's path or URI, else ``RUN_DIR/train`` (absolute)."""
+    return cfg.train.storage_path or str(Path(run_dir).resolve() / "train")
+
+
+def _maybe_fail(fault: dict | None, epoch: int, rank: int) -> None:
+    """Test hook: crash this worker process once at the given epoch and rank."""
+    if not fault or fault["epoch"] != epoch or fault["rank"] != rank:
+        return
+    marker = Path(fault["marker"])
+    if not marker.exists():
+        marker.write_text(f"crashed at epoch {epoch} rank {rank}\n")
+        os._exit(1)
+
+
+def _agree(obj: Any, world: int) -> Any:
+    """Rank 0's value on every rank (the stop decision and the metrics)."""
+    if world == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """One Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = parse_config(loop_config["config"], source="train_loop_config")
+    run_dir = Path(loop_config["run_dir"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    s = setup(cfg, run_dir, device, world, rank,
+              wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=True))
+    state = ckpt.TrainState()
+    restored = ray.train.get_checkpoint()
+    if restored:
+        with restored.as_directory() as d:
+            state = ckpt.load_checkpoint(Path(d), s.model, s.opt, s.scheduler)
+    tracker = Tracker(cfg, run_dir, enabled=rank == 0)
+    shard = ray.train.get_dataset_shard("train")
+    stop = state.epoch >= cfg.train.epochs or state.bad_epochs >= cfg.train.patience
+    while not stop:
+        _maybe_fail(loop_config.get("fail_once"), state.epoch + 1, rank)
+        batches = shard.iter_torch_batches(
+            batch_size=cfg.train.batch_size, drop_last=True, device=device,
+            local_shuffle_buffer_size=min(100_000, 4 * cfg.train.batch_size),
+            local_shuffle_seed=cfg.train.seed * 1000 + state.epoch)
+        stats = train_epoch(s.module, s.task, batches, s.opt, s.scheduler, cfg.train, device)
+        metrics, is_best, stop = finish_epoch(s, state, stats) if rank == 0 else ({}, 0, 0)
+        metrics, stop = _agree((metrics, stop), world)
+        if rank != 0:
+            state.epoch, state.step = int(metrics["epoch"]), state.step + int(stats["steps"])
+            ray.train.report(metrics)
+            continue
+        tracker.log(metrics, step=state.epoch)
+        print(f"[train] epoch {state.epoch}/{cfg.train.epochs} {describe(metrics)}", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            meta = dict(checkpoint_meta(s, metrics), is_best=bool(is_best))
+            ckpt.save_checkpoint(Path(tmp), s.model, s.opt, s.scheduler, state, meta)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    tracker.close()
+
+
+def fit(cfg: Config, run_dir: Path, log: Log = print, fail_once: dict | None = None
+        ) -> dict[str, Any]:
+    """Train with Ray Train and publish the best checkpoint to ``RUN_DIR/model/``."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.ray_setup import ensure_ray
+    from training.data import model_columns
+
+    ensure_ray()
+    prepared = prepared_dir(run_dir)
+    ds = ray.data.read_parquet(str(prepared / "train"))
+    ds = ds.select_columns(model_columns(ds.schema().names)).materialize()
+    metric = f"val/{cfg.train.early_stopping_metric}"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "run_dir": str(Path(run_dir).resolve()),
+                           "fail_once": fail_once},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=max(1, cfg.train.num_workers), use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=RUN_NAME, storage_path=storage_path(cfg, run_dir),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.train.num_to_keep, checkpoint_score_attribute=metric,
+                checkpoint_score_order="max")),
+        datasets={"train": ds})
+    log(f"[train] Ray Train: {cfg.train.num_workers} worker(s), storage "
+        f"{storage_path(cfg, run_dir)}/{RUN_NAME}")
+    result = trainer.fit()
+    best = _best_checkpoint(result, metric)
+    with best.as_directory() as d:
+        meta = ckpt.read_meta(Path(d))
+        ckpt.publish_model(Path(d), run_dir)
+    log(f"[train] best epoch {meta['train_state']['best_epoch']}: {metric}="
+        f"{meta['train_state']['best_metric']:.4f}; model in {Path(run_dir) / 'model'}")
+    with result.checkpoint.as_directory() as d:
+        latest = ckpt.read_meta(Path(d))["train_state"]
+    return {"best_epoch": meta["train_state"]["best_epoch"],
+            "best_metric": meta["train_state"]["best_metric"],
+            "history": latest["history"], "path": result.path}
+
+
+def _best_checkpoint(result, metric: str):
+    """The kept checkpoint with the highest validation metric."""
+    scored = [(c, m) for c, m in (result.best_checkpoints or []) if metric in m]
+    if not scored:
+        if result.checkpoint is None:
+            raise RuntimeError("training reported no checkpoint")
+        return result.checkpoint
+    return max(scored, key=lambda cm: cm[1][metric])[0]

@@ -1,0 +1,82 @@
+"""Optimiser, schedule and the per-batch training step (plain PyTorch, no Ray).
+
+The same :func:`train_epoch` runs inside a Ray Train worker and in a plain process
+(``python -m jobs.train --no-ray``), so the step can be profiled alone, and measured on a
+GPU machine without Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from pipeline.config_run import LRSchedule, Precision, TrainConfig
+from training.task import RetrievalTask
+
+
+def make_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms and the temperature (1-d parameters)."""
+    decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
+    plain = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": plain, "weight_decay": 0.0}], lr=cfg.lr)
+
+
+def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak learning rate at ``step``: linear warm-up, then the schedule."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(1, total - cfg.warmup_steps)
+    done = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.schedule is LRSchedule.COSINE:
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * done))
+    if cfg.schedule is LRSchedule.LINEAR:
+        return max(0.05, 1.0 - done)
+    return 1.0
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    """LambdaLR over :func:`lr_factor`."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, cfg))
+
+
+def autocast_for(device: torch.device, precision: Precision):
+    """bf16 autocast on GPU (``auto`` or ``bf16``), bf16 on CPU only when asked."""
+    use_bf16 = precision is Precision.BF16 or (
+        precision is Precision.AUTO and device.type == "cuda")
+    if not use_bf16:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def train_epoch(module: nn.Module, task: RetrievalTask,
+                batches: Iterable[Mapping[str, torch.Tensor]], opt: torch.optim.Optimizer,
+                scheduler, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+    """One pass over ``batches``; returns mean loss, rows seen and samples/s."""
+    module.train()
+    total, rows, steps = 0.0, 0, 0
+    start = time.perf_counter()
+    for batch in batches:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with autocast_for(device, cfg.precision):
+            loss, parts = task.loss(module, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
+        opt.step()
+        scheduler.step()
+        total += parts["loss"]
+        rows += len(batch["item_index"])
+        steps += 1
+    seconds = time.perf_counter() - start
+    if steps == 0:
+        raise ValueError("the epoch had no full batch: lower train.batch_size below the "
+                         "training rows per worker")
+    return {"loss": total / steps, "rows": rows, "steps": steps, "seconds": seconds,
+            "samples_per_s": rows / seconds, "lr": scheduler.get_last_lr()[0]}

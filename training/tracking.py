@@ -1,0 +1,66 @@
+"""MLflow logging of parameters and per-epoch metrics (rank 0 only; can be switched off).
+
+The default store is a local file store under ``RUN_DIR/mlruns``; a resumed run keeps
+logging into the same MLflow run (its id is kept in ``RUN_DIR/mlflow_run_id``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pipeline.config import Config
+
+_BAD = re.compile(r"[^0-9A-Za-z_\-./ ]")
+
+
+def metric_key(name: str) -> str:
+    """MLflow accepts letters, digits and ``_-./ ``: ``val/HR@10`` -> ``val/HR_at_10``."""
+    return _BAD.sub("_", name.replace("@", "_at_"))
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    """Nested config -> ``{"train.lr": "0.001"}`` (MLflow params are flat strings)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif not isinstance(v, list):
+            out[key] = str(v)[:500]
+    return out
+
+
+class Tracker:
+    """A thin MLflow run; every method is a no-op when disabled."""
+
+    def __init__(self, cfg: Config, run_dir: Path, enabled: bool = True):
+        self._mlflow = None
+        if not (enabled and cfg.train.mlflow.enabled):
+            return
+        import mlflow
+
+        run_dir = Path(run_dir).resolve()
+        uri = cfg.train.mlflow.tracking_uri or (run_dir / "mlruns").as_uri()
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(cfg.train.mlflow.experiment)
+        id_file = run_dir / "mlflow_run_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else None
+        run = mlflow.start_run(run_id=run_id, run_name=run_dir.name)
+        if run_id is None:
+            id_file.write_text(run.info.run_id)
+            params = flatten({k: v for k, v in cfg.to_dict().items() if k != "features"})
+            mlflow.log_params(params)
+        self._mlflow = mlflow
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Log numeric metrics at an epoch."""
+        if self._mlflow is not None:
+            self._mlflow.log_metrics({metric_key(k): float(v) for k, v in metrics.items()},
+                                     step=step)
+
+    def close(self) -> None:
+        """End the MLflow run."""
+        if self._mlflow is not None:
+            self._mlflow.end_run()
+            self._mlflow = None
