@@ -83,7 +83,8 @@ class RetrievalTask:
         candidates = gather_with_grad(out["item"])  # [W*B, D]: the global batch
         cand_ids = gather_no_grad(batch[ITEM_INDEX])  # [W*B]
         b = out["user"].shape[0]
-        positive = rank * b + torch.arange(b, device=device)
+        sizes = gather_no_grad(torch.tensor([b], device=device))  # [W] rows per rank
+        positive = sizes[:rank].sum() + torch.arange(b, device=device)
         log_q = None
         if self.cfg.logq_correction:
             log_q = self.sampler.in_batch_log_q(cand_ids.cpu(), len(cand_ids)).to(device)

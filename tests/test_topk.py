@@ -1,0 +1,192 @@
+"""Top-k: exact vs a numpy oracle (ties, exclusion), FAISS vs exact, save -> load identical."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from towers.topk import (
+    ExactTopK,
+    FaissTopK,
+    build_topk,
+    default_factory,
+    load_topk,
+)
+
+
+def _oracle(items, ids, queries, k, exclude=None):
+    """np.argsort with stable ties (lower row first) on exact int64 scores."""
+    s = queries.astype(np.int64) @ items.astype(np.int64).T  # [Q, N], exact integers
+    out_ids = np.full((len(queries), k), -1, dtype=np.int64)
+    out_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    for i in range(len(queries)):
+        order = np.argsort(-s[i], kind="stable")
+        if exclude is not None:
+            order = order[~np.isin(ids[order], exclude[i])]
+        order = order[:k]
+        out_ids[i, : len(order)], out_scores[i, : len(order)] = ids[order], s[i, order]
+    return out_scores, out_ids
+
+
+def _integer_data(seed, n=300, d=4, q=40):
+    """Entries in {-2..2}: float32 dot products are exact, so ties are real ties."""
+    rng = np.random.default_rng(seed)
+    items = rng.integers(-2, 3, (n, d)).astype(np.float32)
+    queries = rng.integers(-2, 3, (q, d)).astype(np.float32)
+    ids = rng.choice(10**6, n, replace=False).astype(np.int64)
+    return items, ids, queries
+
+
+def _clustered(seed, n, d, centers=50, spread=0.3):
+    """Gaussian clusters: ANN indexes work on structured data, not isotropic noise."""
+    rng = np.random.default_rng(seed)
+    mu = rng.normal(size=(centers, d))
+    return (mu[rng.integers(0, centers, n)] + spread * rng.normal(size=(n, d))).astype(np.float32)
+
+
+def test_exact_hand_worked_ties_padding_and_exclusion():
+    # items [1,0], [0,1], [1,1] (ids 10, 20, 30); query [1, 0] -> dot scores [1, 0, 1]
+    # tie 10 / 30 -> lower row first: [10, 30, 20]; k = 5 pads with -1 / -inf
+    items = np.array([[1, 0], [0, 1], [1, 1]], dtype=np.float32)
+    topk = ExactTopK(items, np.array([10, 20, 30]), "dot")
+    scores, ids = topk.search(np.array([[1.0, 0.0]], dtype=np.float32), 5)
+    assert ids.tolist() == [[10, 30, 20, -1, -1]]
+    assert scores.dtype == np.float32 and ids.dtype == np.int64
+    assert scores[0, :3].tolist() == [1, 1, 0] and np.isneginf(scores[0, 3:]).all()
+    scores, ids = topk.search(torch.tensor([[1.0, 0.0]]), 2, exclude=[np.array([10])])
+    assert ids.tolist() == [[30, 20]] and scores.tolist() == [[1, 0]]
+    # cosine: rows become [1,0], [0,1], [0.7071, 0.7071]; query [2,0] -> [1, 0, 0.7071]
+    cos = ExactTopK(items, np.array([10, 20, 30]), "cosine")
+    scores, ids = cos.search(np.array([[2.0, 0.0]], dtype=np.float32), 3)
+    assert ids.tolist() == [[10, 30, 20]]
+    assert np.allclose(scores, [[1.0, 2**-0.5, 0.0]])
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32"])
+def test_faiss_pads_when_k_exceeds_catalogue(factory):
+    # same catalogue as the hand-worked test: dot scores [1, 0, 1] -> ids [10, 30, 20]
+    items = np.array([[1, 0], [0, 1], [1, 1]], dtype=np.float32)
+    scores, ids = build_topk(items, np.array([10, 20, 30]), "dot", factory).search(
+        np.array([[1.0, 0.0]], dtype=np.float32), 5, exclude=[np.array([20])])
+    assert ids.tolist() == [[10, 30, -1, -1, -1]] or ids.tolist() == [[30, 10, -1, -1, -1]]
+    assert scores[0, :2].tolist() == [1, 1] and np.isneginf(scores[0, 2:]).all()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_exact_equals_numpy_oracle_with_ties_and_exclusion(seed):
+    items, ids, queries = _integer_data(seed)
+    topk = ExactTopK(items, ids, "dot")
+    for k in (1, 10, 300, 310):
+        assert all(np.array_equal(a, b) for a, b in
+                   zip(topk.search(queries, k), _oracle(items, ids, queries, k), strict=True))
+    rng = np.random.default_rng(seed + 100)
+    exclude = [rng.choice(ids, rng.integers(0, 20), replace=False) for _ in queries]
+    got = topk.search(queries, 10, exclude=exclude)
+    want = _oracle(items, ids, queries, 10, exclude)
+    assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
+    assert not any(np.isin(got[1][i], exclude[i]).any() for i in range(len(queries)))
+
+
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+def test_flat_equals_exact_on_random_data(similarity):
+    rng = np.random.default_rng(3)
+    items = rng.normal(size=(2000, 16)).astype(np.float32)
+    queries = rng.normal(size=(50, 16)).astype(np.float32)
+    ids = np.arange(2000, dtype=np.int64) * 7 + 3
+    exact = ExactTopK(items, ids, similarity)
+    flat = FaissTopK(items, ids, similarity, "Flat")
+    exclude = [ids[rng.integers(0, 2000, 5)] for _ in queries]
+    for ex in (None, exclude):
+        (es, ei), (fs, fi) = exact.search(queries, 10, ex), flat.search(queries, 10, ex)
+        assert np.array_equal(ei, fi) and np.allclose(es, fs, atol=1e-5)
+
+
+def test_cosine_normalises_items_and_queries():
+    # scaling any item or query by a positive factor changes neither ids nor cosine scores
+    rng = np.random.default_rng(4)
+    items = rng.normal(size=(500, 8)).astype(np.float32)
+    queries = rng.normal(size=(20, 8)).astype(np.float32)
+    ids = np.arange(500)
+    scale = rng.uniform(0.01, 100, (500, 1)).astype(np.float32)
+    for factory in ("exact", "Flat"):
+        base = build_topk(items, ids, "cosine", factory).search(queries, 10)
+        scaled = build_topk(items * scale, ids, "cosine", factory).search(queries * 9, 10)
+        assert np.array_equal(base[1], scaled[1]) and np.allclose(base[0], scaled[0], atol=1e-5)
+        assert base[0].max() <= 1 + 1e-6
+    # dot does not normalise: the scaled catalogue ranks differently
+    assert not np.array_equal(build_topk(items, ids, "dot", "Flat").search(queries, 10)[1],
+                              build_topk(items * scale, ids, "dot", "Flat").search(queries, 10)[1])
+
+
+@pytest.fixture(scope="module")
+def clustered():
+    items = _clustered(5, 20_000, 32)
+    queries = _clustered(5, 200, 32)  # same seed -> same centres and clusters, fresh noise
+    ids = np.arange(20_000, dtype=np.int64) + 1_000
+    exact_ids = ExactTopK(items, ids, "dot").search(queries, 10)[1]
+    return items, ids, queries, exact_ids
+
+
+@pytest.mark.parametrize("factory,params", [("HNSW32", {"efSearch": 64}),
+                                            ("IVF64,Flat", {"nprobe": 8})])
+def test_ann_recall_at_10_against_exact(clustered, factory, params):
+    items, ids, queries, exact_ids = clustered
+    got = FaissTopK(items, ids, "dot", factory, params).search(queries, 10)[1]
+    recall = np.mean([len(np.intersect1d(g, e)) / 10 for g, e in zip(got, exact_ids, strict=True)])
+    assert recall >= 0.9, f"{factory} recall@10 = {recall:.3f}"
+
+
+@pytest.mark.parametrize("factory,params", [("exact", None), ("Flat", None),
+                                            ("HNSW32", {"efSearch": 40}),
+                                            ("IVF16,PQ4x4", {"nprobe": 4})])
+def test_save_load_gives_identical_results(tmp_path, factory, params):
+    items = _clustered(6, 2000, 16)
+    queries = _clustered(7, 30, 16)
+    ids = np.arange(2000, dtype=np.int64)[::-1].copy()
+    topk = build_topk(items, ids, "cosine", factory, params)
+    topk.save(tmp_path)
+    loaded = load_topk(tmp_path)
+    exclude = [ids[:3]] * len(queries)
+    for ex in (None, exclude):
+        (a_s, a_i), (b_s, b_i) = topk.search(queries, 15, ex), loaded.search(queries, 15, ex)
+        assert np.array_equal(a_i, b_i) and np.array_equal(a_s, b_s)
+    meta = json.loads((tmp_path / "topk.json").read_text())
+    assert meta == {"kind": "exact" if factory == "exact" else "faiss", "factory": factory,
+                    "similarity": "cosine", "dim": 16, "count": 2000, "params": params or {}}
+    assert np.array_equal(np.load(tmp_path / "ids.npy", allow_pickle=False), ids)
+
+
+def test_default_factory_by_catalogue_size():
+    # 4e6 items: nlist = 4 * sqrt(4e6) = 8000 <= 4e6 / 39 = 102564
+    assert default_factory(1_682, 64) == "Flat"
+    assert default_factory(50_000, 64) == "HNSW32"
+    assert default_factory(1_000_000, 64) == "HNSW32"
+    assert default_factory(4_000_000, 64) == "IVF8000,Flat"
+    items = np.eye(4, dtype=np.float32)
+    assert isinstance(build_topk(items, np.arange(4), "dot"), FaissTopK)
+    assert isinstance(build_topk(items, np.arange(4), "dot", "exact"), ExactTopK)
+
+
+def test_errors_name_the_value():
+    items = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)
+    ids = np.arange(30)
+    with pytest.raises(ValueError, match="factory 'IVFbogus' is not a faiss"):
+        build_topk(items, ids, "dot", "IVFbogus")
+    with pytest.raises(ValueError, match=r"needs at least 64 vectors to train; got 30.*at most 1"):
+        build_topk(items, ids, "dot", "IVF64,Flat")
+    with pytest.raises(ValueError, match="'IVF1,PQ8' needs at least 256 vectors"):
+        build_topk(items, ids, "dot", "IVF1,PQ8")  # 2^8 codewords per PQ sub-quantizer
+    with pytest.raises(ValueError, match="nprobe=4 does not apply to factory 'HNSW32'"):
+        build_topk(items, ids, "dot", "HNSW32", {"nprobe": 4})
+    with pytest.raises(ValueError, match="1 duplicate"):
+        build_topk(items, np.r_[np.arange(29), 0], "dot", "exact")
+    with pytest.raises(ValueError, match="'euclid' is not a valid Similarity"):
+        build_topk(items, ids, "euclid", "exact")
+    topk = build_topk(items, ids, "dot", "Flat")
+    with pytest.raises(ValueError, match="queries have dim 4; the index holds dim 8"):
+        topk.search(items[:, :4], 3)
+    with pytest.raises(ValueError, match="exclude has 1 entries for 2 queries"):
+        topk.search(items[:2], 3, exclude=[ids[:1]])

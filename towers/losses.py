@@ -1,0 +1,296 @@
+"""The retrieval loss on a [B, N] score matrix, built from small named pure functions.
+
+Each step is one function (TFRS ``layers/loss.py``), and :func:`retrieval_loss` composes them
+in the order of TFRS ``tasks/retrieval.py``:
+
+    scores = query @ candidates.T (+ per-row negatives as extra columns)   [B, N (+ M)]
+    -> temperature -> log-Q correction (shared columns only)
+    -> accidental-hit masking -> hard-negative mining -> softmax CE or pointwise BCE
+
+Temperature comes before log-Q on purpose: the sampled-softmax estimator corrects the
+logits the softmax sees, ``s / t - log q``. Subtracting log q first would scale the
+correction by ``1 / t`` (20x at t = 0.05) and over-correct.
+
+A masked column gets :func:`mask_value` (a very large negative number, not ``-inf``, so a
+row whose every negative is masked still has a finite softmax) through ``torch.where``, so
+its gradient is exactly zero. Masks are boolean ``[B, N]`` tensors, True = column dropped.
+
+Under DDP the caller passes the globally gathered candidates and the global column of each
+row's positive (``towers.distributed``); nothing here knows about ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.config_model import LossConfig, LossKind
+
+
+def mask_value(dtype: torch.dtype) -> float:
+    """The score a masked column gets: ``finfo(dtype).min / 100`` (TFRS ``MIN_FLOAT``).
+
+    Finite, so softmax and BCE stay finite; far enough from ``finfo.min`` that subtracting
+    a row maximum cannot overflow.
+    """
+    return torch.finfo(dtype).min / 100.0
+
+
+def mask_scores(scores: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """Replace dropped columns by :func:`mask_value`; their gradient is zero.
+
+    Args:
+        scores: [B, N] scores.
+        drop: [B, N] bool, True where the column is masked.
+
+    Returns:
+        [B, N] scores.
+    """
+    return torch.where(drop, torch.full_like(scores, mask_value(scores.dtype)), scores)
+
+
+def apply_temperature(scores: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+    """Divide scores by the temperature.
+
+    Args:
+        scores: [B, N] scores.
+        temperature: a positive float, or a scalar tensor (learnable; not checked, to avoid
+            a device sync).
+
+    Returns:
+        [B, N] scores / temperature.
+    """
+    if not torch.is_tensor(temperature) and not temperature > 0:
+        raise ValueError(f"temperature {temperature} must be > 0")
+    return scores / temperature
+
+
+def logq_correction(scores: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Subtract each candidate column's log sampling probability (Yi et al., 2019).
+
+    Args:
+        scores: [B, N] logits.
+        log_q: [N] log of the probability (or expected count) of each column's candidate
+            being in the candidate set.
+
+    Returns:
+        [B, N] corrected logits.
+    """
+    if log_q.shape != scores.shape[1:]:
+        raise ValueError(f"log_q has shape {tuple(log_q.shape)}; expected "
+                         f"[{scores.shape[1]}], one value per candidate column")
+    return scores - log_q[None, :]
+
+
+def accidental_hit_mask(
+    positive_ids: torch.Tensor, column_ids: torch.Tensor, positive_index: torch.Tensor
+) -> torch.Tensor:
+    """Columns holding the row's positive item anywhere but in the positive's own column.
+
+    Args:
+        positive_ids: [B] item id of each row's positive.
+        column_ids: [N] item id of each column, or [B, N] when columns differ per row.
+        positive_index: [B] column of each row's positive.
+
+    Returns:
+        [B, N] bool, True where the column is an accidental hit.
+    """
+    hits = column_ids == positive_ids[:, None]  # [B, N]
+    rows = torch.arange(len(positive_index), device=hits.device)
+    hits[rows, positive_index] = False
+    return hits
+
+
+def mask_accidental_hits(
+    scores: torch.Tensor,
+    positive_ids: torch.Tensor,
+    candidate_ids: torch.Tensor,
+    positive_index: torch.Tensor,
+) -> torch.Tensor:
+    """Mask candidates that are the same item as the row's positive (TFRS ``RemoveAccidentalHits``).
+
+    Args:
+        scores: [B, N] logits.
+        positive_ids: [B] item id of each row's positive.
+        candidate_ids: [N] item id of each column (or [B, N]).
+        positive_index: [B] column of each row's positive (never masked).
+
+    Returns:
+        [B, N] logits with accidental hits set to :func:`mask_value`.
+    """
+    return mask_scores(scores, accidental_hit_mask(positive_ids, candidate_ids, positive_index))
+
+
+def hard_negative_mask(scores: torch.Tensor, positive_index: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep each row's positive and its ``k`` highest-scoring other columns.
+
+    ``k`` is clamped to ``N - 1``: a batch smaller than ``k + 1`` columns (the last one of
+    an epoch) keeps every column rather than failing. Already-masked columns score
+    :func:`mask_value`, so they are chosen last.
+
+    Args:
+        scores: [B, N] logits (not differentiated through: selection only).
+        positive_index: [B] column of each row's positive.
+        k: number of negatives kept per row, >= 1.
+
+    Returns:
+        [B, N] bool, True where the column is kept.
+    """
+    if k < 1:
+        raise ValueError(f"hard negatives k={k} must be >= 1 (0 means no mining: skip the call)")
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    others = scores.detach().clone()
+    others[rows, positive_index] = float("-inf")
+    top = others.topk(min(k, scores.shape[1] - 1), dim=1).indices  # [B, k]
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    keep.scatter_(1, top, True)
+    keep[rows, positive_index] = True
+    return keep
+
+
+def softmax_cross_entropy(
+    logits: torch.Tensor,
+    positive_index: torch.Tensor,
+    label_smoothing: float = 0.0,
+    valid_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-row softmax cross-entropy with the positive's column as the label.
+
+    Label smoothing spreads ``label_smoothing`` uniformly over the row's valid columns
+    (positive included), so with no mask it equals ``F.cross_entropy(label_smoothing=...)``
+    and a masked column never receives target mass.
+
+    Args:
+        logits: [B, N] logits (masked columns already at :func:`mask_value`).
+        positive_index: [B] column of each row's positive.
+        label_smoothing: in [0, 1).
+        valid_mask: [B, N] bool, True where the column takes part; default all.
+
+    Returns:
+        [B] loss per row.
+    """
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing {label_smoothing} must be in [0, 1)")
+    log_p = F.log_softmax(logits, dim=1)  # [B, N]
+    nll = -log_p.gather(1, positive_index[:, None])[:, 0]  # [B]
+    if not label_smoothing:
+        return nll
+    valid = torch.ones_like(logits, dtype=torch.bool) if valid_mask is None else valid_mask
+    uniform = -(log_p * valid).sum(dim=1) / valid.sum(dim=1)  # [B] CE against uniform
+    return (1.0 - label_smoothing) * nll + label_smoothing * uniform
+
+
+def pointwise_bce(
+    logits: torch.Tensor, positive_index: torch.Tensor, valid_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-row binary cross-entropy: label 1 in the positive's column, 0 elsewhere.
+
+    Args:
+        logits: [B, N] logits.
+        positive_index: [B] column of each row's positive.
+        valid_mask: [B, N] bool, True where the column takes part; default all.
+
+    Returns:
+        [B] mean BCE over each row's valid columns.
+    """
+    labels = F.one_hot(positive_index, logits.shape[1]).to(logits.dtype)  # [B, N]
+    bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    if valid_mask is None:
+        return bce.mean(dim=1)
+    return torch.where(valid_mask, bce, 0.0).sum(dim=1) / valid_mask.sum(dim=1)
+
+
+def _check_inputs(
+    query: torch.Tensor,
+    candidates: torch.Tensor,
+    positive_index: torch.Tensor,
+    candidate_ids: torch.Tensor,
+    cfg: LossConfig,
+    candidate_log_q: torch.Tensor | None,
+    row_negatives: torch.Tensor | None,
+    row_negative_ids: torch.Tensor | None,
+) -> None:
+    """Raise ValueError naming the argument when shapes or the config do not fit."""
+    if query.ndim != 2 or candidates.ndim != 2 or query.shape[1] != candidates.shape[1]:
+        raise ValueError(f"query {tuple(query.shape)} and candidates {tuple(candidates.shape)} "
+                         "must be [B, D] and [N, D] with the same D")
+    b, n = query.shape[0], candidates.shape[0]
+    if positive_index.shape != (b,) or candidate_ids.shape != (n,):
+        raise ValueError(f"positive_index {tuple(positive_index.shape)} must be [{b}] and "
+                         f"candidate_ids {tuple(candidate_ids.shape)} must be [{n}]")
+    if cfg.logq_correction and candidate_log_q is None:
+        raise ValueError("logq_correction=true needs candidate_log_q [N]; pass it or set "
+                         "logq_correction false")
+    if not cfg.logq_correction and candidate_log_q is not None:
+        raise ValueError("candidate_log_q was given but logq_correction=false would ignore it")
+    if (row_negatives is None) != (row_negative_ids is None):
+        raise ValueError("row_negatives [B, M, D] and row_negative_ids [B, M] go together: "
+                         "ids are needed to mask padding and accidental hits")
+    if row_negatives is None:
+        return
+    if cfg.impressions_column is None:
+        raise ValueError("row_negatives were given but loss.impressions_column is not set")
+    m = row_negative_ids.shape[1] if row_negative_ids.ndim == 2 else -1
+    if row_negatives.shape != (b, m, query.shape[1]) or row_negative_ids.shape != (b, m):
+        raise ValueError(f"row_negatives {tuple(row_negatives.shape)} and row_negative_ids "
+                         f"{tuple(row_negative_ids.shape)} must be [{b}, M, {query.shape[1]}] "
+                         f"and [{b}, M]")
+
+
+def retrieval_loss(
+    query: torch.Tensor,
+    candidates: torch.Tensor,
+    positive_index: torch.Tensor,
+    candidate_ids: torch.Tensor,
+    cfg: LossConfig,
+    temperature: float | torch.Tensor,
+    candidate_log_q: torch.Tensor | None = None,
+    row_negatives: torch.Tensor | None = None,
+    row_negative_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The retrieval loss of a batch: mean over rows of softmax CE or pointwise BCE.
+
+    Columns are the shared candidates (in-batch items, then any sampled extra negatives),
+    followed by each row's own negatives (impressions: shown, not clicked). A row negative
+    with id < 0 is padding and always masked; log-Q applies to shared columns only, as row
+    negatives were not sampled. ``cfg.hard_negatives`` larger than the available negatives
+    keeps them all (see :func:`hard_negative_mask`).
+
+    Args:
+        query: [B, D] query (user) embeddings.
+        candidates: [N, D] candidate (item) embeddings, globally gathered under DDP.
+        positive_index: [B] column in ``candidates`` of each row's positive.
+        candidate_ids: [N] item id of each candidate (for accidental hits).
+        cfg: the loss section of the config.
+        temperature: positive float or scalar tensor; scores are divided by it.
+        candidate_log_q: [N] log sampling probability per candidate; required exactly when
+            ``cfg.logq_correction``.
+        row_negatives: [B, M, D] per-row negative embeddings.
+        row_negative_ids: [B, M] their item ids, -1 for padding.
+
+    Returns:
+        Scalar mean loss.
+    """
+    _check_inputs(query, candidates, positive_index, candidate_ids, cfg, candidate_log_q,
+                  row_negatives, row_negative_ids)
+    scores = apply_temperature(query @ candidates.T, temperature)  # [B, N]
+    if cfg.logq_correction:
+        scores = logq_correction(scores, candidate_log_q)
+    column_ids = candidate_ids.expand(len(query), -1)  # [B, N]
+    drop = torch.zeros_like(scores, dtype=torch.bool)
+    if row_negatives is not None:
+        row_scores = torch.einsum("bd,bmd->bm", query, row_negatives)  # [B, M]
+        scores = torch.cat([scores, apply_temperature(row_scores, temperature)], dim=1)
+        column_ids = torch.cat([column_ids, row_negative_ids], dim=1)  # [B, N + M]
+        drop = torch.cat([drop, row_negative_ids < 0], dim=1)
+    if cfg.mask_accidental_hits:
+        positive_ids = candidate_ids[positive_index]  # [B]
+        drop = drop | accidental_hit_mask(positive_ids, column_ids, positive_index)
+    scores = mask_scores(scores, drop)
+    if cfg.hard_negatives:
+        # not in place: the previous mask is saved for mask_scores' backward
+        drop = drop | ~hard_negative_mask(scores, positive_index, cfg.hard_negatives)
+        scores = mask_scores(scores, drop)
+    if cfg.kind is LossKind.BCE:
+        return pointwise_bce(scores, positive_index, ~drop).mean()
+    return softmax_cross_entropy(scores, positive_index, cfg.label_smoothing, ~drop).mean()
