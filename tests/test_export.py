@@ -1,0 +1,139 @@
+"""Tower export: torch.export round trip, fresh-process loading with torch only, sidecar."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from tower_cases import batch_for, demo_state, model_config
+
+from towers.export import export_tower, load_exported, sidecar_path
+from towers.model import build_two_tower, model_version
+
+FRESH_PROCESS = """
+import sys, torch
+program = torch.export.load(sys.argv[1]).module()
+inputs = torch.load(sys.argv[2], weights_only=True)
+with torch.no_grad():
+    out = program(inputs)
+torch.save(out, sys.argv[3])
+assert "towers" not in sys.modules and "pipeline" not in sys.modules
+"""
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A transformer user tower and an MLP item tower (dropout, batch norm, VD), exported."""
+    torch.manual_seed(0)
+    fitted = demo_state()
+    cfg = model_config(
+        output_dim=8,
+        user={"type": "transformer", "variational_dropout": True,
+              "transformer": {"dim": 16, "causal": True, "pooling": "attention"},
+              "mlp": {"hidden": [16], "norm": "batch", "dropout": 0.3}},
+        item={"aggregation": "sum", "numeric_projection_dim": 4,
+              "mlp": {"hidden": [16, 16], "dropout": 0.3, "gradient_checkpointing": True}})
+    model = build_two_tower(cfg, fitted).train()
+    for side in ("user", "item"):  # move the batch-norm statistics off their initial values
+        getattr(model, f"encode_{side}")(batch_for(side, fitted, 16, seed=5))
+    out = tmp_path_factory.mktemp("export")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for side in ("user", "item"):
+            export_tower(getattr(model, f"{side}_tower"), side, batch_for(side, fitted, 4),
+                         out / f"{side}_tower.pt2", metadata={"model_version":
+                                                               model_version(model)})
+    return model, fitted, out, caught
+
+
+def test_export_keeps_train_mode_and_warns_no_deprecation(exported):
+    model, _, _, caught = exported
+    assert model.user_tower.training and model.item_tower.training
+    assert not [w for w in caught if "deprecat" in str(w.message).lower()]
+
+
+@pytest.mark.parametrize("side", ["user", "item"])
+@pytest.mark.parametrize("batch", [1, 7])
+def test_round_trip_matches_eager_tower_in_eval(exported, side, batch):
+    model, fitted, out, _ = exported
+    loaded = load_exported(out / f"{side}_tower.pt2")
+    features = batch_for(side, fitted, batch, seed=11)
+    tower = getattr(model, f"{side}_tower")
+    tower.eval()
+    try:
+        with torch.no_grad():
+            expected = tower(features)
+    finally:
+        tower.train()
+    got = loaded({**features, "unused_key": torch.zeros(batch)})[f"{side}_emb"]
+    assert got.shape == (batch, 8)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sidecar_lists_inputs_output_and_metadata(exported):
+    model, _, out, _ = exported
+    side = json.loads(sidecar_path(out / "user_tower.pt2").read_text())
+    spec = model.user_tower.input_spec()
+    assert side["format"] == "torch.export" and side["output"] == "user_emb"
+    assert side["output_dim"] == 8 and side["normalized"] is True
+    assert list(side["inputs"]) == list(spec)
+    assert side["inputs"]["history"] == {"dtype": "int64", "shape": ["B", 5]}
+    assert side["metadata"]["model_version"] == model_version(model)
+
+
+def test_fresh_process_loads_with_torch_only(exported, tmp_path):
+    model, fitted, out, _ = exported
+    features = batch_for("user", fitted, 5, seed=3)
+    torch.save(features, tmp_path / "inputs.pt")
+    subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(out / "user_tower.pt2"),
+                    str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+                   check=True, capture_output=True, timeout=120)
+    got = torch.load(tmp_path / "out.pt", weights_only=True)["user_emb"]
+    model.eval()
+    try:
+        with torch.no_grad():
+            expected = model.encode_user(features)
+    finally:
+        model.train()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_exports_and_loads_say_what_is_wrong(exported, tmp_path):
+    model, fitted, out, _ = exported
+    example = batch_for("item", fitted, 4)
+    with pytest.raises(ValueError, match=r"export name 'items' must be one of"):
+        export_tower(model.item_tower, "items", example, tmp_path / "x.pt2")
+    with pytest.raises(ValueError, match=r"missing inputs \['price'\]"):
+        export_tower(model.item_tower, "item", {k: v for k, v in example.items()
+                                                if k != "price"}, tmp_path / "x.pt2")
+    with pytest.raises(ValueError, match="batch size >= 2"):
+        export_tower(model.item_tower, "item", batch_for("item", fitted, 1), tmp_path / "x.pt2")
+    with pytest.raises(ValueError, match=r"'tags': got torch.float32"):
+        export_tower(model.item_tower, "item", {**example, "tags": example["tags"].float()},
+                     tmp_path / "x.pt2")
+    with pytest.raises(ValueError, match=r"inputs \['history'\] are missing"):
+        load_exported(out / "user_tower.pt2")({"user_id": torch.zeros(2, dtype=torch.long)}
+                                              | {k: v for k, v in batch_for(
+                                                  "user", fitted, 2).items() if k != "history"})
+    with pytest.raises(ValueError, match="needs both the program"):
+        load_exported(tmp_path / "missing.pt2")
+
+
+@pytest.mark.parametrize("user", [
+    {"type": "cnn", "aggregation": "sum_item_multiply", "cnn": {"kernel_size": 2}},
+    {"type": "fusion", "fusion": {"groups": {"seq": ["history", "age"]}, "mode": "gating"}},
+])
+def test_other_bodies_export_with_a_dynamic_batch(user, tmp_path):
+    fitted = demo_state()
+    tower = build_two_tower(model_config(output_dim=8, similarity="dot", user=user),
+                            fitted).user_tower.eval()
+    export_tower(tower, "user", batch_for("user", fitted, 3), tmp_path / "u.pt2")
+    features = batch_for("user", fitted, 6, seed=2)
+    with torch.no_grad():
+        expected = tower(features)
+    got = load_exported(tmp_path / "u.pt2")(features)["user_emb"]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,212 @@
+"""The two-tower model: one :class:`Tower` class, two instances, built from config + state.
+
+The model only returns embeddings (``encode_user``, ``encode_item``) and scores them; the
+loss belongs to the training task and retrieval to serving. :func:`build_two_tower` builds
+the item tower first so the user tower's history can reuse (tie) the item tower's id
+embedding and item-feature tables: the very same ``nn.Embedding`` objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.config_model import ModelConfig, TowerConfig
+from pipeline.state import FeatureState, FeatureStateSet, TowerState
+from towers import bodies
+from towers.features import FeatureEncoder, Spec, selected_features
+
+TEMPERATURE_RANGE = (0.01, 10.0)  # a learnable temperature is clamped to this range
+
+
+class Tower(nn.Module):
+    """Feature encoder -> body -> Linear to ``output_dim`` (-> L2 norm for cosine).
+
+    Args:
+        name: ``"user"`` or ``"item"`` (used in error messages and export).
+        state: the tower's fitted features.
+        cfg: the tower's model config.
+        model_cfg: the model config (output width, similarity).
+        id_column: the tower's key column (its id feature is read from it).
+        item_states: the item tower's fitted features (user tower with history only).
+        shared: sequence name -> {item feature name: the item tower's table to reuse}.
+    """
+
+    def __init__(self, name: str, state: TowerState, cfg: TowerConfig, model_cfg: ModelConfig,
+                 id_column: str, item_states: Mapping[str, FeatureState] | None = None,
+                 shared: Mapping[str, Mapping[str, nn.Embedding]] | None = None):
+        super().__init__()
+        self.name = name
+        where = f"model.{name}"
+        self.encoder = FeatureEncoder(state, cfg, id_column, where, item_states, shared)
+        body = bodies.TOWER_BODIES.get(cfg.type)
+        if body is None:
+            raise ValueError(f"{where}.type={cfg.type.value} has no registered body; "
+                             f"accepted: {[t.value for t in bodies.TOWER_BODIES]}")
+        self.body = body(self.encoder, cfg)
+        self.output = nn.Linear(self.body.output_dim(), model_cfg.output_dim)
+        self.normalize = model_cfg.normalize
+
+    def output_dim(self) -> int:
+        """Embedding width D."""
+        return self.output.out_features
+
+    def input_spec(self) -> Spec:
+        """Expected batch keys: ``{key: (dtype, shape after the batch dim)}``."""
+        return self.encoder.input_spec()
+
+    def regularization_loss(self) -> Tensor:
+        """The tower's variational dropout penalty (scalar; 0 when off)."""
+        return self.encoder.regularization_loss().to(self.output.weight.device)
+
+    def forward(self, features: dict[str, Tensor]) -> Tensor:
+        """Embed a batch.
+
+        Args:
+            features: the tower's inputs as :meth:`input_spec` lists them, each [B, ...].
+
+        Returns:
+            [B, D] embeddings (unit norm when the similarity is cosine).
+        """
+        emb = self.output(self.body(self.encoder(features)))
+        return F.normalize(emb, dim=-1) if self.normalize else emb
+
+
+class TwoTowerModel(nn.Module):
+    """A user tower and an item tower that embed into the same D-dimensional space.
+
+    Args:
+        user_tower: the user tower.
+        item_tower: the item tower.
+        temperature: the loss divides scores by it.
+        learnable_temperature: learn ``log(temperature)``, clamped to
+            :data:`TEMPERATURE_RANGE`.
+    """
+
+    def __init__(self, user_tower: Tower, item_tower: Tower, temperature: float,
+                 learnable_temperature: bool = False):
+        super().__init__()
+        if user_tower.output_dim() != item_tower.output_dim():
+            raise ValueError(f"user tower output_dim={user_tower.output_dim()} differs from "
+                             f"item tower output_dim={item_tower.output_dim()}")
+        lo, hi = TEMPERATURE_RANGE
+        if learnable_temperature and not lo <= temperature <= hi:
+            raise ValueError(f"model.temperature={temperature} must lie in [{lo}, {hi}] when "
+                             "model.learnable_temperature=true")
+        self.user_tower, self.item_tower = user_tower, item_tower
+        self.learnable_temperature = learnable_temperature
+        log_t = torch.tensor(math.log(temperature))
+        if learnable_temperature:
+            self.log_temperature = nn.Parameter(log_t)
+        else:
+            self.register_buffer("log_temperature", log_t)
+
+    def encode_user(self, features: dict[str, Tensor]) -> Tensor:
+        """User-tower inputs -> [B, D]."""
+        return self.user_tower(features)
+
+    def encode_item(self, features: dict[str, Tensor]) -> Tensor:
+        """Item-tower inputs -> [N, D]."""
+        return self.item_tower(features)
+
+    def temperature(self) -> Tensor:
+        """Scalar temperature (the fixed value, or the learned one clamped)."""
+        t = self.log_temperature.exp()
+        return t.clamp(*TEMPERATURE_RANGE) if self.learnable_temperature else t
+
+    def regularization_loss(self) -> Tensor:
+        """Sum of both towers' variational dropout penalties (scalar; 0 when off)."""
+        return self.user_tower.regularization_loss() + self.item_tower.regularization_loss()
+
+    def score(self, user_emb: Tensor, item_emb: Tensor) -> Tensor:
+        """Dot products (cosine when the embeddings are normalised), not divided by T.
+
+        Args:
+            user_emb: [B, D].
+            item_emb: [N, D].
+
+        Returns:
+            [B, N].
+        """
+        return user_emb @ item_emb.T
+
+
+def _tie(flag: bool | None, name: str, state: FeatureState, table: nn.Embedding | None) -> bool:
+    """Whether history ``name`` reuses the item tower's id ``table`` (None: tie if widths match)."""
+    if flag is False:
+        return False
+    if table is None:
+        if flag:
+            raise ValueError(
+                f"model.tie_sequence_embedding=true: user sequence {name!r} has no item-tower id "
+                f"embedding to share (vocab_of={state.vocab_of!r}; the item tower must select "
+                "the categorical id feature whose vocabulary the history uses)")
+        return False
+    if table.embedding_dim != state.embedding_dim:
+        if flag:
+            raise ValueError(
+                f"model.tie_sequence_embedding=true needs user sequence {name!r} embedding_dim="
+                f"{state.embedding_dim} to equal item feature {state.vocab_of!r} embedding_dim="
+                f"{table.embedding_dim}")
+        return False
+    if table.num_embeddings != state.num_embeddings:
+        raise ValueError(f"user sequence {name!r} has {state.num_embeddings} rows but item "
+                         f"feature {state.vocab_of!r} has {table.num_embeddings}; re-run prepare")
+    return True
+
+
+def shared_tables(model_cfg: ModelConfig, fitted: FeatureStateSet,
+                  item_tower: Tower) -> dict[str, dict[str, nn.Embedding]]:
+    """For each tied user history: the item tower's id table and item-feature tables.
+
+    Returns:
+        sequence name -> {item feature name: the item tower's ``nn.Embedding``}.
+    """
+    out = {}
+    for name in selected_features(fitted.user, model_cfg.user, "model.user"):
+        st = fitted.user.features[name]
+        if st.type != "sequence":
+            continue
+        id_table = item_tower.encoder.table(st.vocab_of) if st.vocab_of else None
+        if _tie(model_cfg.tie_sequence_embedding, name, st, id_table):
+            tables = {st.vocab_of: id_table}
+            for f in st.item_features:
+                table = item_tower.encoder.table(f)
+                if table is not None:
+                    tables[f] = table
+            out[name] = tables
+    return out
+
+
+def build_two_tower(model_cfg: ModelConfig, fitted: FeatureStateSet) -> TwoTowerModel:
+    """Build both towers from the model config and the fitted feature state.
+
+    The item tower comes first; user histories tied to it (``tie_sequence_embedding`` true,
+    or null with equal widths) share its id and item-feature tables.
+
+    Raises:
+        ValueError: for a combination the config and state cannot build, naming the field.
+    """
+    item = Tower("item", fitted.item, model_cfg.item, model_cfg, fitted.item_id)
+    user = Tower("user", fitted.user, model_cfg.user, model_cfg, fitted.user_id,
+                 item_states=fitted.item.features,
+                 shared=shared_tables(model_cfg, fitted, item))
+    return TwoTowerModel(user, item, model_cfg.temperature, model_cfg.learnable_temperature)
+
+
+def model_version(model: nn.Module) -> str:
+    """A short content hash of the ``state_dict`` (names, dtypes, shapes and bytes).
+
+    Deterministic: equal weights give the same version on any machine.
+    """
+    h = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        t = value.detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
