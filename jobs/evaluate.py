@@ -13,6 +13,7 @@ similarity; ``--config`` is read for the common flags only.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -30,6 +31,14 @@ def run(cfg: Config, run_dir: Path) -> dict:
           f"HR@100 {t['HR@100']:.4f} NDCG@10 {t['NDCG@10']:.4f}; index ({r['index_type']}) "
           f"recall {recall:.4f} -> {Path(run_dir) / 'metrics.json'}", file=sys.stderr)
     return out
+
+
+def read_metrics(run_dir: Path) -> dict:
+    """``RUN_DIR/metrics.json`` as written by :func:`run`."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `python -m jobs.evaluate` first")
+    return json.loads(path.read_text())
 
 
 def main(argv: list[str] | None = None) -> None:

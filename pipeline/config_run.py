@@ -27,6 +27,14 @@ class Precision(str, enum.Enum):
     BF16 = "bf16"
 
 
+class Placement(str, enum.Enum):
+    """How Ray places the training workers (a placement-group strategy)."""
+
+    PACK = "PACK"
+    SPREAD = "SPREAD"
+    STRICT_SPREAD = "STRICT_SPREAD"  # every worker on a different node
+
+
 class MLflowConfig(_Strict):
     """Where metrics and parameters are logged besides the Ray dashboard."""
 
@@ -44,6 +52,10 @@ class TrainConfig(_Strict):
     use_gpu: bool = Field(default=False, description="One GPU per worker; NCCL and bf16.")
     cpus_per_worker: float = Field(
         default=0.5, gt=0, description="CPUs reserved per worker; keep some for Ray Data."
+    )
+    placement: Placement = Field(default=Placement.PACK, description="Worker placement.")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="Extra custom resources per worker, e.g. {gpu_node: 1}."
     )
     batch_size: int = Field(default=1024, ge=2, description="Rows per worker per step.")
     epochs: int = Field(default=10, ge=1, description="Maximum epochs.")

@@ -117,7 +117,9 @@ def fit(cfg: Config, run_dir: Path, log: Log = print, fail_once: dict | None = N
                            "fail_once": fail_once},
         scaling_config=ray.train.ScalingConfig(
             num_workers=max(1, cfg.train.num_workers), use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker,
+                                  **cfg.train.resources_per_worker},
+            placement_strategy=cfg.train.placement.value),
         run_config=ray.train.RunConfig(
             name=RUN_NAME, storage_path=storage_path(cfg, run_dir),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
