@@ -46,7 +46,9 @@ class TowerEmbedder:
         """Embed one batch; keeps the key and the table row number."""
         import torch
 
-        feats = {k: v for k, v in batch.items() if k.startswith(prefix(self._tower))}
+        # Ray Data hands fixed-size-list columns over as object arrays of rows: stack them.
+        feats = {k: np.stack(v) if v.dtype == object else v for k, v in batch.items()
+                 if k.startswith(prefix(self._tower))}
         with torch.no_grad():
             emb = self._encode(tower_inputs(to_tensors(feats, self._device), self._tower))
         return to_arrow_table({self._key: batch[self._key], "row": batch["row"],

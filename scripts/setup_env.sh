@@ -18,7 +18,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "[setup] installing torch==2.13.0 (CPU) and the project (about 2 minutes)" >&2
     python -m pip install -q --upgrade pip >/dev/null
     python -m pip install -q "torch==2.13.0"
-    python -m pip install -q -e "$root[dev]"
+    python -m pip install -q -e "$root[dev]" --config-settings editable_mode=compat
     echo "$want" > "$stamp"
 fi
 set +eu

@@ -65,8 +65,8 @@ def test_two_nodes_train_with_one_worker_each(demo_prepared, demo_data, tmp_path
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(ROOT),
                RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S="120")
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(run_dir), str(demo_data),
-                           str(storage), str(free_port())], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=420)
+                           str(storage), str(free_port())], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(out["cluster_nodes"]) == 2

@@ -7,7 +7,8 @@ import pyarrow as pa
 import pytest
 
 from pipeline import config as C
-from pipeline import state, transforms as T
+from pipeline import state
+from pipeline import transforms as T
 
 
 def fitted(feat, values):

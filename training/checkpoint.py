@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from towers.model import build_two_tower
 
 from pipeline.config import Config, parse_config
 from pipeline.state import FeatureStateSet
+from towers.model import build_two_tower
 
 MODEL_FILE, OPTIM_FILE, META_FILE = "model.pt", "optimizer.pt", "meta.json"
 

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from towers.model import build_two_tower, model_version
 
 from pipeline.config import Config
 from pipeline.state import FeatureStateSet
+from towers.model import build_two_tower, model_version
 from training import checkpoint as ckpt
 from training.data import (
     EvalSet,
@@ -102,7 +102,8 @@ def finish_epoch(s: Setup, state: ckpt.TrainState, stats: dict[str, float]
     state.epoch += 1
     state.step += int(stats["steps"])
     metrics = {"epoch": state.epoch, "train/loss": stats["loss"],
-               "train/samples_per_s": stats["samples_per_s"], "train/lr": stats["lr"]}
+               "train/samples_per_s": stats["samples_per_s"], "train/lr": stats["lr"],
+               "train/rows": stats["rows"], "train/seconds": stats["seconds"]}
     t0 = time.perf_counter()
     metrics.update(flat_metrics(evaluate(s.model, s.eval_set, s.catalogue, s.device), "val"))
     metrics["val/seconds"] = time.perf_counter() - t0

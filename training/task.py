@@ -12,11 +12,11 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 from torch import nn
-from towers.distributed import gather_no_grad, gather_with_grad, world_info
-from towers.negatives import NegativeSampler
 
 from pipeline.config_model import LossConfig
+from towers.distributed import gather_no_grad, gather_with_grad, world_info
 from towers.losses import retrieval_loss
+from towers.negatives import NegativeSampler
 from training.data import ITEM, ITEM_INDEX, USER, tower_inputs
 
 

@@ -1,0 +1,1 @@
+"""Ray Serve: request/response schemas, the retriever, the retrieval deployment and builder."""

@@ -1,0 +1,263 @@
+"""Request -> user-tower columns, encoded exactly as the prepare step encodes a row.
+
+A request's user part is assembled in three layers, each with ``pipeline.transforms``:
+
+1. the base row: a known user's stored row of ``prepared/users.parquet`` (features,
+   latest history and item features of the history), or for an unknown / absent user
+   the all-null row prepare gives users missing from the user table, with the id feature
+   encoded from the request's id (unseen -> out-of-vocabulary, none -> padding);
+2. ``features``: raw values by source column, each through ``encode_feature`` with the
+   fitted state, overriding the base row;
+3. ``history``: raw item ids through ``encode_sequence`` with the sequence vocabulary;
+   the history's item features are the encoded catalogue's values of those items
+   (unknown items: padding), laid out with the same pre-padding.
+
+Columns are named as in the prepared Parquet (``user__NAME``) so the training helpers
+(``tower_inputs``) apply unchanged. No torch and no Serve here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.state import FeatureState, FeatureStateSet
+from pipeline.transforms import column_name, encode_feature, encode_sequence, pad_bags
+from serve_app.schemas import FeatureValue, RawId, RequestError, UnknownItemError, UserQuery
+from training.data import USER, column_to_numpy, prefix
+
+SEEN = "seen_item_index"
+Columns = dict[str, np.ndarray]  # "user__NAME" -> [1, ...] (one request) or [B, ...]
+
+
+@dataclass(frozen=True)
+class EncodedUser:
+    """One request's user-tower columns and the catalogue rows it has already seen.
+
+    Attributes:
+        columns: ``user__NAME`` -> [1, ...] arrays, as in ``prepared/users.parquet``.
+        seen: [S] int64 distinct catalogue rows: stored seen items plus the request's
+            history.
+    """
+
+    columns: Columns
+    seen: np.ndarray
+
+
+def null_array(state: FeatureState) -> pa.Array:
+    """A one-row null of the raw type a feature is encoded from."""
+    if state.type in ("multi_hot", "dense_vector"):
+        inner = pa.float32() if state.type == "dense_vector" else _vocab_type(state)
+        return pa.nulls(1, pa.list_(inner))
+    if state.type == "numeric":
+        return pa.nulls(1, pa.float64())
+    return pa.nulls(1, pa.string() if state.type == "text" else _vocab_type(state))
+
+
+def _vocab_type(state: FeatureState) -> pa.DataType:
+    return pa.int64() if state.vocab_type == "int64" else pa.string()
+
+
+def raw_array(value: FeatureValue, state: FeatureState) -> pa.Array:
+    """One raw JSON value as the one-row Arrow array its feature type is encoded from.
+
+    Raises:
+        TypeError / ValueError / pyarrow.ArrowException: the value does not fit the type.
+    """
+    if value is None:
+        return null_array(state)
+    is_list = isinstance(value, list)
+    if state.type in ("multi_hot", "dense_vector") and not is_list:
+        raise ValueError(f"a {state.type} feature takes a list, got {type(value).__name__}")
+    if state.type not in ("multi_hot", "dense_vector") and is_list:
+        raise ValueError(f"a {state.type} feature takes a single value, not a list")
+    if state.type == "numeric":
+        if isinstance(value, str):
+            raise ValueError("a numeric feature takes a number, got a string")
+        return pa.array([value], pa.float64())
+    if state.type == "dense_vector":
+        return pa.array([value], pa.list_(pa.float32()))
+    if state.type == "text":
+        return pa.array([value], pa.string())
+    return pa.array([value])
+
+
+class IdMap:
+    """Raw key -> table row, built once (a per-request ``lookup`` would rehash the table).
+
+    Keys compare as ``pipeline.transforms.lookup`` compares them: a value is cast to the
+    column's type ("7" finds the integer key 7), and one that cannot be cast is unknown.
+
+    Args:
+        keys: [N] unique integer or string keys; row i holds key i.
+    """
+
+    def __init__(self, keys: pa.Array | pa.ChunkedArray):
+        self.is_int = pa.types.is_integer(keys.type)
+        self.rows_by_key = {k: i for i, k in enumerate(keys.to_pylist())}
+
+    def __len__(self) -> int:
+        return len(self.rows_by_key)
+
+    def _key(self, value: RawId) -> RawId | None:
+        if not self.is_int:
+            return str(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:  # compared as text it is simply unseen
+                return None
+        return value
+
+    def rows(self, values: list[RawId]) -> np.ndarray:
+        """[N] int64 rows of ``values`` (-1 where a value is not a key)."""
+        get = self.rows_by_key.get
+        return np.array([get(self._key(v), -1) for v in values], dtype=np.int64)
+
+
+class RequestEncoder:
+    """Encodes the user part of requests against one run's prepared tables.
+
+    Args:
+        fitted: the run's fitted feature state.
+        users: ``prepared/users.parquet`` (every known user's encoded row).
+        catalogue: ``prepared/items.parquet`` (row number = catalogue row).
+    """
+
+    def __init__(self, fitted: FeatureStateSet, users: pa.Table, catalogue: pa.Table):
+        self.state = fitted.user
+        self.user_map = IdMap(users[fitted.user_id])
+        self.item_map = IdMap(catalogue[fitted.item_id])
+        cols = [c for c in users.column_names if c.startswith(prefix(USER))]
+        self.stored = {c: column_to_numpy(users[c]) for c in cols}  # [U, ...] each
+        seen = users[SEEN].combine_chunks()
+        self.seen_offsets = np.asarray(seen.offsets, dtype=np.int64)
+        self.seen_rows = seen.values.to_numpy(zero_copy_only=False).astype(np.int64)
+        self.id_features = [n for n, s in self.state.features.items()
+                            if s.type == "categorical" and s.source == fitted.user_id]
+        self.sequences = {n: s for n, s in self.state.features.items() if s.type == "sequence"}
+        self.item_features = {f: column_to_numpy(catalogue[column_name("item", f)])
+                              for s in self.sequences.values() for f in s.item_features}
+        self.sources = self._sources()
+        self.absent = self._absent_row()
+
+    def _sources(self) -> dict[str, list[str]]:
+        """Source column -> the non-id, non-sequence features a request may set from it."""
+        out: dict[str, list[str]] = {}
+        for name, st in self.state.features.items():
+            if st.type != "sequence" and name not in self.id_features:
+                out.setdefault(st.source, []).append(name)
+        return out
+
+    def _absent_row(self) -> Columns:
+        """The row prepare gives a user absent from the user table: every feature null."""
+        row: Columns = {}
+        for name, st in self.state.features.items():
+            if st.type == "sequence":
+                row[column_name(USER, name)] = np.zeros((1, st.max_length), np.int64)
+                for f in st.item_features:
+                    row[column_name(USER, name, f)] = np.zeros((1, st.max_length), np.int64)
+            else:
+                row.update(_prefixed(encode_feature(null_array(st), st, name)))
+        return row
+
+    def user_row(self, user_id: RawId | None) -> int:
+        """Row of ``user_id`` in users.parquet, or -1 when unknown or absent."""
+        return -1 if user_id is None else int(self.user_map.rows([user_id])[0])
+
+    def item_rows(self, item_ids: list[RawId]) -> np.ndarray:
+        """[N] catalogue rows of raw item ids (-1 for ids not in the catalogue)."""
+        return self.item_map.rows(item_ids)
+
+    def known_item_rows(self, item_ids: list[RawId], field: str) -> np.ndarray:
+        """[N] catalogue rows; an unknown id raises naming ``field`` (and its position)."""
+        rows = self.item_rows(item_ids)
+        missing = np.flatnonzero(rows < 0)
+        if len(missing):
+            i = int(missing[0])
+            loc = (field,) if field == "item_id" else (field, i)
+            name = field if field == "item_id" else f"{field}[{i}]"
+            raise UnknownItemError(loc, item_ids[i], f"{name}={item_ids[i]!r} is not in the "
+                                   f"catalogue of {len(self.item_map)} items")
+        return rows
+
+    def encode(self, query: UserQuery) -> EncodedUser:
+        """The user-tower columns ([1, ...] each) and seen rows of one request."""
+        row = self.user_row(query.user_id)
+        if row >= 0:
+            columns = {c: a[row:row + 1] for c, a in self.stored.items()}
+            seen = np.unique(self.seen_rows[self.seen_offsets[row]:self.seen_offsets[row + 1]])
+        else:
+            columns = dict(self.absent)
+            columns.update(self._id_columns(query.user_id))
+            seen = np.zeros(0, np.int64)
+        if query.features:
+            columns.update(self._feature_columns(query.features))
+        if query.history is not None:
+            history_rows = self.item_rows(query.history)
+            columns.update(self._history_columns(query.history, history_rows))
+            seen = np.union1d(seen, history_rows[history_rows >= 0])
+        return EncodedUser(columns, seen)
+
+    def _id_columns(self, user_id: RawId | None) -> Columns:
+        """The id features of a user not in users.parquet (unseen -> OOV, none -> padding)."""
+        out: Columns = {}
+        for name in self.id_features:
+            st = self.state.features[name]
+            values = null_array(st) if user_id is None else _id_array([user_id])
+            out.update(_prefixed(encode_feature(values, st, name)))
+        return out
+
+    def _feature_columns(self, features: dict[str, FeatureValue]) -> Columns:
+        """Encode ``features`` (raw values by source column) with the fitted state."""
+        out: Columns = {}
+        for source, value in features.items():
+            if source not in self.sources:
+                raise RequestError(("features", source), value, (
+                    f"features.{source} is not a user feature column; accepted: "
+                    f"{sorted(self.sources)} (the user id goes in user_id, the history in "
+                    "history)"))
+            for name in self.sources[source]:
+                st = self.state.features[name]
+                try:
+                    out.update(_prefixed(encode_feature(raw_array(value, st), st, name)))
+                except (ValueError, TypeError, pa.ArrowException) as err:
+                    raise RequestError(("features", source), value, (
+                        f"features.{source}={value!r} cannot be encoded as the {st.type} "
+                        f"feature {name!r}: {err}")) from None
+        return out
+
+    def _history_columns(self, history: list[RawId], rows: np.ndarray) -> Columns:
+        """Every sequence feature from raw history ids and their catalogue rows [N]."""
+        out: Columns = {}
+        offsets = np.array([0, len(history)], np.int64)
+        ids = _id_array(history)
+        for name, st in self.sequences.items():
+            lists = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), ids)
+            out[column_name(USER, name)] = encode_sequence(lists, st.vocab_array(),
+                                                           st.max_length)
+            for f in st.item_features:
+                values = np.where(rows >= 0, self.item_features[f][np.maximum(rows, 0)], 0)
+                out[column_name(USER, name, f)] = pad_bags(values.astype(np.int64), offsets,
+                                                           st.max_length, pre=True)
+        return out
+
+
+def _prefixed(encoded: dict[str, np.ndarray]) -> Columns:
+    """``encode_feature`` output keyed as prepared columns (``user__NAME``)."""
+    return {f"{prefix(USER)}{k}": v for k, v in encoded.items()}
+
+
+def _id_array(ids: list[Any]) -> pa.Array:
+    """Raw ids as one Arrow array; a list mixing integers and strings becomes text.
+
+    ``lookup`` compares text with an integer vocabulary as text, so ``[7, "x"]`` finds 7
+    and leaves "x" unseen, as it would in separate requests.
+    """
+    try:
+        return pa.array(ids)
+    except (pa.ArrowException, TypeError):
+        return pa.array([str(i) for i in ids], pa.string())
