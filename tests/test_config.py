@@ -19,7 +19,7 @@ def cfg_with(**changes):
 
 
 def test_shipped_configs_validate(tmp_path):
-    for name in ("demo", "ml100k"):
+    for name in ("demo", "ml100k", "large"):
         cfg = load_config(f"configs/{name}.yaml")
         assert cfg.features.user and cfg.features.item
 
