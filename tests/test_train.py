@@ -22,7 +22,8 @@ def fresh_run(demo_prepared, tmp_path):
 def test_plain_training_learns_and_publishes_a_loadable_model(demo_prepared, demo_data,
                                                                tmp_path):
     run_dir = fresh_run(demo_prepared, tmp_path)
-    cfg = demo_config(demo_data, "train.epochs=4", "train.patience=4")
+    cfg = demo_config(demo_data, "train.epochs=4", "train.patience=4",
+                      "train.mlflow.enabled=true")
     out = run_plain(cfg, run_dir, log=lambda m: None)
     losses = [h["train/loss"] for h in out["history"]]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.1
@@ -34,6 +35,14 @@ def test_plain_training_learns_and_publishes_a_loadable_model(demo_prepared, dem
     assert 0.0 <= best <= 1.0
     assert meta["feature_state_hash"] == fitted.content_hash()
     assert len(meta["model_version"]) >= 8
+    # the same per-epoch metrics went to MLflow (file store under RUN_DIR/mlruns)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient((run_dir / "mlruns").as_uri())
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    logged = client.get_metric_history(run_id, "val/HR_at_50")
+    assert [m.value for m in logged] == pytest.approx([h["val/HR@50"] for h in out["history"]])
+    assert client.get_run(run_id).data.params["train.epochs"] == "4"
 
 
 def test_ray_train_two_workers_resumes_at_the_next_epoch(ray_session, demo_prepared, demo_data,

@@ -37,6 +37,7 @@ from training.data import (
 from training.evaluate import evaluate, flat_metrics
 from training.step import make_optimizer, make_scheduler, train_epoch
 from training.task import RetrievalTask, TrainModule
+from training.tracking import Tracker
 
 Log = Callable[[str], None]
 
@@ -142,6 +143,7 @@ def run_plain(cfg: Config, run_dir: Path, log: Log = print,
     columns = table_to_numpy(table, model_columns(table.column_names))
     state, best_dir = ckpt.TrainState(), Path(run_dir) / "plain" / "best"
     rng = np.random.default_rng(cfg.train.seed)
+    tracker = Tracker(cfg, run_dir)
     while True:
         order = rng.permutation(len(columns["item_index"]))
         batches = (to_tensors(b) for b in iterate_batches(
@@ -149,10 +151,12 @@ def run_plain(cfg: Config, run_dir: Path, log: Log = print,
         stats = train_epoch(s.module, s.task, batches, s.opt, s.scheduler, cfg.train, device)
         metrics, is_best, stop = finish_epoch(s, state, stats)
         log(f"[train] epoch {state.epoch}/{cfg.train.epochs} {describe(metrics)}")
+        tracker.log(metrics, step=state.epoch)
         if is_best:
             ckpt.save_checkpoint(best_dir, s.model, None, None, state, checkpoint_meta(s, metrics))
         if stop:
             break
+    tracker.close()
     ckpt.publish_model(best_dir, run_dir)
     return {"best_epoch": state.best_epoch, "best_metric": state.best_metric,
             "history": state.history}

@@ -6,6 +6,7 @@ logging into the same MLflow run (its id is kept in ``RUN_DIR/mlflow_run_id``).
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -41,7 +42,12 @@ class Tracker:
         import mlflow
 
         run_dir = Path(run_dir).resolve()
-        uri = cfg.train.mlflow.tracking_uri or (run_dir / "mlruns").as_uri()
+        uri = cfg.train.mlflow.tracking_uri
+        if uri is None:
+            # MLflow 3 keeps the file store in maintenance mode and refuses it unless asked;
+            # it needs no server or database, which is what a default should need.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            uri = (run_dir / "mlruns").as_uri()
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(cfg.train.mlflow.experiment)
         id_file = run_dir / "mlflow_run_id"
