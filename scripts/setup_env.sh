@@ -13,12 +13,14 @@ fi
 # shellcheck disable=SC1091
 . "$root/.venv/bin/activate"
 stamp="$root/.venv/.towerline-installed"
-want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
+# Re-install when pyproject.toml changes or a top-level package appears (the editable
+# install maps the packages that existed when it ran).
+want="$( (cat "$root/pyproject.toml"; cd "$root" && ls -- */__init__.py) | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "[setup] installing torch==2.13.0 (CPU) and the project (about 2 minutes)" >&2
     python -m pip install -q --upgrade pip >/dev/null
     python -m pip install -q "torch==2.13.0"
-    python -m pip install -q -e "$root[dev]" --config-settings editable_mode=compat
+    python -m pip install -q -e "$root[dev]"
     echo "$want" > "$stamp"
 fi
 set +eu

@@ -14,6 +14,7 @@ latest checkpoint. A worker crash restarts the group (``FailureConfig``) the sam
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -28,6 +29,8 @@ from training.step import train_epoch
 from training.tracking import Tracker
 
 RUN_NAME = "train"
+# Ray Train routes worker logging to the driver and the dashboard (a print can appear twice).
+logger = logging.getLogger(__name__)
 
 
 def storage_path(cfg: Config, run_dir: Path) -> str:
@@ -88,7 +91,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(metrics)
             continue
         tracker.log(metrics, step=state.epoch)
-        print(f"[train] epoch {state.epoch}/{cfg.train.epochs} {describe(metrics)}", flush=True)
+        logger.info("[train] epoch %d/%d %s", state.epoch, cfg.train.epochs, describe(metrics))
         with tempfile.TemporaryDirectory() as tmp:
             meta = dict(checkpoint_meta(s, metrics), is_best=bool(is_best))
             ckpt.save_checkpoint(Path(tmp), s.model, s.opt, s.scheduler, state, meta)
