@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks._measure import run_watched
 
 ROOT = Path(__file__).resolve().parents[1]
 ML100K = ROOT.parent / "shared" / "data" / "ml-100k"
@@ -48,32 +48,14 @@ def make_inputs(name: str, work: Path) -> tuple[Path, Path]:
 
 def run_side(side: str, config: Path, data: Path, out: Path) -> dict:
     """Run one side in a subprocess and watch its process tree's memory."""
-    import psutil
-
     cmd = [sys.executable, "-m", "benchmarks.prepare_throughput", "--side", side,
            "--config", str(config), "--data", str(data), "--out", str(out)]
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
-    parent, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        try:
-            tree = [parent, *parent.children(recursive=True)]
-            peak = max(peak, sum(_rss(p) for p in tree))
-        except psutil.NoSuchProcess:
-            pass
-        time.sleep(0.1)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{side} side failed with exit code {proc.returncode}")
-    result = json.loads(proc.stdout.read().strip().splitlines()[-1])
-    result["peak_rss_mib"] = round(peak / 2**20, 1)
+    watched = run_watched(cmd)
+    if watched.returncode != 0:
+        raise RuntimeError(f"{side} side failed with exit code {watched.returncode}")
+    result = json.loads(watched.stdout.strip().splitlines()[-1])
+    result["peak_rss_mib"] = watched.peak_rss_mib
     return result
-
-
-def _rss(p) -> int:
-    try:
-        return p.memory_info().rss
-    except Exception:  # a worker that exited between listing and reading
-        return 0
 
 
 def side_main(side: str, config: Path, data: Path, out: Path) -> None:
