@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from jobs.cli import parse_job_args
+from jobs.cli import parse_job_args, user_errors
 from pipeline.config import Config
 
 
@@ -61,11 +61,8 @@ def _key(meta: dict, tower: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and run."""
     cfg, run_dir = parse_job_args(__doc__.splitlines()[0], argv)
-    try:
+    with user_errors():
         run(cfg, run_dir)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.config import Config, load_config
@@ -21,13 +23,20 @@ def job_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def load_job_config(args: argparse.Namespace) -> Config:
-    """Load ``--config`` with ``--set`` overrides; a config error exits with code 2."""
+@contextmanager
+def user_errors(code: int = 1) -> Iterator[None]:
+    """Turn an error meant for people (bad value, missing file) into ``error: ...``, exit code."""
     try:
-        return load_config(args.config, args.overrides)
+        yield
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(code) from None
+
+
+def load_job_config(args: argparse.Namespace) -> Config:
+    """Load ``--config`` with ``--set`` overrides; a config error exits with code 2."""
+    with user_errors(code=2):
+        return load_config(args.config, args.overrides)
 
 
 def parse_job_args(description: str, argv: list[str] | None = None) -> tuple[Config, Path]:

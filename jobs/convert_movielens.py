@@ -12,8 +12,8 @@ for the columns). MovieLens may not be redistributed: keep ``OUT`` outside the r
 from __future__ import annotations
 
 import argparse
-import sys
 
+from jobs.cli import user_errors
 from pipeline.movielens import convert_movielens
 
 
@@ -28,11 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and convert; an unreadable or unknown folder exits 1 with the reason."""
     args = parse_args(argv)
-    try:
+    with user_errors():
         counts = convert_movielens(args.src, args.out)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
     print(f"wrote {args.out}: " + ", ".join(f"{n:,} {name}" for name, n in counts.items()))
 
 

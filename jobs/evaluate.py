@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from indexing.evaluate import evaluate_run
-from jobs.cli import parse_job_args
+from jobs.cli import parse_job_args, user_errors
 from pipeline.config import Config
 
 
@@ -44,11 +44,8 @@ def read_metrics(run_dir: Path) -> dict:
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and run."""
     cfg, run_dir = parse_job_args(__doc__.splitlines()[0], argv)
-    try:
+    with user_errors():
         run(cfg, run_dir)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

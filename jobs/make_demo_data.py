@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs.cli import user_errors
 from pipeline.demo_data import generate_demo_data
 
 
@@ -41,11 +42,8 @@ def run(args: argparse.Namespace) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and run; a bad size or a non-empty output exits 1 with the reason."""
     args = parse_args(argv)
-    try:
+    with user_errors():
         counts = run(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
     print(f"wrote {args.out}: " + ", ".join(f"{n:,} {name}" for name, n in counts.items()))
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from jobs import build_index, evaluate, prepare, train
-from jobs.cli import job_parser, load_job_config
+from jobs.cli import job_parser, load_job_config, user_errors
 from pipeline.config import Config
 
 STEPS: tuple[tuple[str, Callable[[Config, Path], object]], ...] = (
@@ -79,11 +79,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="Steps to leave out (e.g. prepare when it already ran).")
     args = parser.parse_args(argv)
     cfg = load_job_config(args)
-    try:
+    with user_errors():
         run(cfg, Path(args.output_dir), skip=tuple(args.skip))
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

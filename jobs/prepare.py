@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from jobs.cli import parse_job_args
+from jobs.cli import parse_job_args, user_errors
 from pipeline.config import Config
 from pipeline.prepare import run_prepare
 
@@ -25,11 +25,8 @@ def run(cfg: Config, run_dir) -> dict:
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and run."""
     cfg, run_dir = parse_job_args(__doc__.splitlines()[0], argv)
-    try:
+    with user_errors():
         run(cfg, run_dir)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

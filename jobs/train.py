@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from jobs.cli import job_parser, load_job_config
+from jobs.cli import job_parser, load_job_config, user_errors
 from pipeline.config import Config
 
 
@@ -44,11 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="Device for --no-ray (cpu, cuda).")
     args = parser.parse_args(argv)
     cfg = load_job_config(args)
-    try:
+    with user_errors():
         run(cfg, Path(args.output_dir), no_ray=args.no_ray, device=args.device)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -18,14 +18,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from pipeline.config_model import Aggregation, LossConfig, ModelConfig, TowerConfig, TowerType
+from pipeline.config_model import (
+    Aggregation,
+    LossConfig,
+    ModelConfig,
+    StrictModel,
+    TowerConfig,
+    TowerType,
+)
 from pipeline.config_run import IndexConfig, ServeConfig, TrainConfig
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
 
 
 class Pooling(str, enum.Enum):
@@ -52,7 +55,7 @@ class NullFill(str, enum.Enum):
     ZERO = "zero"
 
 
-class _FeatureBase(_Strict):
+class _FeatureBase(StrictModel):
     name: str = Field(description="Feature name: the model input key. Unique within a tower.")
     column: str | None = Field(
         default=None, description="Source column in the tower's table; defaults to `name`."
@@ -165,7 +168,7 @@ Feature = Annotated[
 ]
 
 
-class FeaturesConfig(_Strict):
+class FeaturesConfig(StrictModel):
     """The inputs of each tower."""
 
     user: list[Feature] = Field(description="User-tower features (from users + interactions).")
@@ -198,7 +201,7 @@ class FeaturesConfig(_Strict):
         return self
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     """Where the three Parquet inputs are and what their key columns are called."""
 
     root: str | None = Field(
@@ -221,7 +224,7 @@ class DataConfig(_Strict):
         return str(Path(self.root) / path)
 
 
-class PrepareConfig(_Strict):
+class PrepareConfig(StrictModel):
     """How the prepare job splits and writes."""
 
     min_user_interactions: int = Field(
@@ -231,7 +234,7 @@ class PrepareConfig(_Strict):
     rows_per_file: int = Field(default=1_000_000, ge=1000, description="Output file size.")
 
 
-class Config(_Strict):
+class Config(StrictModel):
     """A whole experiment config. Sections added by later packages live here too."""
 
     data: DataConfig

@@ -12,7 +12,9 @@ import enum
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Base of every config section: unknown keys are errors, values are frozen."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
 
 
@@ -74,7 +76,7 @@ class FusionMode(str, enum.Enum):
     GATING = "gating"
 
 
-class MLPConfig(_Strict):
+class MLPConfig(StrictModel):
     """The MLP body, also used as the head on top of the other bodies."""
 
     hidden: list[int] = Field(default_factory=lambda: [256], description="Hidden layer widths.")
@@ -85,7 +87,7 @@ class MLPConfig(_Strict):
     gradient_checkpointing: bool = Field(default=False, description="Recompute in backward.")
 
 
-class TransformerConfig(_Strict):
+class TransformerConfig(StrictModel):
     """Self-attention over the user's history sequence (user tower only)."""
 
     sequence: str | None = Field(
@@ -107,7 +109,7 @@ class TransformerConfig(_Strict):
         return self
 
 
-class CNNConfig(_Strict):
+class CNNConfig(StrictModel):
     """1-D convolutions over a sequence feature."""
 
     sequence: str | None = Field(
@@ -118,7 +120,7 @@ class CNNConfig(_Strict):
     pooling: SequencePooling = Field(default=SequencePooling.MAX, description="Pooling.")
 
 
-class FusionConfig(_Strict):
+class FusionConfig(StrictModel):
     """Sub-encoders over groups of features, combined by concat, attention or gating."""
 
     groups: dict[str, list[str]] = Field(
@@ -128,7 +130,7 @@ class FusionConfig(_Strict):
     mode: FusionMode = Field(default=FusionMode.GATING, description="How groups combine.")
 
 
-class TowerConfig(_Strict):
+class TowerConfig(StrictModel):
     """One tower: which features, how they are aggregated, which body."""
 
     type: TowerType = Field(default=TowerType.MLP, description="Body type.")
@@ -158,7 +160,7 @@ class TowerConfig(_Strict):
         return self
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     """The two-tower model: one tower class, two instances."""
 
     output_dim: int = Field(default=64, ge=1, description="Embedding width of both towers.")
@@ -200,7 +202,7 @@ class NegativeSampling(str, enum.Enum):
     POPULARITY = "popularity"
 
 
-class LossConfig(_Strict):
+class LossConfig(StrictModel):
     """The retrieval loss on the [B, N] score matrix (TFRS-style retrieval task)."""
 
     kind: LossKind = Field(default=LossKind.SOFTMAX, description="softmax or bce.")

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import enum
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+from pipeline.config_model import StrictModel
 
 
 class LRSchedule(str, enum.Enum):
@@ -35,7 +33,7 @@ class Placement(str, enum.Enum):
     STRICT_SPREAD = "STRICT_SPREAD"  # every worker on a different node
 
 
-class MLflowConfig(_Strict):
+class MLflowConfig(StrictModel):
     """Where metrics and parameters are logged besides the Ray dashboard."""
 
     enabled: bool = Field(default=True, description="Log to MLflow at all.")
@@ -45,7 +43,7 @@ class MLflowConfig(_Strict):
     experiment: str = Field(default="towerline", description="MLflow experiment name.")
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     """Ray Train scaling, optimisation, evaluation and checkpointing."""
 
     num_workers: int = Field(default=2, ge=0, description="Ray Train workers (0: in-process).")
@@ -86,7 +84,7 @@ class TrainConfig(_Strict):
         return self
 
 
-class IndexConfig(_Strict):
+class IndexConfig(StrictModel):
     """The FAISS index over the catalogue and the embedding batch job."""
 
     factory: str | None = Field(
@@ -103,7 +101,7 @@ class IndexConfig(_Strict):
     use_gpu: bool = Field(default=False, description="One GPU per inference actor.")
 
 
-class ServeConfig(_Strict):
+class ServeConfig(StrictModel):
     """The Ray Serve retrieval deployment."""
 
     host: str = Field(default="127.0.0.1", description="HTTP host Serve binds.")
