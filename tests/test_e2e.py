@@ -47,6 +47,14 @@ def wait_for(check, timeout: float, what: str, every: float = 1.0):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def answers(url: str) -> bool:
+    """True when ``url`` answers 200 (False while the server is not up yet)."""
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def cli(env, *args, timeout=300) -> subprocess.CompletedProcess:
     proc = subprocess.run([str(BIN / args[0]), *args[1:]], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -72,15 +80,8 @@ def ray_head(tmp_path):
         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
-
-    def healthy():
-        try:
-            return httpx.get(f"{url}/api/gcs_healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        wait_for(healthy, 90, "the dashboard")
+        wait_for(lambda: answers(f"{url}/api/gcs_healthz"), 90, "the dashboard")
         yield {"env": env, "dashboard": url, "serve_port": serve_port}
     finally:
         subprocess.run([str(BIN / "serve"), "shutdown", "-y", "--address", url], env=env,
@@ -122,15 +123,8 @@ def test_job_submit_pipeline_then_serve_deploy_and_query(ray_head, demo_data, tm
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(serve_cfg))
     cli(env, "serve", "deploy", "--address", url, str(tmp_path / "serve.yaml"))
     base = f"http://127.0.0.1:{ray_head['serve_port']}"
-
-    def healthy():
-        try:
-            return httpx.get(f"{base}/healthz", timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        wait_for(healthy, 180, "the Serve endpoint", every=2)
+        wait_for(lambda: answers(f"{base}/healthz"), 180, "the Serve endpoint", every=2)
     except AssertionError:
         status = subprocess.run([str(BIN / "serve"), "status", "--address", url], env=env,
                                 capture_output=True, text=True, timeout=60)
