@@ -14,9 +14,9 @@ Rollout: the run directory is the deployment's ``user_config`` (``{"run_dir": ..
 in with one assignment only when it loaded; a request keeps the retriever it was encoded
 with until it is answered, so a rollout fails no request and never mixes two versions
 in one answer. A run directory that does not load (missing files, an index built for
-another model) raises and leaves the old retriever in place. Under ``serve deploy`` Serve
-answers that raise by replacing the replica (which then fails the same way), so check a
-run with ``python -m serve_app.check RUN_DIR`` before pointing ``user_config`` at it.
+another model) leaves the old retriever serving and shows as ``rollout_error`` in
+``GET /version``; only the first load raises (the deployment refuses to start). Check a run
+with ``python -m serve_app.check RUN_DIR`` before pointing ``user_config`` at it.
 
     serve run serve_app.app:build_app run_dir=/abs/path/RUN_DIR [num_replicas=2 ...]
     serve deploy configs/serve.yaml
@@ -111,6 +111,7 @@ class RetrievalDeployment:
         faiss.omp_set_num_threads(threads)
         self._set_batching(self.config.max_batch_size, self.config.batch_wait_timeout_s)
         self._retriever: Retriever | None = None
+        self._rollout_error: str | None = None
 
     def _set_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
         for method in (self._recommend_batch, self._score_batch):
@@ -120,12 +121,26 @@ class RetrievalDeployment:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Load ``user_config["run_dir"]`` and swap it in; on any error keep the old one.
 
+        A rollout that does not load (missing files, an index built for another model) is
+        logged and reported by ``GET /version`` as ``rollout_error`` while the previous
+        run keeps serving: raising here would make Serve replace the replica with one that
+        fails the same way, and the application would stop answering.
+
         Raises:
-            ValueError / FileNotFoundError: the run directory does not load (the message
-                names the file or the manifest field); the previous retriever still serves.
+            ValueError / FileNotFoundError: the first run directory does not load (the
+                message names the file or the manifest field): nothing to fall back to.
         """
         reload = ReloadConfig.model_validate(user_config)
-        fresh = Retriever(reload.run_dir)  # before the swap: a failure changes nothing
+        try:
+            fresh = Retriever(reload.run_dir)  # before the swap: a failure changes nothing
+        except (ValueError, FileNotFoundError, OSError) as err:
+            if self._retriever is None:
+                raise
+            self._rollout_error = f"{reload.run_dir}: {err}"
+            logger.error("rollout to %s refused, still serving %s: %s", reload.run_dir,
+                         self._retriever.model_version, err)
+            return
+        self._rollout_error = None
         self._set_batching(reload.max_batch_size or self.config.max_batch_size,
                            reload.batch_wait_timeout_s if reload.batch_wait_timeout_s
                            is not None else self.config.batch_wait_timeout_s)
@@ -172,8 +187,8 @@ class RetrievalDeployment:
 
     @app.get("/version", response_model=VersionResponse)
     async def version(self) -> VersionResponse:
-        """Model version, feature-state hash, index summary and run directory."""
-        return self._current().info()
+        """Model version, feature-state hash, index summary, run directory, rollout error."""
+        return self._current().info().model_copy(update={"rollout_error": self._rollout_error})
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _recommend_batch(self, jobs: list[Job]) -> list[RecommendResponse]:

@@ -5,9 +5,9 @@
 Loads the :class:`~serve_app.retriever.Retriever` exactly as a replica's ``reconfigure``
 does (model, index behind its version guard, catalogue, users), answers one anonymous
 request and prints what ``GET /version`` would show; exit code 1 with the reason when the
-run does not load. Run it before changing ``user_config.run_dir``: when ``reconfigure``
-raises during ``serve deploy``, Serve replaces the replica and the new one fails the same
-way, so the application goes to DEPLOY_FAILED instead of keeping the old model.
+run does not load. Run it before changing ``user_config.run_dir``: running replicas refuse
+a run that does not load and keep the old one (``rollout_error`` in ``GET /version``), but
+a replica started later (a crash, a scale-up) loads the configured run and fails.
 """
 
 from __future__ import annotations

@@ -123,6 +123,9 @@ class VersionResponse(_Strict):
     feature_state_hash: str = Field(description="Hash of prepared/feature_state.json.")
     index: IndexSummary = Field(description="The index the model queries.")
     run_dir: str = Field(description="The run directory loaded.")
+    rollout_error: str | None = Field(
+        default=None, description="Why the last rollout was refused (the old run serves)."
+    )
 
 
 class ReloadConfig(_Strict):

@@ -328,11 +328,18 @@ def test_reconfigure_to_a_bad_run_keeps_the_old_one_serving(server, tampered_run
     from ray import serve
 
     before = server.get("/version").json()
+    assert before["rollout_error"] is None
     handle = serve.get_deployment_handle("Retrieval", app_name=APP)
-    with pytest.raises(Exception, match="model_version"):
-        handle.reconfigure.remote({"run_dir": str(tampered_run)}).result(timeout_s=60)
-    assert server.get("/version").json() == before
+    handle.reconfigure.remote({"run_dir": str(tampered_run)}).result(timeout_s=60)
+    after = server.get("/version").json()
+    assert str(tampered_run) in after["rollout_error"]
+    assert "model_version" in after["rollout_error"]
+    assert {k: v for k, v in after.items() if k != "rollout_error"} == {
+        k: v for k, v in before.items() if k != "rollout_error"}
     assert server.post("/recommend", json={"user_id": 1}).status_code == 200
+    # a good rollout afterwards clears the error
+    handle.reconfigure.remote({"run_dir": before["run_dir"]}).result(timeout_s=60)
+    assert server.get("/version").json()["rollout_error"] is None
 
 
 def deploy_config(run_dir: Path, port: int, user_config: dict | None = None):
