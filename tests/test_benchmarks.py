@@ -59,8 +59,8 @@ def test_train_throughput_tiny(tmp_path):
         assert_positive(figures, keys)
         assert figures["epochs"] == 2 and len(figures["epoch_seconds"]) == 2
         # samples/s is all workers' rows over the epochs' seconds, nothing else
-        assert figures["samples_per_s"] == pytest.approx(
-            figures["rows"] / figures["train_s"], rel=1e-3)
+        assert figures["samples_per_s"] == pytest.approx(  # train_s is rounded to 1 ms
+            figures["rows"] / figures["train_s"], rel=1e-2)
         assert figures["rows"] % (world * 256) == 0  # whole batches of 256 per worker
         assert figures["fit_s"] >= figures["train_s"] + figures["val_s"] - 1e-3
         assert figures["startup_s"] >= 0 and figures["wall_s"] > figures["fit_s"]

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,11 +65,14 @@ def _loss(user, items_global, ids_global, log_q_global, row_offset):
                           log_q_global)
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, out_dir: str) -> None:
+    import faulthandler
+
+    trace = open(os.path.join(out_dir, f"rank{rank}.trace"), "w")  # kept open until exit
+    faulthandler.enable(file=trace, all_threads=True)  # a native abort leaves its stack here
     torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=20))
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     batch, rows = _full_batch(), slice(rank * LOCAL, (rank + 1) * LOCAL)
     ids, log_q = gather_no_grad(IDS[rows]), gather_no_grad(batch["log_q"][rows])
     out = {"world": np.array(world_info()), "ids": ids.numpy(), "log_q": log_q.numpy()}
@@ -96,20 +100,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     (gathered * (rank + 1) * w).sum().backward()
     out.update(uneven=gathered.detach().numpy(), uneven_grad=t.grad.numpy())
     np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **out)
+    dist.barrier()  # neither rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list[dict[str, np.ndarray]]:
-    """Run the two-rank worker once, bounded by JOIN_TIMEOUT_S; load each rank's arrays."""
-    out_dir = tmp_path_factory.mktemp("ddp")
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD,
+def _run_ranks(out_dir: Path) -> None:
+    """Spawn the two ranks and wait, bounded by JOIN_TIMEOUT_S."""
+    ctx = mp.start_processes(_worker, args=(str(out_dir),), nprocs=WORLD,
                              join=False, start_method="spawn")
     deadline = time.monotonic() + JOIN_TIMEOUT_S
     try:
@@ -120,6 +117,26 @@ def ranks(tmp_path_factory) -> list[dict[str, np.ndarray]]:
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict[str, np.ndarray]]:
+    """Run the two-rank worker and load each rank's arrays.
+
+    gloo occasionally aborts a rank natively on this machine ("terminate called without an
+    active exception", about 1 run in 10 under pytest, never reproduced outside it); such
+    a run is tried once more, and a second abort fails with both ranks' native stacks.
+    """
+    for attempt in range(2):
+        out_dir = tmp_path_factory.mktemp("ddp")
+        try:
+            _run_ranks(out_dir)
+            break
+        except mp.ProcessExitedException as err:
+            if attempt == 1:
+                traces = "\n".join(p.read_text() for p in sorted(out_dir.glob("*.trace")))
+                raise AssertionError(f"{err}\n{traces}") from None
+            warnings.warn(f"gloo rank aborted, retrying once: {err}", stacklevel=1)
     return [dict(np.load(out_dir / f"rank{r}.npz", allow_pickle=False)) for r in range(WORLD)]
 
 
