@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 
+from pipeline.config_run import IndexConfig
 from pipeline.io import to_arrow_table
 from training.data import ITEM, USER, prefix, table_to_numpy, to_tensors, tower_inputs
 from training.evaluate import embed
 
 EMBEDDING = "embedding"
-KEY_COLUMNS = {ITEM: ("item_id", "items.parquet"), USER: ("user_id", "users.parquet")}
+TABLES = {ITEM: "items.parquet", USER: "users.parquet"}  # under prepared/
 
 
 class TowerEmbedder:
@@ -55,8 +57,36 @@ class TowerEmbedder:
                                EMBEDDING: emb.float().cpu().numpy()})
 
 
-def embed_table(run_dir: Path, tower: str, model_version: str, num_actors: int,
-                num_cpus: float, batch_size: int, use_gpu: bool = False) -> Path:
+def key_column(meta: dict[str, Any], tower: str) -> str:
+    """The raw key column of a tower's table, as the model's config names it."""
+    data = meta["config"]["data"]
+    return data["item_id"] if tower == ITEM else data["user_id"]
+
+
+def embed_towers(run_dir: Path, cfg: IndexConfig, meta: dict[str, Any],
+                 log: Callable[[str], None]) -> dict[str, Path]:
+    """Embed the catalogue and every known user with the model of ``meta``.
+
+    Returns:
+        ``{"item": folder, "user": folder}``, each ``.../model_version=V`` with ``_run.json``.
+    """
+    folders = {}
+    for tower in (ITEM, USER):
+        t0 = time.perf_counter()
+        folders[tower] = embed_table(run_dir, tower, key_column(meta, tower),
+                                     meta["model_version"], cfg)
+        write_run_info(folders[tower], {
+            "model_version": meta["model_version"],
+            "feature_state_hash": meta["feature_state_hash"],
+            "metrics": meta.get("metrics", {}), "config": meta["config"],
+            "created_unix": int(time.time())})
+        log(f"[build_index] embedded {tower}s with model {meta['model_version']} in "
+            f"{time.perf_counter() - t0:.1f}s -> {folders[tower]}")
+    return folders
+
+
+def embed_table(run_dir: Path, tower: str, key: str, model_version: str,
+                cfg: IndexConfig) -> Path:
     """Embed every row of ``prepared/items.parquet`` or ``users.parquet`` with Ray Data.
 
     Returns:
@@ -64,8 +94,8 @@ def embed_table(run_dir: Path, tower: str, model_version: str, num_actors: int,
     """
     import ray
 
-    key, file = KEY_COLUMNS[tower]
-    source = Path(run_dir) / "prepared" / file
+    num_actors, batch_size, use_gpu = cfg.num_actors, cfg.batch_size, cfg.use_gpu
+    source = Path(run_dir) / "prepared" / TABLES[tower]
     table = pads.dataset(str(source)).to_table()
     keep = [c for c in table.column_names if c.startswith(prefix(tower)) or c == key]
     table = table.select(keep).append_column("row", pa.array(np.arange(table.num_rows)))
@@ -75,7 +105,7 @@ def embed_table(run_dir: Path, tower: str, model_version: str, num_actors: int,
         TowerEmbedder, fn_constructor_kwargs={"run_dir": str(run_dir), "tower": tower,
                                               "device": "cuda" if use_gpu else "cpu"},
         compute=ray.data.ActorPoolStrategy(size=num_actors), batch_size=batch_size,
-        batch_format="numpy", num_cpus=num_cpus, num_gpus=1 if use_gpu else 0)
+        batch_format="numpy", num_cpus=cfg.num_cpus_per_actor, num_gpus=1 if use_gpu else 0)
     out = embeddings_dir(run_dir, tower, model_version)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -109,7 +139,6 @@ def read_embeddings(folder: Path, key: str) -> tuple[np.ndarray, np.ndarray, np.
 def local_embed(run_dir: Path, tower: str, encode: Callable, batch_size: int = 4096
                 ) -> np.ndarray:
     """Embed a prepared table in this process (small tables, tests): [N, D] float32."""
-    _, file = KEY_COLUMNS[tower]
-    table = pads.dataset(str(Path(run_dir) / "prepared" / file)).to_table()
+    table = pads.dataset(str(Path(run_dir) / "prepared" / TABLES[tower])).to_table()
     cols = table_to_numpy(table, [c for c in table.column_names if c.startswith(prefix(tower))])
     return embed(encode, cols, tower, "cpu", batch_size).numpy()

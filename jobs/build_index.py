@@ -13,11 +13,15 @@ section of the config. Outputs: ``RUN_DIR/embeddings/{items,users}/model_version
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
+from indexing.build import build_index
+from indexing.embed import embed_towers, key_column, read_embeddings
 from jobs.cli import parse_job_args, user_errors
 from pipeline.config import Config
+from pipeline.ray_setup import ensure_ray
+from training.checkpoint import read_meta
+from training.data import ITEM, USER
 
 
 def _log(message: str) -> None:
@@ -26,36 +30,13 @@ def _log(message: str) -> None:
 
 def run(cfg: Config, run_dir: Path) -> dict:
     """Embed both tables, then build and check the index; returns the index manifest."""
-    from indexing.build import build_index
-    from indexing.embed import embed_table, read_embeddings, write_run_info
-    from pipeline.ray_setup import ensure_ray
-    from training.checkpoint import read_meta
-    from training.data import ITEM, USER
-
     meta = read_meta(Path(run_dir) / "model")
-    version = meta["model_version"]
     ensure_ray()
-    folders = {}
-    for tower in (ITEM, USER):
-        t0 = time.perf_counter()
-        ix = cfg.index
-        folders[tower] = embed_table(run_dir, tower, version, ix.num_actors,
-                                     ix.num_cpus_per_actor, ix.batch_size, ix.use_gpu)
-        write_run_info(folders[tower], {
-            "model_version": version, "feature_state_hash": meta["feature_state_hash"],
-            "metrics": meta.get("metrics", {}), "config": meta["config"],
-            "created_unix": int(time.time())})
-        _log(f"[build_index] embedded {tower}s with model {version} in "
-             f"{time.perf_counter() - t0:.1f}s -> {folders[tower]}")
-    _, _, items = read_embeddings(folders[ITEM], _key(meta, ITEM))
-    _, _, users = read_embeddings(folders[USER], _key(meta, USER))
+    folders = embed_towers(run_dir, cfg.index, meta, log=_log)
+    items = read_embeddings(folders[ITEM], key_column(meta, ITEM))[2]
+    users = read_embeddings(folders[USER], key_column(meta, USER))[2]
     return build_index(cfg, run_dir, items, users, log=_log,
                        extra={"embeddings": {t: str(f) for t, f in folders.items()}})
-
-
-def _key(meta: dict, tower: str) -> str:
-    data = meta["config"]["data"]
-    return data["item_id"] if tower == "item" else data["user_id"]
 
 
 def main(argv: list[str] | None = None) -> None:
