@@ -16,11 +16,11 @@ import numpy as np
 import torch
 
 from indexing.build import load_index, recall_at_k
-from towers.metrics import DEFAULT_KS, metrics_from_ranks
+from towers.metrics import DEFAULT_KS, metrics_from_ranks, retrieval_metrics
 from towers.topk import TopK, build_topk
 from training.checkpoint import load_model
 from training.data import ITEM, USER, EvalSet, load_eval_set, read_catalogue
-from training.evaluate import embed, evaluate
+from training.evaluate import embed
 
 MISS = 1 << 30  # the rank of a target the index did not return
 
@@ -47,13 +47,18 @@ def index_metrics(index: TopK, user_emb: np.ndarray, eval_set: EvalSet,
         for name, masked in (("masked", True), ("unmasked", False))}
 
 
-def split_metrics(model: torch.nn.Module, index: TopK, run_dir: Path, split: str
-                  ) -> dict[str, Any]:
-    """``{"exact": {...}, "index": {...}, "unmasked": {"exact", "index"}}`` for one split."""
-    prepared = Path(run_dir) / "prepared"
-    eval_set = load_eval_set(prepared, split)
-    exact = evaluate(model, eval_set, read_catalogue(prepared))
-    user_emb = embed(model.encode_user, eval_set.user_inputs, USER, torch.device("cpu"))
+def split_metrics(user_emb: torch.Tensor, item_emb: torch.Tensor, index: TopK,
+                  eval_set: EvalSet) -> dict[str, Any]:
+    """``{"exact": {...}, "index": {...}, "unmasked": {"exact", "index"}}`` for one split.
+
+    Args:
+        user_emb: [U, D] embeddings of the split's users (row = eval_set row).
+        item_emb: [I, D] catalogue embeddings (row = item_index).
+        index: the index over the same catalogue.
+        eval_set: targets and histories of the split.
+    """
+    exact = retrieval_metrics(user_emb, item_emb, eval_set.targets, eval_set.history_offsets,
+                              eval_set.history_items)
     through = index_metrics(index, user_emb.numpy(), eval_set)
     return {"exact": exact["masked"], "index": through["masked"],
             "unmasked": {"exact": exact["unmasked"], "index": through["unmasked"]},
@@ -66,17 +71,19 @@ def evaluate_run(run_dir: Path) -> dict[str, Any]:
     model, meta, _, trained = load_model(run_dir)
     similarity = trained.model.similarity
     index, manifest = load_index(run_dir, meta, similarity, trained.model.output_dim)
-    out: dict[str, Any] = {split: split_metrics(model, index, run_dir, split)
-                           for split in ("test", "validation")}
-    prepared = Path(run_dir) / "prepared"
-    test = load_eval_set(prepared, "test")
-    cpu = torch.device("cpu")
-    users = embed(model.encode_user, test.user_inputs, USER, cpu).numpy()
-    items = embed(model.encode_item, read_catalogue(prepared), ITEM, cpu).numpy()
-    exact = build_topk(items, np.arange(len(items), dtype=np.int64), similarity, "exact", {})
+    prepared, cpu = Path(run_dir) / "prepared", torch.device("cpu")
+    items = embed(model.encode_item, read_catalogue(prepared), ITEM, cpu)  # once, [I, D]
+    out: dict[str, Any] = {}
+    users = {}
+    for split in ("test", "validation"):
+        eval_set = load_eval_set(prepared, split)
+        users[split] = embed(model.encode_user, eval_set.user_inputs, USER, cpu)
+        out[split] = split_metrics(users[split], items, index, eval_set)
+    exact = build_topk(items.numpy(), np.arange(len(items), dtype=np.int64), similarity,
+                       "exact", {})
     k = manifest["recall"]["k"]
-    out["index_recall"] = {f"recall@{k}": recall_at_k(index, exact, users, k),
-                           "users": len(users), "index_type": manifest["index_type"],
+    out["index_recall"] = {f"recall@{k}": recall_at_k(index, exact, users["test"].numpy(), k),
+                           "users": len(users["test"]), "index_type": manifest["index_type"],
                            "sampled_users_recall": manifest["recall"]["value"]}
     out["model_version"] = meta["model_version"]
     out["seconds"] = round(time.perf_counter() - t0, 2)
