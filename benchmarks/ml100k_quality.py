@@ -43,11 +43,11 @@ def make_data(work: Path, tiny: bool) -> tuple[Path, Path]:
     """Input tables and config for the run; returns (config, data root)."""
     data = work / "data"
     if tiny:
-        from pipeline.demo_data import generate_demo_data
+        from pipeline.sources.demo import generate_demo_data
 
         generate_demo_data(str(data), n_users=200, n_items=80, n_interactions=5000, seed=1)
         return ROOT / "configs" / "demo.yaml", data
-    from pipeline.movielens import convert_movielens
+    from pipeline.sources.movielens import convert_movielens
 
     if not ML100K.exists():
         raise SystemExit(f"MovieLens-100K not found at {ML100K}")

@@ -1,6 +1,6 @@
 """Prepare throughput: the Ray Data prepare job vs a single-process pyarrow/numpy run.
 
-Both sides run the same pure transforms (``pipeline.prepare_rows.build_rows`` and the
+Both sides run the same pure transforms (``pipeline.rows.build_rows`` and the
 fitting functions) on the same inputs; the baseline reads with ``pyarrow.dataset`` and
 writes with ``pyarrow.parquet`` in one process. Each side runs in its own subprocess, and
 its peak memory is the largest sum of RSS over that subprocess's whole process tree
@@ -33,12 +33,12 @@ def make_inputs(name: str, work: Path) -> tuple[Path, Path]:
     """Create the tables and config for one dataset; returns (config path, data root)."""
     data = work / name
     if name == "ml100k":
-        from pipeline.movielens import convert_movielens
+        from pipeline.sources.movielens import convert_movielens
 
         convert_movielens(str(ML100K), str(data))
         config = ROOT / "configs" / "ml100k.yaml"
     else:
-        from pipeline.demo_data import generate_demo_data
+        from pipeline.sources.demo import generate_demo_data
 
         users, items, rows = DEMO_SIZES[name]
         generate_demo_data(str(data), n_users=users, n_items=items, n_interactions=rows, seed=0)

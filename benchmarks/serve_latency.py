@@ -42,8 +42,8 @@ def build_run(work: Path, size: str) -> Path:
     """Generate demo tables and run prepare -> plain training -> build_index on them."""
     from jobs import build_index
     from pipeline.config import load_config
-    from pipeline.demo_data import generate_demo_data
     from pipeline.prepare import run_prepare
+    from pipeline.sources.demo import generate_demo_data
     from training.loop import run_plain
 
     users, items, rows = DEMO_SIZES[size]
@@ -152,7 +152,7 @@ def run(run_dir: Path, n: int) -> dict:
     """Start Ray (unless running) and Serve, measure both concurrencies, shut Serve down."""
     from ray import serve
 
-    from pipeline.ray_setup import ensure_ray
+    from jobs.ray_setup import ensure_ray
 
     ensure_ray()
     try:
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.run_dir:
             run_dir = Path(args.run_dir).resolve()
         else:
-            from pipeline.ray_setup import ensure_ray
+            from jobs.ray_setup import ensure_ray
 
             ensure_ray()
             run_dir = build_run(Path(tmp), size)

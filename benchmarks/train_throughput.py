@@ -60,11 +60,11 @@ def make_data(name: str, work: Path) -> Path:
     """Write the raw tables for one dataset under ``work``; returns the data root."""
     data = work / "data"
     if name == "ml100k":
-        from pipeline.movielens import convert_movielens
+        from pipeline.sources.movielens import convert_movielens
 
         convert_movielens(str(ML100K), str(data))
     else:
-        from pipeline.demo_data import generate_demo_data
+        from pipeline.sources.demo import generate_demo_data
 
         generate_demo_data(str(data), seed=0, **TINY_DATA)
     return data
@@ -108,7 +108,7 @@ def side_main(side: str, config: Path, overrides: list[str], prepared: Path,
     shutil.copytree(prepared / "prepared", run_dir / "prepared")
     ray_init_s = 0.0
     if workers:
-        from pipeline.ray_setup import ensure_ray
+        from jobs.ray_setup import ensure_ray
         from training.ray_train import fit
 
         t0 = time.perf_counter()

@@ -9,27 +9,27 @@ index against exact search on sampled users.
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.config import Config
-from pipeline.config_model import Similarity
-from towers.topk import TopK, build_topk, default_factory, load_topk
-from training.checkpoint import read_meta
+from indexing.topk import TopK, build_topk, default_factory, load_topk
+from pipeline.config.index import IndexConfig
+from pipeline.config.model import Similarity
+from pipeline.run_dir import (
+    MANIFEST,
+    IndexManifest,
+    ModelMeta,
+    RecallCheck,
+    RunDir,
+    atomic_dir,
+    read_index_manifest,
+    write_json,
+)
 
-MANIFEST = "manifest.json"
 Log = Callable[[str], None]
-
-
-def index_dir(run_dir: Path) -> Path:
-    """``RUN_DIR/index``."""
-    return Path(run_dir) / "index"
 
 
 def recall_at_k(index: TopK, exact: TopK, queries: np.ndarray, k: int) -> float:
@@ -48,76 +48,63 @@ def sample_rows(n: int, size: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
 
 
-def build_index(cfg: Config, run_dir: Path, item_emb: np.ndarray, user_emb: np.ndarray,
-                extra: dict[str, Any] | None = None, log: Log = print) -> dict[str, Any]:
+def build_index(cfg: IndexConfig, run: RunDir, meta: ModelMeta, item_emb: np.ndarray,
+                user_emb: np.ndarray, seed: int = 0, embeddings: dict[str, str] | None = None,
+                log: Log = print) -> IndexManifest:
     """Build, check and write the index over ``item_emb`` [I, D] (row = item_index).
 
-    ``user_emb`` [U, D] supplies the sampled queries of the recall check.
+    ``user_emb`` [U, D] supplies the sampled queries of the recall check; ``meta`` is the
+    model the embeddings came from (its similarity decides the metric).
     """
     t0 = time.perf_counter()
-    meta = read_meta(Path(run_dir) / "model")
-    similarity = Similarity(meta["config"]["model"]["similarity"])  # as trained
+    similarity = meta.config.model.similarity  # as trained
     n, dim = item_emb.shape
-    factory = cfg.index.factory or default_factory(n, dim)
+    factory = cfg.factory or default_factory(n, dim)
     rows = np.arange(n, dtype=np.int64)
-    index = build_topk(item_emb, rows, similarity, factory, dict(cfg.index.params))
+    index = build_topk(item_emb, rows, similarity, factory, dict(cfg.params))
     exact = build_topk(item_emb, rows, similarity, "exact", {})
-    queries = user_emb[sample_rows(len(user_emb), cfg.index.recall_users, cfg.train.seed)]
-    k = min(cfg.index.recall_k, n)
+    queries = user_emb[sample_rows(len(user_emb), cfg.recall_users, seed)]
+    k = min(cfg.recall_k, n)
     recall = recall_at_k(index, exact, queries, k)
     build_s = time.perf_counter() - t0
-    out, tmp = index_dir(run_dir), Path(run_dir) / ".index.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    index.save(tmp)
-    manifest = {
-        "model_version": meta["model_version"],
-        "feature_state_hash": meta["feature_state_hash"],
-        "similarity": similarity.value,
-        "metric": "inner_product",
-        "normalized": similarity is Similarity.COSINE,
-        "dim": int(dim), "item_count": int(n),
-        "index_type": factory, "params": dict(cfg.index.params),
-        "recall": {"k": k, "users": len(queries), "value": recall},
-        "ids": "catalogue rows (item_index) of prepared/items.parquet",
-        "build_seconds": round(build_s, 3),
-        **(extra or {}),
-    }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    manifest = IndexManifest(
+        model_version=meta.model_version, feature_state_hash=meta.feature_state_hash,
+        similarity=similarity, metric="inner_product", normalized=similarity.normalized,
+        dim=int(dim), item_count=int(n), index_type=factory, params=dict(cfg.params),
+        recall=RecallCheck(k=k, users=len(queries), value=recall),
+        ids="catalogue rows (item_index) of prepared/items.parquet",
+        build_seconds=round(build_s, 3), embeddings=dict(embeddings or {}))
+    with atomic_dir(run.index) as tmp:
+        index.save(tmp)
+        write_json(tmp / MANIFEST, manifest.model_dump(mode="json"))
     log(f"[index] {factory} over {n:,} items, dim {dim}: recall@{k} {recall:.4f} "
-        f"on {len(queries)} users ({build_s:.1f}s) -> {out}")
+        f"on {len(queries)} users ({build_s:.1f}s) -> {run.index}")
     return manifest
 
 
-def read_manifest(run_dir: Path) -> dict[str, Any]:
-    """``RUN_DIR/index/manifest.json``."""
-    path = index_dir(run_dir) / MANIFEST
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run `python -m jobs.build_index` first")
-    return json.loads(path.read_text())
-
-
-def check_manifest(manifest: dict[str, Any], model_meta: dict[str, Any],
-                   similarity: Similarity, dim: int) -> None:
+def check_manifest(manifest: IndexManifest, meta: ModelMeta) -> None:
     """Refuse an index built for another model.
 
     Raises:
         ValueError: naming the field that differs, the index's value and the model's.
     """
-    want = {"model_version": model_meta["model_version"],
-            "feature_state_hash": model_meta["feature_state_hash"],
-            "similarity": similarity.value, "dim": dim}
+    want = {"model_version": meta.model_version,
+            "feature_state_hash": meta.feature_state_hash,
+            "similarity": meta.config.model.similarity, "dim": meta.config.model.output_dim}
     for key, value in want.items():
-        if manifest.get(key) != value:
-            raise ValueError(f"index manifest {key}={manifest.get(key)!r} does not match the "
-                             f"model's {key}={value!r}: rebuild the index with jobs.build_index")
+        got = getattr(manifest, key)
+        if got != value:
+            raise ValueError(f"index manifest {key}={_plain(got)!r} does not match the "
+                             f"model's {key}={_plain(value)!r}: rebuild the index with "
+                             "jobs.build_index")
 
 
-def load_index(run_dir: Path, model_meta: dict[str, Any], similarity: Similarity, dim: int
-               ) -> tuple[TopK, dict[str, Any]]:
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, Similarity) else value
+
+
+def load_index(run: RunDir, meta: ModelMeta) -> tuple[TopK, IndexManifest]:
     """The index of a run directory, checked against the model that will query it."""
-    manifest = read_manifest(run_dir)
-    check_manifest(manifest, model_meta, similarity, dim)
-    return load_topk(index_dir(run_dir)), manifest
-
+    manifest = read_index_manifest(run)
+    check_manifest(manifest, meta)
+    return load_topk(run.index), manifest

@@ -7,22 +7,39 @@ Masked figures remove the user's history items, unmasked ones keep them.
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from indexing.batches import embed
 from indexing.build import load_index, recall_at_k
-from towers.metrics import DEFAULT_KS, metrics_from_ranks, retrieval_metrics
-from towers.topk import TopK, build_topk
-from training.checkpoint import load_model
-from training.data import ITEM, USER, EvalSet, load_eval_set, read_catalogue
-from training.evaluate import embed
+from indexing.eval_set import EvalSet, load_eval_set
+from indexing.metrics import DEFAULT_KS, metrics_from_ranks, retrieval_metrics
+from indexing.topk import TopK, build_topk
+from pipeline.columns import ITEM, USER
+from pipeline.run_dir import RunDir, read_catalogue, write_json
 
 MISS = 1 << 30  # the rank of a target the index did not return
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, eval_set: EvalSet, catalogue: Mapping[str, np.ndarray],
+             device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
+    """Exact masked and unmasked HR@10/50/100 and NDCG@10 of a model over the catalogue."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    try:
+        items = embed(model.encode_item, catalogue, ITEM, device)
+        users = embed(model.encode_user, eval_set.user_inputs, USER, device)
+    finally:
+        model.train(was_training)
+    return retrieval_metrics(users, items, eval_set.targets, eval_set.history_offsets,
+                             eval_set.history_items)
 
 
 def index_ranks(index: TopK, user_emb: np.ndarray, eval_set: EvalSet, k: int,
@@ -67,25 +84,28 @@ def split_metrics(user_emb: torch.Tensor, item_emb: torch.Tensor, index: TopK,
 
 def evaluate_run(run_dir: Path) -> dict[str, Any]:
     """All of ``metrics.json`` for a run directory with a model and an index."""
+    from towers.model import load_trained
+
     t0 = time.perf_counter()
-    model, meta, _, trained = load_model(run_dir)
-    similarity = trained.model.similarity
-    index, manifest = load_index(run_dir, meta, similarity, trained.model.output_dim)
-    prepared, cpu = Path(run_dir) / "prepared", torch.device("cpu")
-    items = embed(model.encode_item, read_catalogue(prepared), ITEM, cpu)  # once, [I, D]
+    run = RunDir(run_dir)
+    model, meta, _ = load_trained(run)
+    similarity = meta.config.model.similarity
+    index, manifest = load_index(run, meta)
+    cpu = torch.device("cpu")
+    items = embed(model.encode_item, read_catalogue(run), ITEM, cpu)  # once, [I, D]
     out: dict[str, Any] = {}
     users = {}
     for split in ("test", "validation"):
-        eval_set = load_eval_set(prepared, split)
+        eval_set = load_eval_set(run, split)
         users[split] = embed(model.encode_user, eval_set.user_inputs, USER, cpu)
         out[split] = split_metrics(users[split], items, index, eval_set)
     exact = build_topk(items.numpy(), np.arange(len(items), dtype=np.int64), similarity,
                        "exact", {})
-    k = manifest["recall"]["k"]
+    k = manifest.recall.k
     out["index_recall"] = {f"recall@{k}": recall_at_k(index, exact, users["test"].numpy(), k),
-                           "users": len(users["test"]), "index_type": manifest["index_type"],
-                           "sampled_users_recall": manifest["recall"]["value"]}
-    out["model_version"] = meta["model_version"]
+                           "users": len(users["test"]), "index_type": manifest.index_type,
+                           "sampled_users_recall": manifest.recall.value}
+    out["model_version"] = meta.model_version
     out["seconds"] = round(time.perf_counter() - t0, 2)
-    (Path(run_dir) / "metrics.json").write_text(json.dumps(out, indent=1, sort_keys=True))
+    write_json(run.metrics, out)
     return out

@@ -18,25 +18,26 @@ from pathlib import Path
 from indexing.build import build_index
 from indexing.embed import embed_towers, key_column, read_embeddings
 from jobs.cli import parse_job_args, user_errors
+from jobs.ray_setup import ensure_ray
+from pipeline.columns import ITEM, USER
 from pipeline.config import Config
-from pipeline.ray_setup import ensure_ray
-from training.checkpoint import read_meta
-from training.data import ITEM, USER
+from pipeline.run_dir import IndexManifest, RunDir, read_model_meta
 
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run(cfg: Config, run_dir: Path) -> dict:
+def run(cfg: Config, run_dir: Path) -> IndexManifest:
     """Embed both tables, then build and check the index; returns the index manifest."""
-    meta = read_meta(Path(run_dir) / "model")
+    run = RunDir(run_dir)
+    meta = read_model_meta(run.model)
     ensure_ray()
-    folders = embed_towers(run_dir, cfg.index, meta, log=_log)
+    folders = embed_towers(run, cfg.index, meta, log=_log)
     items = read_embeddings(folders[ITEM], key_column(meta, ITEM))[2]
     users = read_embeddings(folders[USER], key_column(meta, USER))[2]
-    return build_index(cfg, run_dir, items, users, log=_log,
-                       extra={"embeddings": {t: str(f) for t, f in folders.items()}})
+    return build_index(cfg.index, run, meta, items, users, seed=cfg.train.seed, log=_log,
+                       embeddings={t: str(f) for t, f in folders.items()})
 
 
 def main(argv: list[str] | None = None) -> None:

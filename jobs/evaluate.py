@@ -20,6 +20,7 @@ from pathlib import Path
 from indexing.evaluate import evaluate_run
 from jobs.cli import parse_job_args, user_errors
 from pipeline.config import Config
+from pipeline.run_dir import RunDir
 
 
 def run(cfg: Config, run_dir: Path) -> dict:
@@ -29,13 +30,13 @@ def run(cfg: Config, run_dir: Path) -> dict:
     recall = next(v for k, v in r.items() if k.startswith("recall@"))
     print(f"[evaluate] test (masked, exact): HR@10 {t['HR@10']:.4f} HR@50 {t['HR@50']:.4f} "
           f"HR@100 {t['HR@100']:.4f} NDCG@10 {t['NDCG@10']:.4f}; index ({r['index_type']}) "
-          f"recall {recall:.4f} -> {Path(run_dir) / 'metrics.json'}", file=sys.stderr)
+          f"recall {recall:.4f} -> {RunDir(run_dir).metrics}", file=sys.stderr)
     return out
 
 
 def read_metrics(run_dir: Path) -> dict:
     """``RUN_DIR/metrics.json`` as written by :func:`run`."""
-    path = Path(run_dir) / "metrics.json"
+    path = RunDir(run_dir).metrics
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run `python -m jobs.evaluate` first")
     return json.loads(path.read_text())

@@ -1,7 +1,7 @@
 """Make demo data: sizes and a seed -> the three synthetic Parquet tables configs/demo.yaml reads.
 
 Inputs: ``--users``, ``--items``, ``--interactions``, ``--seed``.
-Outputs: ``OUT/users/``, ``OUT/items/``, ``OUT/interactions/`` (see :mod:`pipeline.demo_data`
+Outputs: ``OUT/users/``, ``OUT/items/``, ``OUT/interactions/`` (see :mod:`pipeline.sources.demo`
 for the columns and the planted structure); progress is printed to stderr per chunk.
 
     python -m jobs.make_demo_data --out data/demo --users 5000 --items 2000 \
@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from jobs.cli import user_errors
-from pipeline.demo_data import generate_demo_data
+from pipeline.sources.demo import generate_demo_data
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

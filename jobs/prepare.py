@@ -13,13 +13,18 @@ from __future__ import annotations
 import sys
 
 from jobs.cli import parse_job_args, user_errors
+from jobs.ray_setup import ensure_ray
 from pipeline.config import Config
-from pipeline.prepare import run_prepare
+from pipeline.prepare import run_prepare, validate_inputs
+from pipeline.run_dir import PrepareManifest
 
 
-def run(cfg: Config, run_dir) -> dict:
-    """Run the prepare step; returns its manifest."""
-    return run_prepare(cfg, run_dir, log=lambda m: print(m, file=sys.stderr, flush=True))
+def run(cfg: Config, run_dir) -> PrepareManifest:
+    """Check the inputs (before Ray starts: a bad file fails fast), then prepare."""
+    files = validate_inputs(cfg)
+    ensure_ray()
+    return run_prepare(cfg, run_dir, files=files,
+                       log=lambda m: print(m, file=sys.stderr, flush=True))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from jobs.cli import job_parser, load_job_config, user_errors
+from jobs.ray_setup import ensure_ray
 from pipeline.config import Config
 
 
@@ -33,6 +34,7 @@ def run(cfg: Config, run_dir: Path, no_ray: bool = False, device: str = "cpu") -
         return run_plain(cfg, run_dir, log=_log, device=device)
     from training.ray_train import fit
 
+    ensure_ray()
     return fit(cfg, run_dir, log=_log)
 
 

@@ -140,3 +140,18 @@ def to_arrow_table(columns: dict[str, np.ndarray]) -> pa.Table:
         else:
             out[name] = pa.array(arr)
     return pa.table(out)
+
+
+def column_to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """An Arrow column as numpy; fixed-size lists become ``[N, L]`` arrays."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if pa.types.is_fixed_size_list(arr.type):
+        width = arr.type.list_size
+        flat = arr.flatten().to_numpy(zero_copy_only=False)
+        return flat.reshape(len(arr), width)
+    return arr.to_numpy(zero_copy_only=False)
+
+
+def table_to_numpy(table: pa.Table, columns: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Selected columns of a table as numpy arrays."""
+    return {c: column_to_numpy(table[c]) for c in (columns or table.column_names)}

@@ -17,8 +17,6 @@ no partial ``prepared/``.
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,46 +27,39 @@ import pyarrow.compute as pc
 
 from pipeline import config as C
 from pipeline import io, split, state, transforms
-from pipeline.prepare_rows import Interactions, build_context, write_splits, write_tables
+from pipeline.rows import Interactions, build_context, write_splits, write_tables
+from pipeline.run_dir import MANIFEST, PrepareManifest, RunDir, atomic_dir, write_json
 from pipeline.state import FeatureStateSet, TowerState
 
 Log = Callable[[str], None]
 
 
-def run_prepare(cfg: C.Config, run_dir: str | Path, log: Log = print) -> dict:
-    """Run the whole prepare step; returns the manifest it wrote."""
-    from pipeline.ray_setup import ensure_ray
+def run_prepare(cfg: C.Config, run_dir: str | Path, log: Log = print,
+                files: dict[str, io.TableFiles] | None = None) -> PrepareManifest:
+    """Run the whole prepare step on a running Ray; returns the manifest it wrote.
 
+    ``files`` are the inputs :func:`validate_inputs` already checked (checked here if None).
+    """
     t0 = time.perf_counter()
-    files = validate_inputs(cfg)
-    ensure_ray()
+    files = files or validate_inputs(cfg)
     users, items, raw = read_tables(files, cfg, log)
     inter = order_interactions(raw, items, cfg, log)
     fitted = fit_state(cfg, inter, users, items)
     log(f"[prepare] fitted feature state {fitted.content_hash()} "
         f"({time.perf_counter() - t0:.1f}s)")
-    out = Path(run_dir) / "prepared"
-    tmp = Path(run_dir) / ".prepared.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    ctx = build_context(cfg, fitted, inter, users, items)
-    counts = write_splits(ctx, inter, tmp, cfg, log)
-    n_users = write_tables(ctx, inter, users, items, fitted, tmp)
-    fitted.save(tmp / "feature_state.json")
-    manifest = {
-        "feature_state_hash": fitted.content_hash(),
-        "rows": counts,
-        "items": items.num_rows,
-        "users": n_users,
-        "interactions_read": raw.num_rows,
-        "inputs": {t.name: t.paths for t in files.values()},
-        "config": cfg.to_dict(),
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    log(f"[prepare] wrote {out} in {manifest['seconds']}s: {counts}")
+    run = RunDir(run_dir)
+    with atomic_dir(run.prepared) as tmp:
+        ctx = build_context(cfg, fitted, inter, users, items)
+        counts = write_splits(ctx, inter, tmp, cfg, log)
+        n_users = write_tables(ctx, inter, users, items, fitted, tmp)
+        fitted.save(tmp / run.feature_state.name)
+        manifest = PrepareManifest(
+            feature_state_hash=fitted.content_hash(), rows=counts, items=items.num_rows,
+            users=n_users, interactions_read=raw.num_rows,
+            inputs={t.name: t.paths for t in files.values()}, config=cfg,
+            seconds=round(time.perf_counter() - t0, 2))
+        write_json(tmp / MANIFEST, manifest.model_dump(mode="json"))
+    log(f"[prepare] wrote {run.prepared} in {manifest.seconds}s: {counts}")
     return manifest
 
 
@@ -139,10 +130,6 @@ def order_interactions(raw: pa.Table, items: pa.Table, cfg: C.Config, log: Log) 
     return Interactions(user_id=raw[d.user_id].take(o).combine_chunks(),
                         item_id=raw[d.item_id].take(o).combine_chunks(),
                         timestamp=ts[o], weight=weight, item_index=item_index[o], split=sp)
-
-
-def _id_feature(st: state.FeatureState, key: str) -> bool:
-    return st.type == "categorical" and st.source == key
 
 
 def fit_state(cfg: C.Config, inter: Interactions, users: pa.Table,

@@ -29,11 +29,6 @@ _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
 
 
-def column_name(tower: str, feature: str, suffix: str | None = None) -> str:
-    """Name of a transformed column in prepared Parquet, e.g. ``user__age__missing``."""
-    return f"{tower}__{feature}" + (f"__{suffix}" if suffix else "")
-
-
 def as_arrow(values: Any) -> pa.Array:
     """Accept a pyarrow array / chunked array, numpy array or Python list."""
     if isinstance(values, pa.ChunkedArray):

@@ -39,7 +39,8 @@ from pydantic import BaseModel
 from ray import serve
 from ray.serve import Application
 
-from pipeline.config_run import ServeConfig
+from pipeline.config.serve import ServeConfig
+from pipeline.run_dir import RunDir, read_model_meta
 from serve_app.retriever import Retriever
 from serve_app.schemas import (
     HealthResponse,
@@ -54,7 +55,6 @@ from serve_app.schemas import (
     VersionResponse,
     limit_errors,
 )
-from training.checkpoint import read_meta
 
 logger = logging.getLogger("ray.serve")
 DEPLOYMENT = "Retrieval"
@@ -216,7 +216,7 @@ def app_config(args: dict[str, Any]) -> tuple[Path, ServeConfig]:
     if unknown:
         raise ValueError(f"build_app args {unknown} are not accepted; accepted: run_dir, "
                          f"{', '.join(accepted)} (host / port go in http_options)")
-    saved = read_meta(run_dir / "model")["config"].get("serve", {})
+    saved = read_model_meta(RunDir(run_dir).model).config.serve.model_dump(mode="json")
     return run_dir, ServeConfig.model_validate({**saved, **args})
 
 

@@ -24,12 +24,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline.columns import ITEM, SEEN, USER, column_name, prefixed, tower_columns
+from pipeline.io import column_to_numpy
 from pipeline.state import FeatureState, FeatureStateSet
-from pipeline.transforms import column_name, encode_feature, encode_sequence, pad_bags
+from pipeline.transforms import encode_feature, encode_sequence, pad_bags
 from serve_app.schemas import FeatureValue, RawId, RequestError, UnknownItemError, UserQuery
-from training.data import USER, column_to_numpy, prefix
 
-SEEN = "seen_item_index"
 Columns = dict[str, np.ndarray]  # "user__NAME" -> [1, ...] (one request) or [B, ...]
 
 
@@ -131,7 +131,7 @@ class RequestEncoder:
         self.state = fitted.user
         self.user_map = IdMap(users[fitted.user_id])
         self.item_map = IdMap(catalogue[fitted.item_id])
-        cols = [c for c in users.column_names if c.startswith(prefix(USER))]
+        cols = tower_columns(users.column_names, USER)
         self.stored = {c: column_to_numpy(users[c]) for c in cols}  # [U, ...] each
         seen = users[SEEN].combine_chunks()
         self.seen_offsets = np.asarray(seen.offsets, dtype=np.int64)
@@ -139,7 +139,7 @@ class RequestEncoder:
         self.id_features = [n for n, s in self.state.features.items()
                             if s.type == "categorical" and s.source == fitted.user_id]
         self.sequences = {n: s for n, s in self.state.features.items() if s.type == "sequence"}
-        self.item_features = {f: column_to_numpy(catalogue[column_name("item", f)])
+        self.item_features = {f: column_to_numpy(catalogue[column_name(ITEM, f)])
                               for s in self.sequences.values() for f in s.item_features}
         self.sources = self._sources()
         self.absent = self._absent_row()
@@ -161,7 +161,7 @@ class RequestEncoder:
                 for f in st.item_features:
                     row[column_name(USER, name, f)] = np.zeros((1, st.max_length), np.int64)
             else:
-                row.update(_prefixed(encode_feature(null_array(st), st, name)))
+                row.update(prefixed(USER, encode_feature(null_array(st), st, name)))
         return row
 
     def user_row(self, user_id: RawId | None) -> int:
@@ -208,7 +208,7 @@ class RequestEncoder:
         for name in self.id_features:
             st = self.state.features[name]
             values = null_array(st) if user_id is None else _id_array([user_id])
-            out.update(_prefixed(encode_feature(values, st, name)))
+            out.update(prefixed(USER, encode_feature(values, st, name)))
         return out
 
     def _feature_columns(self, features: dict[str, FeatureValue]) -> Columns:
@@ -223,7 +223,7 @@ class RequestEncoder:
             for name in self.sources[source]:
                 st = self.state.features[name]
                 try:
-                    out.update(_prefixed(encode_feature(raw_array(value, st), st, name)))
+                    out.update(prefixed(USER, encode_feature(raw_array(value, st), st, name)))
                 except (ValueError, TypeError, pa.ArrowException) as err:
                     raise RequestError(("features", source), value, (
                         f"features.{source}={value!r} cannot be encoded as the {st.type} "
@@ -244,11 +244,6 @@ class RequestEncoder:
                 out[column_name(USER, name, f)] = pad_bags(values.astype(np.int64), offsets,
                                                            st.max_length, pre=True)
         return out
-
-
-def _prefixed(encoded: dict[str, np.ndarray]) -> Columns:
-    """``encode_feature`` output keyed as prepared columns (``user__NAME``)."""
-    return {f"{prefix(USER)}{k}": v for k, v in encoded.items()}
 
 
 def _id_array(ids: list[Any]) -> pa.Array:

@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
-import torch
 
+from indexing.batches import to_tensors
 from indexing.build import load_index
-from indexing.embed import embeddings_dir, local_embed, read_embeddings
-from pipeline.config_model import Similarity
+from indexing.embed import read_embeddings
+from indexing.topk import as_searched
+from pipeline.columns import ITEM, USER, tower_inputs
+from pipeline.run_dir import RunDir, load_fitted, read_model_meta, read_table
 from serve_app.encode import EncodedUser, RequestEncoder
 from serve_app.schemas import (
     IndexSummary,
@@ -40,9 +41,7 @@ from serve_app.schemas import (
     UserQuery,
     VersionResponse,
 )
-from towers.topk import l2_normalize
-from training.checkpoint import load_model
-from training.data import ITEM, USER, to_tensors, tower_inputs
+from towers.exported import ExportedTower
 
 
 @dataclass(frozen=True)
@@ -71,66 +70,68 @@ class SimilarQuery:
     k: int
 
 
-def item_embeddings(run_dir: Path, model: torch.nn.Module, model_version: str,
-                    key: str, count: int) -> np.ndarray:
-    """[I, D] item embeddings in catalogue order, from the batch job's Parquet if it matches.
+def item_embeddings(run: RunDir, model_version: str, key: str, count: int) -> np.ndarray:
+    """[I, D] item embeddings in catalogue order, written by the index build for this model.
 
-    Uses ``embeddings/items/model_version=V`` of the model being served when it holds one
-    row per catalogue item; otherwise embeds ``prepared/items.parquet`` with the item tower.
+    Raises:
+        FileNotFoundError: ``embeddings/items/model_version=V`` is missing.
+        ValueError: it does not hold one row per catalogue item.
     """
-    folder = embeddings_dir(run_dir, ITEM, model_version)
-    if folder.exists():
-        _, rows, emb = read_embeddings(folder, key)
-        if np.array_equal(rows, np.arange(count)):
-            return emb
-    return local_embed(run_dir, ITEM, model.encode_item)
+    folder = run.embeddings(ITEM, model_version)
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder} is missing: run `python -m jobs.build_index` for "
+                                f"model {model_version}")
+    _, rows, emb = read_embeddings(folder, key)
+    if not np.array_equal(rows, np.arange(count)):
+        raise ValueError(f"{folder} holds {len(rows)} rows, not one per catalogue item "
+                         f"({count}): rebuild the index with jobs.build_index")
+    return emb
 
 
 class Retriever:
     """Everything needed to answer requests for one trained run.
 
     Args:
-        run_dir: a run directory with ``model/``, ``index/`` and ``prepared/``.
+        run_dir: a run directory with ``model/`` (meta and the exported user tower),
+            ``index/``, ``embeddings/items/`` and ``prepared/``.
 
     Raises:
         FileNotFoundError: a part of the run directory is missing (names the file).
-        ValueError: the index, the feature state or the catalogue do not belong to the
-            model (names the field and both values).
+        ValueError: the index, the feature state, the exported tower or the catalogue do
+            not belong to the model (names the field and both values).
     """
 
     def __init__(self, run_dir: str | Path):
-        self.run_dir = Path(run_dir).resolve()
-        model, meta, fitted, cfg = load_model(self.run_dir)
-        self.model = model
-        self.model_version: str = meta["model_version"]
-        self.feature_state_hash: str = meta["feature_state_hash"]
-        self.similarity = cfg.model.similarity
-        self.index, self.manifest = load_index(self.run_dir, meta, self.similarity,
-                                               cfg.model.output_dim)
-        prepared = self.run_dir / "prepared"
-        catalogue = pq.read_table(prepared / "items.parquet")
-        if self.manifest["item_count"] != catalogue.num_rows:
-            raise ValueError(f"index manifest item_count={self.manifest['item_count']} but "
-                             f"{prepared / 'items.parquet'} has {catalogue.num_rows} rows: "
+        run = RunDir(Path(run_dir).resolve())
+        self.run_dir = run.root
+        meta = read_model_meta(run.model)
+        fitted = load_fitted(run, meta)
+        self.model_version: str = meta.model_version
+        self.feature_state_hash: str = meta.feature_state_hash
+        self.similarity = meta.config.model.similarity
+        self.user_tower = ExportedTower(run.exported_tower(USER))
+        exported_version = self.user_tower.spec.get("metadata", {}).get("model_version")
+        if exported_version != self.model_version:
+            raise ValueError(f"{self.user_tower.path} was exported from model "
+                             f"{exported_version}, but model/meta.json is {self.model_version}: "
+                             "re-run jobs.train")
+        self.index, self.manifest = load_index(run, meta)
+        catalogue = read_table(run, ITEM)
+        if self.manifest.item_count != catalogue.num_rows:
+            raise ValueError(f"index manifest item_count={self.manifest.item_count} but "
+                             f"{run.table(ITEM)} has {catalogue.num_rows} rows: "
                              "rebuild the index with jobs.build_index")
-        self.encoder = RequestEncoder(fitted, pq.read_table(prepared / "users.parquet"),
-                                      catalogue)
+        self.encoder = RequestEncoder(fitted, read_table(run, USER), catalogue)
         self.item_ids: list[RawId] = catalogue[fitted.item_id].to_pylist()  # row -> raw id
-        vectors = item_embeddings(self.run_dir, model, self.model_version, fitted.item_id,
-                                  catalogue.num_rows)
-        self.item_vectors = self._as_searched(vectors)  # [I, D]
-
-    def _as_searched(self, x: np.ndarray) -> np.ndarray:
-        """[N, D] vectors as the index compares them (unit norm for cosine)."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        return l2_normalize(x) if self.similarity is Similarity.COSINE else x
+        vectors = item_embeddings(run, self.model_version, fitted.item_id, catalogue.num_rows)
+        self.item_vectors = as_searched(vectors, self.similarity)  # [I, D]
 
     def info(self) -> VersionResponse:
         """What this retriever serves (``GET /version``)."""
         m = self.manifest
-        summary = IndexSummary(index_type=m["index_type"], similarity=m["similarity"],
-                               dim=m["dim"], item_count=m["item_count"], params=m["params"],
-                               recall=m["recall"])
+        summary = IndexSummary(index_type=m.index_type, similarity=m.similarity.value,
+                               dim=m.dim, item_count=m.item_count, params=m.params,
+                               recall=m.recall.model_dump())
         return VersionResponse(model_version=self.model_version,
                                feature_state_hash=self.feature_state_hash, index=summary,
                                run_dir=str(self.run_dir))
@@ -160,8 +161,7 @@ class Retriever:
     def embed_users(self, users: list[EncodedUser]) -> np.ndarray:
         """One user-tower forward over encoded users: [B, D] float32."""
         batch = {k: np.concatenate([u.columns[k] for u in users]) for k in users[0].columns}
-        with torch.no_grad():
-            emb = self.model.encode_user(tower_inputs(to_tensors(batch), USER))
+        emb = self.user_tower(tower_inputs(to_tensors(batch), USER))[self.user_tower.output_key]
         return emb.float().numpy()
 
     def recommend_encoded(self, queries: list[RecommendQuery]) -> list[RecommendResponse]:
@@ -185,7 +185,7 @@ class Retriever:
 
     def score_encoded(self, queries: list[ScoreQuery]) -> list[ScoreResponse]:
         """Each query's score for its items, as the index would score them."""
-        users = self._as_searched(self.embed_users([q.user for q in queries]))  # [B, D]
+        users = as_searched(self.embed_users([q.user for q in queries]), self.similarity)
         out = []
         for q, u in zip(queries, users, strict=True):
             scores = self.item_vectors[q.rows] @ u  # [N]

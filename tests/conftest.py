@@ -130,7 +130,7 @@ def demo_config(data_root: Path, *overrides: str):
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """Tiny generated demo tables (once per session)."""
-    from pipeline.demo_data import generate_demo_data
+    from pipeline.sources.demo import generate_demo_data
 
     root = tmp_path_factory.mktemp("demo") / "data"
     generate_demo_data(str(root), seed=3, **DEMO_SIZES)

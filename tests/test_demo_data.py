@@ -11,7 +11,7 @@ import pytest
 
 from pipeline import io
 from pipeline.config import load_config
-from pipeline.demo_data import (
+from pipeline.sources.demo import (
     EMBEDDING_DIM,
     MIN_PER_USER,
     _sample_rows,

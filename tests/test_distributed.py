@@ -23,9 +23,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from pipeline.config_model import LossConfig
-from towers.distributed import gather_no_grad, gather_with_grad, world_info
-from towers.losses import retrieval_loss
+from pipeline.config.loss import LossConfig
+from training.distributed import gather_no_grad, gather_with_grad, world_info
+from training.losses import retrieval_loss
 
 WORLD = 2
 LOCAL = 3  # rows per rank; the full batch is WORLD * LOCAL = 6

@@ -7,45 +7,45 @@ import json
 import numpy as np
 import pytest
 
-from indexing.build import check_manifest, read_manifest
-from indexing.embed import embeddings_dir, read_embeddings
+from indexing.build import check_manifest
+from indexing.embed import read_embeddings
 from indexing.evaluate import evaluate_run
-from training.checkpoint import load_model, read_meta
+from pipeline.run_dir import RunDir, read_index_manifest, read_model_meta
+from towers.model import load_trained
 
 
 def test_embeddings_are_partitioned_by_model_version(demo_trained):
-    meta = read_meta(demo_trained / "model")
-    folder = embeddings_dir(demo_trained, "item", meta["model_version"])
-    assert folder.name == f"model_version={meta['model_version']}"
+    meta = read_model_meta(demo_trained / "model")
+    folder = RunDir(demo_trained).embeddings("item", meta.model_version)
+    assert folder.name == f"model_version={meta.model_version}"
     info = json.loads((folder / "_run.json").read_text())
-    assert info["model_version"] == meta["model_version"]
-    assert info["feature_state_hash"] == meta["feature_state_hash"]
+    assert info["model_version"] == meta.model_version
+    assert info["feature_state_hash"] == meta.feature_state_hash
     keys, rows, emb = read_embeddings(folder, "item_id")
     assert rows.tolist() == list(range(len(rows)))  # every catalogue row, once
     # the batch job's vectors are the model's: recompute a few rows in-process
     from indexing.embed import local_embed
 
-    model, *_ = load_model(demo_trained)
-    np.testing.assert_allclose(local_embed(demo_trained, "item", model.encode_item), emb,
+    model, *_ = load_trained(RunDir(demo_trained))
+    np.testing.assert_allclose(local_embed(RunDir(demo_trained), "item", model.encode_item), emb,
                                atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)  # cosine
 
 
 def test_manifest_describes_the_index_and_guards_the_version(demo_trained):
-    manifest = read_manifest(demo_trained)
-    meta = read_meta(demo_trained / "model")
-    assert manifest["model_version"] == meta["model_version"]
-    assert (manifest["similarity"], manifest["metric"], manifest["normalized"]) == (
+    manifest = read_index_manifest(RunDir(demo_trained))
+    meta = read_model_meta(demo_trained / "model")
+    assert manifest.model_version == meta.model_version
+    assert (manifest.similarity.value, manifest.metric, manifest.normalized) == (
         "cosine", "inner_product", True)
-    assert manifest["index_type"] == "Flat" and manifest["dim"] == 16
-    assert manifest["recall"]["value"] == pytest.approx(1.0)  # Flat is exact
-    from pipeline.config_model import Similarity
+    assert manifest.index_type == "Flat" and manifest.dim == 16
+    assert manifest.recall.value == pytest.approx(1.0)  # Flat is exact
 
-    check_manifest(manifest, meta, Similarity.COSINE, 16)
+    check_manifest(manifest, meta)
     with pytest.raises(ValueError, match="model_version"):
-        check_manifest(dict(manifest, model_version="0" * 16), meta, Similarity.COSINE, 16)
+        check_manifest(manifest.model_copy(update={"model_version": "0" * 16}), meta)
     with pytest.raises(ValueError, match="dim=32"):
-        check_manifest(manifest, meta, Similarity.COSINE, 32)
+        check_manifest(manifest.model_copy(update={"dim": 32}), meta)
 
 
 def test_evaluate_through_a_flat_index_equals_exact(demo_trained, tmp_path):

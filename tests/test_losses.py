@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config_model import LossConfig
-from towers.losses import (
+from pipeline.config.loss import LossConfig
+from training.losses import (
     accidental_hit_mask,
     apply_temperature,
     hard_negative_mask,
@@ -21,7 +21,7 @@ from towers.losses import (
     retrieval_loss,
     softmax_cross_entropy,
 )
-from towers.negatives import NegativeSampler
+from training.negatives import NegativeSampler
 
 L1P = math.log1p(math.exp(-2.0))  # log(1 + e^-2) = 0.126928
 
@@ -229,7 +229,7 @@ def test_invalid_combinations_say_why():
         hard_negative_mask(torch.zeros(2, 2), torch.tensor([0, 1]), 0)
 
 
-# --- towers.negatives: the sampler and log-Q values ----------------------------------------
+# --- training.negatives: the sampler and log-Q values ----------------------------------------
 
 
 def test_sampler_log_q_hand_values():

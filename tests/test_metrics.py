@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from towers.metrics import metrics_from_ranks, retrieval_metrics, target_ranks
+from indexing.metrics import metrics_from_ranks, retrieval_metrics, target_ranks
 
 
 def test_hand_worked_ranks_ties_and_masking():

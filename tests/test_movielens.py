@@ -11,7 +11,7 @@ import pytest
 from jobs import convert_movielens as job
 from pipeline import io
 from pipeline.config import load_config
-from pipeline.movielens import (
+from pipeline.sources.movielens import (
     INTERACTIONS_SCHEMA,
     ITEMS_SCHEMA,
     USERS_SCHEMA,

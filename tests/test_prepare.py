@@ -37,7 +37,7 @@ def prepared(ray_session, tiny_data, tmp_path):
 def test_rows_histories_and_features(prepared):
     run_dir, manifest = prepared
     # u1: 11,12 train, 13 val, 10 test; u2: 10 train, 12 val, 14 test; u3: 11 / 11 / 13
-    assert manifest["rows"] == {"train": 4, "validation": 3, "test": 3}
+    assert manifest.rows == {"train": 4, "validation": 3, "test": 3}
     state = json.loads((run_dir / "prepared" / "feature_state.json").read_text())
     # item ids fitted on training interactions only: 11 x2, 10 x1, 12 x1 (13, 14 are targets)
     assert state["item"]["features"]["item_id"]["vocab"] == [11, 10, 12]

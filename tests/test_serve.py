@@ -48,12 +48,13 @@ def users(demo_trained):
 @pytest.fixture(scope="module")
 def batch_embeddings(demo_trained):
     """The batch job's user and item embeddings of the served model version."""
-    from indexing.embed import embeddings_dir, read_embeddings
-    from training.checkpoint import read_meta
+    from indexing.embed import read_embeddings
+    from pipeline.run_dir import RunDir, read_model_meta
 
-    version = read_meta(demo_trained / "model")["model_version"]
-    keys, _, user_emb = read_embeddings(embeddings_dir(demo_trained, "user", version), "user_id")
-    item_ids, _, item_emb = read_embeddings(embeddings_dir(demo_trained, "item", version),
+    version = read_model_meta(demo_trained / "model").model_version
+    run = RunDir(demo_trained)
+    keys, _, user_emb = read_embeddings(run.embeddings("user", version), "user_id")
+    item_ids, _, item_emb = read_embeddings(run.embeddings("item", version),
                                             "item_id")
     return {"users": dict(zip(keys.tolist(), user_emb, strict=True)),
             "item_ids": item_ids.tolist(), "items": item_emb}

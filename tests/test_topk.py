@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from towers.topk import (
+from indexing.topk import (
     ExactTopK,
     FaissTopK,
     build_topk,

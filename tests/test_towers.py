@@ -20,7 +20,7 @@ from tower_cases import (
     state_set,
 )
 
-from pipeline.config_model import Aggregation, TowerType
+from pipeline.config.model import Aggregation, TowerType
 from towers import bodies
 from towers.bodies import MLP, TowerBody
 from towers.features import Aggregator
@@ -95,10 +95,10 @@ def test_generated_models_shape_norm_and_gradients(case, batch, seed):
     i = model.encode_item(batch_for("item", fitted, batch, seed + 1))
     assert u.shape == i.shape == (batch, cfg.output_dim)
     assert torch.isfinite(u).all() and torch.isfinite(i).all()
-    if cfg.normalize:
+    if cfg.similarity.normalized:
         torch.testing.assert_close(u.norm(dim=1), torch.ones(batch))
         torch.testing.assert_close(i.norm(dim=1), torch.ones(batch))
-    logits = model.score(u, i) / model.temperature()  # [B, B]
+    logits = (u @ i.T) / model.temperature()  # [B, B]
     loss = F.cross_entropy(logits, torch.arange(batch)) + model.regularization_loss()
     loss.backward()
     for name, p in model.named_parameters():

@@ -8,8 +8,9 @@ import shutil
 import pytest
 import torch
 
+from pipeline.run_dir import RunDir
 from tests.conftest import demo_config
-from training import checkpoint as ckpt
+from towers.model import load_trained
 from training.loop import run_plain
 
 
@@ -28,13 +29,13 @@ def test_plain_training_learns_and_publishes_a_loadable_model(demo_prepared, dem
     losses = [h["train/loss"] for h in out["history"]]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.1
     # the published model is the best epoch, and reloads to the same embeddings
-    model, meta, fitted, _ = ckpt.load_model(run_dir)
-    assert meta["train_state"]["best_epoch"] == out["best_epoch"]
+    model, meta, fitted = load_trained(RunDir(run_dir))
+    assert meta.train_state["best_epoch"] == out["best_epoch"]
     best = out["history"][out["best_epoch"] - 1]["val/HR@50"]
     assert best == max(h["val/HR@50"] for h in out["history"])
     assert 0.0 <= best <= 1.0
-    assert meta["feature_state_hash"] == fitted.content_hash()
-    assert len(meta["model_version"]) >= 8
+    assert meta.feature_state_hash == fitted.content_hash()
+    assert len(meta.model_version) >= 8
     # the same per-epoch metrics went to MLflow (file store under RUN_DIR/mlruns)
     from mlflow.tracking import MlflowClient
 
@@ -86,10 +87,10 @@ def test_loss_matches_single_process_on_the_same_batch(demo_prepared, demo_data)
 
     cfg = demo_config(demo_data)
     s = setup(cfg, demo_prepared, torch.device("cpu"), world_size=1, rank=0)
-    from training.data import iterate_batches, model_columns, read_split, table_to_numpy, to_tensors
+    from indexing.batches import iterate_batches, to_tensors
+    from training.data import train_columns
 
-    table = read_split(demo_prepared / "prepared", "train")
-    batch = next(iterate_batches(table_to_numpy(table, model_columns(table.column_names)), 64))
+    batch = next(iterate_batches(train_columns(RunDir(demo_prepared)), 64))
     loss, parts = s.task.loss(s.module, to_tensors(batch))
     loss.backward()
     assert torch.isfinite(loss) and parts["loss"] > 0
@@ -99,7 +100,7 @@ def test_loss_matches_single_process_on_the_same_batch(demo_prepared, demo_data)
 
 @pytest.mark.parametrize("step,total,factor", [(0, 100, 0.2), (4, 100, 1.0), (100, 100, 0.05)])
 def test_lr_schedule_warmup_then_cosine(step, total, factor):
-    from pipeline.config_run import TrainConfig
+    from pipeline.config.train import TrainConfig
     from training.step import lr_factor
 
     cfg = TrainConfig(warmup_steps=5, schedule="cosine")

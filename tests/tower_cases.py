@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.config_model import ModelConfig, TowerConfig
+from pipeline.config.model import ModelConfig, TowerConfig
 from pipeline.state import FeatureState, FeatureStateSet, TowerState
 
 ITEM_ROWS = 12  # item-id vocabulary of 10 + pad + OOV

@@ -1,7 +1,7 @@
 """Tower bodies: embedded features in, one ``[B, H]`` vector out.
 
 A body is chosen per tower by ``TowerConfig.type`` through :data:`TOWER_BODIES`, the one
-map from :class:`~pipeline.config_model.TowerType` to a :class:`TowerBody` subclass. A
+map from :class:`~pipeline.config.model.TowerType` to a :class:`TowerBody` subclass. A
 custom body is a subclass taking ``(encoder, cfg)`` plus one entry in that map.
 
 Every body ends with an aggregation of per-feature vectors and the MLP of
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.config_model import (
+from pipeline.config.model import (
     Activation,
     Aggregation,
     CNNConfig,

@@ -21,19 +21,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import torch
 from torch import Tensor, nn
 
+from pipeline.columns import TOWERS, tower_columns, tower_inputs
+from pipeline.io import table_to_numpy
+from pipeline.run_dir import RunDir, read_table
+from towers.exported import FORMAT, ExportedTower, load_exported, sidecar_path
 from towers.features import Spec
-from towers.model import Tower
+from towers.model import Tower, load_trained
 
-TOWER_NAMES = ("user", "item")
-FORMAT = "torch.export"
+__all__ = ["ExportedTower", "export_tower", "export_trained", "load_exported", "sidecar_path"]
 
-
-def sidecar_path(path: str | Path) -> Path:
-    """The JSON written next to an exported program (same name, suffix ``.json``)."""
-    return Path(path).with_suffix(".json")
+TOWER_NAMES = TOWERS
 
 
 class EmbeddingOutput(nn.Module):
@@ -111,36 +113,26 @@ def export_tower(tower: Tower, name: str, example: dict[str, Tensor], path: str 
     sidecar_path(path).write_text(json.dumps(sidecar, indent=1), encoding="utf-8")
 
 
-class ExportedTower:
-    """A loaded tower program: ``tower(features) -> {"<name>_emb": [B, D]}``.
+def example_batch(run: RunDir, tower: str, rows: int = 4) -> dict[str, Tensor]:
+    """A few real encoded rows of ``prepared/{items,users}.parquet`` (at least 2) as tensors."""
+    table = read_table(run, tower)
+    table = table.slice(0, rows)
+    while table.num_rows < 2:  # a one-row table: repeat it (B >= 2 keeps the batch dynamic)
+        table = pa.concat_tables([table, table])
+    cols = table_to_numpy(table, tower_columns(table.column_names, tower))
+    inputs = tower_inputs(cols, tower)
+    return {k: torch.as_tensor(np.array(v, copy=True)) for k, v in inputs.items()}
 
-    Uses torch and the JSON sidecar only, none of the training code. Keys of ``features``
-    that the tower does not read are ignored, so one request batch can feed both towers.
+
+def export_trained(run: RunDir, model_dir: Path, towers: tuple[str, ...] = TOWERS) -> None:
+    """Export the towers of the weights in ``model_dir`` (trained on ``run``'s prepared data).
+
+    Writes ``model_dir/{tower}_tower.pt2`` and its sidecar for each tower in ``towers``.
     """
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        side = sidecar_path(self.path)
-        if not self.path.exists() or not side.exists():
-            raise ValueError(f"exported tower {self.path} needs both the program and {side}; "
-                             "write them with towers.export.export_tower")
-        self.spec: dict[str, Any] = json.loads(side.read_text(encoding="utf-8"))
-        if self.spec.get("format") != FORMAT:
-            raise ValueError(f"{side}: format {self.spec.get('format')!r} is not {FORMAT!r}")
-        self.output_key: str = self.spec["output"]
-        self.output_dim: int = self.spec["output_dim"]
-        self.program = torch.export.load(str(self.path)).module()
-
-    def __call__(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """The tower's inputs ([B, ...] each) -> ``{output_key: [B, D]}``."""
-        missing = [k for k in self.spec["inputs"] if k not in features]
-        if missing:
-            raise ValueError(f"{self.path}: inputs {missing} are missing; the tower reads "
-                             f"{list(self.spec['inputs'])}")
-        with torch.no_grad():
-            return self.program({k: features[k] for k in self.spec["inputs"]})
-
-
-def load_exported(path: str | Path) -> ExportedTower:
-    """Load a tower written by :func:`export_tower`."""
-    return ExportedTower(path)
+    model, meta, _ = load_trained(RunDir(run.root), model_dir=model_dir)
+    for name in towers:
+        tower = getattr(model, f"{name}_tower")
+        example = {k: v for k, v in example_batch(run, name).items() if k in tower.input_spec()}
+        export_tower(tower, name, example, Path(model_dir) / f"{name}_tower.pt2",
+                     metadata={"model_version": meta.model_version,
+                               "feature_state_hash": meta.feature_state_hash})

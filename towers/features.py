@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from pipeline.config_model import Aggregation, TowerConfig
+from pipeline.config.model import Aggregation, TowerConfig
 from pipeline.state import FeatureState, TowerState
 from pipeline.transforms import PAD
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.config_model import ModelConfig, TowerConfig
+from pipeline.config.model import ModelConfig, TowerConfig
+from pipeline.run_dir import MODEL_FILE, ModelMeta, RunDir, load_fitted, read_model_meta
 from pipeline.state import FeatureState, FeatureStateSet, TowerState
 from towers import bodies
 from towers.features import FeatureEncoder, Spec, selected_features
@@ -50,7 +52,7 @@ class Tower(nn.Module):
                              f"accepted: {[t.value for t in bodies.TOWER_BODIES]}")
         self.body = body(self.encoder, cfg)
         self.output = nn.Linear(self.body.output_dim(), model_cfg.output_dim)
-        self.normalize = model_cfg.normalize
+        self.normalize = model_cfg.similarity.normalized
 
     def output_dim(self) -> int:
         """Embedding width D."""
@@ -122,18 +124,6 @@ class TwoTowerModel(nn.Module):
     def regularization_loss(self) -> Tensor:
         """Sum of both towers' variational dropout penalties (scalar; 0 when off)."""
         return self.user_tower.regularization_loss() + self.item_tower.regularization_loss()
-
-    def score(self, user_emb: Tensor, item_emb: Tensor) -> Tensor:
-        """Dot products (cosine when the embeddings are normalised), not divided by T.
-
-        Args:
-            user_emb: [B, D].
-            item_emb: [N, D].
-
-        Returns:
-            [B, N].
-        """
-        return user_emb @ item_emb.T
 
 
 def _tie(flag: bool | None, name: str, state: FeatureState, table: nn.Embedding | None) -> bool:
@@ -210,3 +200,24 @@ def model_version(model: nn.Module) -> str:
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def load_trained(run: RunDir, device: str | torch.device = "cpu",
+                 model_dir: Path | None = None
+                 ) -> tuple[TwoTowerModel, ModelMeta, FeatureStateSet]:
+    """The published model of a run directory (``model/``), in eval mode, with its meta.
+
+    ``model_dir`` reads the weights from another folder (a checkpoint being published).
+
+    Raises:
+        FileNotFoundError: ``model/`` or the feature state is missing.
+        ValueError: the model was trained on another feature state than ``prepared/``.
+    """
+    model_dir = Path(model_dir or run.model)
+    meta = read_model_meta(model_dir)
+    fitted = load_fitted(run, meta)
+    model = build_two_tower(meta.config.model, fitted)
+    weights = torch.load(model_dir / MODEL_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(weights)
+    return model.to(device).eval(), meta, fitted
+

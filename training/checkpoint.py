@@ -2,26 +2,31 @@
 
 A checkpoint directory (what Ray Train persists) holds ``model.pt`` (the model's
 state_dict), ``optimizer.pt`` (optimizer and scheduler state_dicts) and ``meta.json``
-(epoch, step, metrics, early-stopping state, model version, feature-state hash and the
-resolved config). ``RUN_DIR/model/`` is the best checkpoint without the optimizer: what
+(:class:`pipeline.run_dir.ModelMeta`: epoch state, metrics, model version, feature-state
+hash and the resolved config). ``RUN_DIR/model/`` is the best checkpoint without the
+optimizer, plus each tower exported as a standalone program (``towers.export``): what
 ``build_index``, ``evaluate`` and the Serve app load.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from pipeline.config import Config, parse_config
-from pipeline.state import FeatureStateSet
-from towers.model import build_two_tower
-
-MODEL_FILE, OPTIM_FILE, META_FILE = "model.pt", "optimizer.pt", "meta.json"
+from pipeline.columns import TOWERS
+from pipeline.run_dir import (
+    META_FILE,
+    MODEL_FILE,
+    OPTIM_FILE,
+    ModelMeta,
+    RunDir,
+    atomic_dir,
+    read_model_meta,
+    write_json,
+)
 
 
 @dataclass
@@ -37,7 +42,7 @@ class TrainState:
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, opt, scheduler, state: TrainState,
-                    meta: dict[str, Any]) -> None:
+                    meta: ModelMeta) -> None:
     """Write a checkpoint directory (``opt`` None: a model-only directory)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -45,16 +50,8 @@ def save_checkpoint(path: Path, model: torch.nn.Module, opt, scheduler, state: T
     if opt is not None:
         torch.save({"optimizer": opt.state_dict(), "scheduler": scheduler.state_dict()},
                    path / OPTIM_FILE)
-    body = dict(meta, train_state=asdict(state))
-    (path / META_FILE).write_text(json.dumps(body, indent=1, sort_keys=True))
-
-
-def read_meta(path: Path) -> dict[str, Any]:
-    """The ``meta.json`` of a checkpoint or model directory."""
-    file = Path(path) / META_FILE
-    if not file.exists():
-        raise FileNotFoundError(f"{file} is missing: not a checkpoint or model directory")
-    return json.loads(file.read_text())
+    body = meta.model_copy(update={"train_state": asdict(state)})
+    write_json(path / META_FILE, body.model_dump(mode="json"))
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, opt=None, scheduler=None
@@ -66,36 +63,23 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt=None, scheduler=None
         saved = torch.load(path / OPTIM_FILE, map_location="cpu", weights_only=True)
         opt.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-    return TrainState(**read_meta(path)["train_state"])
+    return train_state(path)
 
 
-def publish_model(checkpoint_dir: Path, run_dir: Path) -> Path:
-    """Copy a checkpoint's weights and meta to ``RUN_DIR/model/`` (atomically replaced)."""
-    out, tmp = Path(run_dir) / "model", Path(run_dir) / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in (MODEL_FILE, META_FILE):
-        shutil.copy2(Path(checkpoint_dir) / name, tmp / name)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+def train_state(path: Path) -> TrainState:
+    """The loop state saved in a checkpoint directory's ``meta.json``."""
+    return TrainState(**read_model_meta(path).train_state)
 
 
-def load_model(run_dir: Path, device: str | torch.device = "cpu"
-               ) -> tuple[torch.nn.Module, dict[str, Any], FeatureStateSet, Config]:
-    """The trained model of a run directory, in eval mode, with its meta and state.
+def publish_model(checkpoint_dir: Path, run: RunDir) -> Path:
+    """Copy a checkpoint's weights and meta to ``RUN_DIR/model/`` with both towers exported.
 
-    Raises:
-        ValueError: the model was trained on another feature state than ``prepared/``.
+    The folder is replaced atomically: a server never sees weights without their programs.
     """
-    run_dir = Path(run_dir)
-    meta = read_meta(run_dir / "model")
-    cfg = parse_config(meta["config"], source=str(run_dir / "model" / META_FILE))
-    fitted = FeatureStateSet.load(run_dir / "prepared" / "feature_state.json")
-    if fitted.content_hash() != meta["feature_state_hash"]:
-        raise ValueError(f"{run_dir}/model was trained on feature state "
-                         f"{meta['feature_state_hash']}, but prepared/ holds "
-                         f"{fitted.content_hash()}: re-run jobs.train")
-    model = build_two_tower(cfg.model, fitted)
-    load_checkpoint(run_dir / "model", model)
-    return model.to(device).eval(), meta, fitted, cfg
+    from towers.export import export_trained
+
+    with atomic_dir(run.model) as tmp:
+        for name in (MODEL_FILE, META_FILE):
+            shutil.copy2(Path(checkpoint_dir) / name, tmp / name)
+        export_trained(RunDir(run.root), tmp, TOWERS)
+    return run.model

@@ -8,7 +8,6 @@ Ray at all (``python -m jobs.train --no-ray``), over the same step and the same 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,22 +18,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from indexing.batches import iterate_batches, to_tensors
+from indexing.eval_set import EvalSet, load_eval_set
+from indexing.evaluate import evaluate
+from pipeline.columns import ITEM_INDEX
 from pipeline.config import Config
+from pipeline.run_dir import ModelMeta, RunDir, read_catalogue, read_prepare_manifest
 from pipeline.state import FeatureStateSet
 from towers.model import build_two_tower, model_version
 from training import checkpoint as ckpt
-from training.data import (
-    EvalSet,
-    item_counts,
-    iterate_batches,
-    load_eval_set,
-    model_columns,
-    read_catalogue,
-    read_split,
-    table_to_numpy,
-    to_tensors,
-)
-from training.evaluate import evaluate, flat_metrics
+from training.data import item_counts, train_columns
 from training.step import make_optimizer, make_scheduler, train_epoch
 from training.task import RetrievalTask, TrainModule
 from training.tracking import Tracker
@@ -47,7 +40,7 @@ class Setup:
     """Everything one worker trains with."""
 
     cfg: Config
-    run_dir: Path
+    run: RunDir
     fitted: FeatureStateSet
     model: nn.Module  # the bare TwoTowerModel (what is saved)
     module: nn.Module  # what is stepped: TrainModule, DDP-wrapped under Ray
@@ -60,37 +53,25 @@ class Setup:
     steps_per_epoch: int
 
 
-def prepared_dir(run_dir: Path) -> Path:
-    """``RUN_DIR/prepared``, checked."""
-    path = Path(run_dir) / "prepared"
-    if not (path / "feature_state.json").exists():
-        raise FileNotFoundError(f"{path} has no feature_state.json: run jobs.prepare first")
-    return path
-
-
-def train_rows(run_dir: Path) -> int:
-    """Training rows, from the prepare manifest."""
-    manifest = json.loads((prepared_dir(run_dir) / "manifest.json").read_text())
-    return int(manifest["rows"]["train"])
-
-
 def setup(cfg: Config, run_dir: Path, device: torch.device, world_size: int, rank: int,
           wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> Setup:
     """Build model, task, optimiser and evaluation data for one worker."""
     torch.manual_seed(cfg.train.seed)
-    prepared = prepared_dir(run_dir)
-    fitted = FeatureStateSet.load(prepared / "feature_state.json")
+    run = RunDir(run_dir)
+    run.require_prepared()
+    fitted = FeatureStateSet.load(run.feature_state)
     model = build_two_tower(cfg.model, fitted).to(device)
     module = wrap(TrainModule(model))
-    catalogue = read_catalogue(prepared)
+    catalogue = read_catalogue(run)
     num_items = len(next(iter(catalogue.values())))
-    task = RetrievalTask(cfg.loss, item_counts(prepared, num_items),
+    task = RetrievalTask(cfg.loss, item_counts(run, num_items),
                          to_tensors(catalogue), seed=cfg.train.seed)
-    steps = max(1, train_rows(run_dir) // max(1, world_size) // cfg.train.batch_size)
+    train_rows = read_prepare_manifest(run).rows["train"]
+    steps = max(1, train_rows // max(1, world_size) // cfg.train.batch_size)
     opt = make_optimizer(module, cfg.train)
     scheduler = make_scheduler(opt, cfg.train, steps * cfg.train.epochs)
-    eval_set = load_eval_set(prepared, "validation") if rank == 0 else None
-    return Setup(cfg, Path(run_dir), fitted, model, module, task, opt, scheduler, device,
+    eval_set = load_eval_set(run, "validation") if rank == 0 else None
+    return Setup(cfg, run, fitted, model, module, task, opt, scheduler, device,
                  catalogue, eval_set, steps)
 
 
@@ -119,10 +100,17 @@ def finish_epoch(s: Setup, state: ckpt.TrainState, stats: dict[str, float]
     return metrics, is_best, stop
 
 
-def checkpoint_meta(s: Setup, metrics: dict[str, float]) -> dict[str, Any]:
+def checkpoint_meta(s: Setup, metrics: dict[str, float], is_best: bool = False) -> ModelMeta:
     """What every checkpoint carries besides the weights."""
-    return {"config": s.cfg.to_dict(), "feature_state_hash": s.fitted.content_hash(),
-            "model_version": model_version(s.model), "metrics": metrics}
+    return ModelMeta(config=s.cfg, feature_state_hash=s.fitted.content_hash(),
+                     model_version=model_version(s.model), metrics=metrics, is_best=is_best)
+
+
+def flat_metrics(metrics: dict[str, dict[str, float]], prefix: str) -> dict[str, float]:
+    """``{"masked": {"HR@10": x}}`` -> ``{"val/HR@10": x, "val/unmasked/HR@10": ...}``."""
+    out = {f"{prefix}/{k}": v for k, v in metrics["masked"].items()}
+    out.update({f"{prefix}/unmasked/{k}": v for k, v in metrics["unmasked"].items()})
+    return out
 
 
 def describe(metrics: dict[str, float]) -> str:
@@ -139,13 +127,12 @@ def run_plain(cfg: Config, run_dir: Path, log: Log = print,
     """
     device = torch.device(device)
     s = setup(cfg, run_dir, device, world_size=1, rank=0)
-    table = read_split(prepared_dir(run_dir), "train")
-    columns = table_to_numpy(table, model_columns(table.column_names))
-    state, best_dir = ckpt.TrainState(), Path(run_dir) / "plain" / "best"
+    columns = train_columns(s.run)
+    state, best_dir = ckpt.TrainState(), s.run.plain_best
     rng = np.random.default_rng(cfg.train.seed)
     tracker = Tracker(cfg, run_dir)
     while True:
-        order = rng.permutation(len(columns["item_index"]))
+        order = rng.permutation(len(columns[ITEM_INDEX]))
         batches = (to_tensors(b) for b in iterate_batches(
             columns, cfg.train.batch_size, order, drop_last=True))
         stats = train_epoch(s.module, s.task, batches, s.opt, s.scheduler, cfg.train, device)
@@ -157,6 +144,6 @@ def run_plain(cfg: Config, run_dir: Path, log: Log = print,
         if stop:
             break
     tracker.close()
-    ckpt.publish_model(best_dir, run_dir)
+    ckpt.publish_model(best_dir, s.run)
     return {"best_epoch": state.best_epoch, "best_metric": state.best_metric,
             "history": state.history}

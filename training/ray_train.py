@@ -22,9 +22,11 @@ from typing import Any
 
 import torch
 
+from pipeline.columns import model_columns
 from pipeline.config import Config, parse_config
+from pipeline.run_dir import RunDir
 from training import checkpoint as ckpt
-from training.loop import Log, checkpoint_meta, describe, finish_epoch, prepared_dir, setup
+from training.loop import Log, checkpoint_meta, describe, finish_epoch, setup
 from training.step import train_epoch
 from training.tracking import Tracker
 
@@ -35,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 def storage_path(cfg: Config, run_dir: Path) -> str:
     """Ray Train storage: the config's path or URI, else ``RUN_DIR/train`` (absolute)."""
-    return cfg.train.storage_path or str(Path(run_dir).resolve() / "train")
+    return cfg.train.storage_path or str(RunDir(run_dir).train_storage)
 
 
 def _maybe_fail(fault: dict | None, epoch: int, rank: int) -> None:
@@ -93,7 +95,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         tracker.log(metrics, step=state.epoch)
         logger.info("[train] epoch %d/%d %s", state.epoch, cfg.train.epochs, describe(metrics))
         with tempfile.TemporaryDirectory() as tmp:
-            meta = dict(checkpoint_meta(s, metrics), is_best=bool(is_best))
+            meta = checkpoint_meta(s, metrics, is_best=bool(is_best))
             ckpt.save_checkpoint(Path(tmp), s.model, s.opt, s.scheduler, state, meta)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     tracker.close()
@@ -106,12 +108,9 @@ def fit(cfg: Config, run_dir: Path, log: Log = print, fail_once: dict | None = N
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.ray_setup import ensure_ray
-    from training.data import model_columns
-
-    ensure_ray()
-    prepared = prepared_dir(run_dir)
-    ds = ray.data.read_parquet(str(prepared / "train"))
+    run = RunDir(run_dir)
+    run.require_prepared()
+    ds = ray.data.read_parquet(str(run.split("train")))
     ds = ds.select_columns(model_columns(ds.schema().names)).materialize()
     metric = f"val/{cfg.train.early_stopping_metric}"
     trainer = TorchTrainer(
@@ -135,15 +134,14 @@ def fit(cfg: Config, run_dir: Path, log: Log = print, fail_once: dict | None = N
     result = trainer.fit()
     best = _best_checkpoint(result, metric)
     with best.as_directory() as d:
-        meta = ckpt.read_meta(Path(d))
-        ckpt.publish_model(Path(d), run_dir)
-    log(f"[train] best epoch {meta['train_state']['best_epoch']}: {metric}="
-        f"{meta['train_state']['best_metric']:.4f}; model in {Path(run_dir) / 'model'}")
+        best_state = ckpt.train_state(Path(d))
+        ckpt.publish_model(Path(d), run)
+    log(f"[train] best epoch {best_state.best_epoch}: {metric}="
+        f"{best_state.best_metric:.4f}; model in {run.model}")
     with result.checkpoint.as_directory() as d:
-        latest = ckpt.read_meta(Path(d))["train_state"]
-    return {"best_epoch": meta["train_state"]["best_epoch"],
-            "best_metric": meta["train_state"]["best_metric"],
-            "history": latest["history"], "path": result.path}
+        latest = ckpt.train_state(Path(d))
+    return {"best_epoch": best_state.best_epoch, "best_metric": best_state.best_metric,
+            "history": latest.history, "path": result.path}
 
 
 def _best_checkpoint(result, metric: str):

@@ -15,7 +15,8 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from pipeline.config_run import LRSchedule, Precision, TrainConfig
+from pipeline.columns import ITEM_INDEX
+from pipeline.config.train import LRSchedule, Precision, TrainConfig
 from training.task import RetrievalTask
 
 
@@ -72,7 +73,7 @@ def train_epoch(module: nn.Module, task: RetrievalTask,
         opt.step()
         scheduler.step()
         total += parts["loss"]
-        rows += len(batch["item_index"])
+        rows += len(batch[ITEM_INDEX])
         steps += 1
     seconds = time.perf_counter() - start
     if steps == 0:

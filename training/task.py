@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config_model import LossConfig
-from towers.distributed import gather_no_grad, gather_with_grad, world_info
-from towers.losses import retrieval_loss
-from towers.negatives import NegativeSampler
-from training.data import ITEM, ITEM_INDEX, USER, tower_inputs
+from pipeline.columns import ITEM, ITEM_INDEX, USER, tower_inputs
+from pipeline.config.loss import LossConfig
+from training.distributed import gather_no_grad, gather_with_grad, world_info
+from training.losses import retrieval_loss
+from training.negatives import NegativeSampler
 
 
 class TrainModule(nn.Module):

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from pipeline.config import Config
+from pipeline.run_dir import RunDir
 
 _BAD = re.compile(r"[^0-9A-Za-z_\-./ ]")
 
@@ -47,10 +48,10 @@ class Tracker:
             # MLflow 3 keeps the file store in maintenance mode and refuses it unless asked;
             # it needs no server or database, which is what a default should need.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-            uri = (run_dir / "mlruns").as_uri()
+            uri = RunDir(run_dir).mlruns.resolve().as_uri()
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(cfg.train.mlflow.experiment)
-        id_file = run_dir / "mlflow_run_id"
+        id_file = RunDir(run_dir).mlflow_run_id
         run_id = id_file.read_text().strip() if id_file.exists() else None
         run = mlflow.start_run(run_id=run_id, run_name=run_dir.name)
         if run_id is None:

@@ -17,8 +17,19 @@ import pyarrow.parquet as pq
 
 from pipeline import config as C
 from pipeline import io, split
+from pipeline.columns import (
+    ITEM,
+    ITEM_INDEX,
+    ITEM_KEY,
+    SEEN,
+    TIMESTAMP,
+    USER,
+    USER_KEY,
+    WEIGHT,
+    column_name,
+)
 from pipeline.state import FeatureStateSet
-from pipeline.transforms import column_name, encode_feature, lookup, transform_tower
+from pipeline.transforms import encode_feature, lookup, transform_tower
 
 
 @dataclass
@@ -91,29 +102,29 @@ def sequence_columns(ctx: RowContext, windows: dict[str, np.ndarray]) -> dict[st
         win = windows[name]
         valid = win >= 0
         safe = np.where(valid, win, 0)
-        out[column_name("user", name)] = np.where(valid, ctx.seq_ids[name][safe], 0)
+        out[column_name(USER, name)] = np.where(valid, ctx.seq_ids[name][safe], 0)
         for f in item_features:
             vals = ctx.item_feats[f][ctx.item_index[safe]]
-            out[column_name("user", name, f)] = np.where(valid, vals, 0)
+            out[column_name(USER, name, f)] = np.where(valid, vals, 0)
     return out
 
 
 def build_rows(positions: np.ndarray, ctx: RowContext) -> dict[str, np.ndarray]:
     """Assemble encoded rows for sorted positions ``[B]`` (pure; Ray Data's batch fn)."""
     p = positions
-    out = {"user_id": ctx.user_id[p], "item_id": ctx.item_id[p], "timestamp": ctx.timestamp[p],
-           "weight": ctx.weight[p], "item_index": ctx.item_index[p]}
+    out = {USER_KEY: ctx.user_id[p], ITEM_KEY: ctx.item_id[p], TIMESTAMP: ctx.timestamp[p],
+           WEIGHT: ctx.weight[p], ITEM_INDEX: ctx.item_index[p]}
     for name, arr in ctx.user_id_feats.items():
-        out[column_name("user", name)] = arr[p]
+        out[column_name(USER, name)] = arr[p]
     urow = ctx.user_row[p]
     for name, arr in ctx.user_feats.items():
-        out[column_name("user", name)] = arr[urow]
+        out[column_name(USER, name)] = arr[urow]
     windows = {n: split.history_windows(p, ctx.group_start, L)
                for n, (L, _) in ctx.seq_specs.items()}
     out.update(sequence_columns(ctx, windows))
     irow = ctx.item_index[p]
     for name, arr in ctx.item_feats.items():
-        out[column_name("item", name)] = arr[irow]
+        out[column_name(ITEM, name)] = arr[irow]
     return out
 
 
@@ -153,7 +164,7 @@ def write_tables(ctx: RowContext, inter: Interactions, users: pa.Table, items: p
                  fitted: FeatureStateSet, out: Path) -> int:
     """Write the encoded catalogue and the per-user serving table; returns the user count."""
     cat = {fitted.item_id: items[fitted.item_id].to_numpy(zero_copy_only=False)}
-    cat.update({column_name("item", n): a for n, a in ctx.item_feats.items()})
+    cat.update({column_name(ITEM, n): a for n, a in ctx.item_feats.items()})
     pq.write_table(io.to_arrow_table(cat), out / "items.parquet")
     table = user_table(ctx, inter, users, fitted)
     pq.write_table(table, out / "users.parquet")
@@ -175,10 +186,10 @@ def user_table(ctx: RowContext, inter: Interactions, users: pa.Table,
     out = {fitted.user_id: ids.to_numpy(zero_copy_only=False)}
     for name, st in fitted.user.features.items():
         if st.type == "categorical" and st.source == fitted.user_id:
-            out.update({column_name("user", k): v
+            out.update({column_name(USER, k): v
                         for k, v in encode_feature(ids, st, name).items()})
     row = pa.compute.index_in(ids, value_set=table_ids).fill_null(len(table_ids)).to_numpy()
-    out.update({column_name("user", n): a[row] for n, a in ctx.user_feats.items()})
+    out.update({column_name(USER, n): a[row] for n, a in ctx.user_feats.items()})
     end = np.where(group >= 0, ends[np.maximum(group, 0)], 0)
     start = np.where(group >= 0, starts[np.maximum(group, 0)], 0)
     windows = {}
@@ -189,5 +200,5 @@ def user_table(ctx: RowContext, inter: Interactions, users: pa.Table,
     seen_offsets = np.r_[0, np.cumsum(end - start)].astype(np.int32)
     seen = np.concatenate([ctx.item_index[s:e] for s, e in zip(start, end, strict=True)] or [[]])
     table = io.to_arrow_table(out)
-    return table.append_column("seen_item_index", pa.ListArray.from_arrays(
+    return table.append_column(SEEN, pa.ListArray.from_arrays(
         pa.array(seen_offsets), pa.array(seen, pa.int64())))

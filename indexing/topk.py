@@ -27,7 +27,7 @@ import faiss
 import numpy as np
 import torch
 
-from pipeline.config_model import Similarity
+from pipeline.config.model import Similarity
 
 TOPK_JSON = "topk.json"
 IDS_FILE = "ids.npy"
@@ -64,10 +64,11 @@ def _as_float32(x: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
     return x
 
 
-def _prepare(x: np.ndarray | torch.Tensor, similarity: Similarity, name: str) -> np.ndarray:
+def as_searched(x: np.ndarray | torch.Tensor, similarity: Similarity,
+                name: str = "vectors") -> np.ndarray:
     """Float32 [N, D] vectors as the index sees them: normalised for cosine."""
     x = _as_float32(x, name)
-    return l2_normalize(x) if similarity is Similarity.COSINE else x
+    return l2_normalize(x) if similarity.normalized else x
 
 
 def _check_ids(ids: np.ndarray | torch.Tensor, count: int) -> np.ndarray:
@@ -157,7 +158,7 @@ class TopK:
             ``(scores [Q, k] float32, ids [Q, k] int64)``, best first, padded with
             ``-inf`` / ``-1``.
         """
-        q = _prepare(queries, self.similarity, "queries")
+        q = as_searched(queries, self.similarity, "queries")
         if q.shape[1] != self.dim:
             raise ValueError(f"queries have dim {q.shape[1]}; the index holds dim {self.dim}")
         if k < 1:
@@ -197,7 +198,7 @@ class ExactTopK(TopK):
 
     def __init__(self, embeddings, ids, similarity: Similarity | str):
         similarity = Similarity(similarity)
-        vectors = _prepare(embeddings, similarity, "embeddings")
+        vectors = as_searched(embeddings, similarity, "embeddings")
         super().__init__(_check_ids(ids, len(vectors)), similarity, vectors.shape[1])
         self.vectors = torch.from_numpy(vectors)  # [N, D], as searched
 
@@ -277,7 +278,7 @@ class FaissTopK(TopK):
     def __init__(self, embeddings, ids, similarity: Similarity | str, factory: str,
                  params: dict | None = None):
         similarity = Similarity(similarity)
-        vectors = _prepare(embeddings, similarity, "embeddings")
+        vectors = as_searched(embeddings, similarity, "embeddings")
         super().__init__(_check_ids(ids, len(vectors)), similarity, vectors.shape[1])
         self.factory, self.params = factory, dict(params or {})
         self.index = _new_index(factory, self.dim)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.config_model import LossConfig, NegativeSampling
+from pipeline.config.loss import LossConfig, NegativeSampling
 
 
 def smoothed_counts(item_counts: np.ndarray) -> np.ndarray:

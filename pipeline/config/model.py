@@ -1,7 +1,5 @@
-"""The ``model`` and ``loss`` sections of the experiment config.
+"""The ``model`` section: the two towers, their bodies and the similarity.
 
-They live in ``pipeline`` (the contracts layer) so that one :class:`pipeline.config.Config`
-validates the whole file; ``towers`` reads them, ``pipeline`` never imports ``towers``.
 Sizes of inputs are never given here: embedding tables come from the fitted feature state.
 """
 
@@ -9,13 +7,9 @@ from __future__ import annotations
 
 import enum
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-
-class StrictModel(BaseModel):
-    """Base of every config section: unknown keys are errors, values are frozen."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+from pipeline.config.base import StrictModel
 
 
 class Similarity(str, enum.Enum):
@@ -23,6 +17,11 @@ class Similarity(str, enum.Enum):
 
     DOT = "dot"
     COSINE = "cosine"
+
+    @property
+    def normalized(self) -> bool:
+        """Cosine is a dot product of L2-normalised vectors: the one home of that rule."""
+        return self is Similarity.COSINE
 
 
 class TowerType(str, enum.Enum):
@@ -180,62 +179,4 @@ class ModelConfig(StrictModel):
         if self.temperature <= 0:
             raise ValueError(f"temperature {self.temperature} must be > 0 when similarity is "
                              f"{self.similarity.value}")
-        return self
-
-    @property
-    def normalize(self) -> bool:
-        """Cosine similarity is a dot product of L2-normalised embeddings."""
-        return self.similarity is Similarity.COSINE
-
-
-class LossKind(str, enum.Enum):
-    """Retrieval loss family."""
-
-    SOFTMAX = "softmax"  # in-batch (+ shared negatives) sampled softmax
-    BCE = "bce"  # pointwise: positives vs every negative in the candidate set
-
-
-class NegativeSampling(str, enum.Enum):
-    """Distribution of the extra negatives shared across a batch."""
-
-    UNIFORM = "uniform"
-    POPULARITY = "popularity"
-
-
-class LossConfig(StrictModel):
-    """The retrieval loss on the [B, N] score matrix (TFRS-style retrieval task)."""
-
-    kind: LossKind = Field(default=LossKind.SOFTMAX, description="softmax or bce.")
-    logq_correction: bool = Field(
-        default=True, description="Subtract log of each candidate's sampling probability."
-    )
-    mask_accidental_hits: bool = Field(
-        default=True, description="A candidate equal to the row's positive is not a negative."
-    )
-    extra_negatives: int = Field(
-        default=0, ge=0, description="Negatives sampled per batch and shared by every row."
-    )
-    negative_sampling: NegativeSampling = Field(default=NegativeSampling.UNIFORM)
-    popularity_alpha: float = Field(
-        default=0.75, ge=0.0, le=1.0, description="Popularity sampling p ~ count^alpha."
-    )
-    hard_negatives: int = Field(
-        default=0, ge=0, description="Keep only the N highest-scoring negatives per row (0: all)."
-    )
-    impressions_column: str | None = Field(
-        default=None, description="Interaction list column of shown-not-clicked item ids."
-    )
-    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0, description="Softmax only.")
-    variational_dropout_weight: float = Field(
-        default=1e-4, ge=0.0, description="Weight of the variational dropout penalty."
-    )
-
-    @model_validator(mode="after")
-    def _combinations(self) -> LossConfig:
-        if self.kind is LossKind.BCE and self.label_smoothing:
-            raise ValueError(f"label_smoothing={self.label_smoothing} applies to kind=softmax, "
-                             "not kind=bce")
-        if self.kind is LossKind.BCE and self.logq_correction:
-            raise ValueError("logq_correction=true corrects a sampled softmax; set it false "
-                             "with kind=bce")
         return self

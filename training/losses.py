@@ -16,7 +16,7 @@ row whose every negative is masked still has a finite softmax) through ``torch.w
 its gradient is exactly zero. Masks are boolean ``[B, N]`` tensors, True = column dropped.
 
 Under DDP the caller passes the globally gathered candidates and the global column of each
-row's positive (``towers.distributed``); nothing here knows about ranks.
+row's positive (``training.distributed``); nothing here knows about ranks.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.config_model import LossConfig, LossKind
+from pipeline.config.loss import LossConfig, LossKind
 
 
 def mask_value(dtype: torch.dtype) -> float:

@@ -1,0 +1,174 @@
+"""Typed experiment config: one YAML file per experiment, validated at the edge.
+
+The file has a ``data`` section (where the three Parquet tables are and which columns
+are the keys), a ``features`` section (one typed entry per tower input) and a ``prepare``
+section (how the split and the fitted state are produced). Later sections (model, train,
+index, serve) are added by the packages that own them. Every model forbids unknown keys,
+so a typo is an error that names the key.
+
+Overrides use dotted paths, e.g. ``--set data.root=/data/ml100k``, ``--set
+features.user.0.min_count=5``, and are applied to the raw mapping before validation.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from pipeline.config.base import StrictModel
+from pipeline.config.data import DataConfig, PrepareConfig
+from pipeline.config.features import (
+    CategoricalFeature,
+    DenseVectorFeature,
+    Feature,
+    FeaturesConfig,
+    MultiHotFeature,
+    NullFill,
+    NumericFeature,
+    NumericTransform,
+    Pooling,
+    SequenceFeature,
+    TextFeature,
+)
+from pipeline.config.index import IndexConfig
+from pipeline.config.loss import LossConfig
+from pipeline.config.model import Aggregation, ModelConfig, TowerConfig, TowerType
+from pipeline.config.serve import ServeConfig
+from pipeline.config.train import TrainConfig
+
+__all__ = [
+    "CategoricalFeature", "Config", "DataConfig", "DenseVectorFeature", "Feature",
+    "FeaturesConfig", "IndexConfig", "LossConfig", "ModelConfig", "MultiHotFeature",
+    "NullFill", "NumericFeature", "NumericTransform", "Pooling", "PrepareConfig",
+    "SequenceFeature", "ServeConfig", "StrictModel", "TextFeature", "TowerConfig",
+    "TrainConfig", "apply_overrides", "load_config", "parse_config",
+]
+
+
+class Config(StrictModel):
+    """A whole experiment config. Sections added by later packages live here too."""
+
+    data: DataConfig
+    features: FeaturesConfig
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @model_validator(mode="after")
+    def _model_matches_features(self) -> Config:
+        for tower in ("user", "item"):
+            _check_tower(tower, getattr(self.model, tower), getattr(self.features, tower),
+                         self.data.user_id if tower == "user" else self.data.item_id)
+        item_id = [f for f in self.features.item
+                   if isinstance(f, CategoricalFeature) and f.source == self.data.item_id]
+        if self.model.tie_sequence_embedding is True and item_id:
+            for f in self.features.user:
+                if isinstance(f, SequenceFeature) and f.embedding_dim != item_id[0].embedding_dim:
+                    raise ValueError(
+                        f"model.tie_sequence_embedding=true needs features.user {f.name!r} "
+                        f"embedding_dim={f.embedding_dim} to equal features.item "
+                        f"{item_id[0].name!r} embedding_dim={item_id[0].embedding_dim}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able mapping (enums as values), for artifacts."""
+        return self.model_dump(mode="json")
+
+
+def _check_tower(tower: str, tc: TowerConfig, feats: list, key: str) -> None:
+    """Cross-check one tower's model section against its features."""
+    names = [f.name for f in feats]
+    used = tc.features if tc.features is not None else names
+    unknown = [n for n in used if n not in names]
+    if unknown:
+        raise ValueError(f"model.{tower}.features {unknown} are not in features.{tower}; "
+                         f"accepted: {names}")
+    seqs = [f.name for f in feats if isinstance(f, SequenceFeature) and f.name in used]
+    if tc.type in (TowerType.TRANSFORMER, TowerType.CNN):
+        body = tc.transformer if tc.type is TowerType.TRANSFORMER else tc.cnn
+        wanted = body.sequence or (seqs[0] if len(seqs) == 1 else None)
+        if wanted not in seqs:
+            raise ValueError(
+                f"model.{tower}.type={tc.type.value} needs one sequence feature to run over "
+                f"(set model.{tower}.{tc.type.value}.sequence); sequences in this tower: {seqs}")
+    if tc.type is TowerType.FUSION:
+        grouped = [n for g in tc.fusion.groups.values() for n in g]
+        bad = [n for n in grouped if n not in used]
+        if bad:
+            raise ValueError(f"model.{tower}.fusion.groups name {bad}, which are not features "
+                             f"of this tower; accepted: {used}")
+    if tc.aggregation is Aggregation.SUM_ITEM_MULTIPLY and not any(
+            isinstance(f, CategoricalFeature) and f.source == key and f.name in used
+            for f in feats):
+        raise ValueError(f"model.{tower}.aggregation=sum_item_multiply needs the id feature "
+                         f"on column {key!r} among the tower's features")
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a raw config mapping.
+
+    List elements are addressed by index (``features.user.0.min_count=5``).
+    """
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like section.field=value")
+        node: Any = raw
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            node = _child(node, part, ".".join(parts[: i + 1]), create=True)
+        last = parts[-1]
+        value = yaml.safe_load(text)
+        if isinstance(node, list):
+            node[_index(node, last, key)] = value
+        else:
+            node[last] = value
+    return raw
+
+
+def _index(node: list, part: str, path: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ValueError(f"override path {path!r}: {part!r} is not an index below {len(node)}")
+    return int(part)
+
+
+def _child(node: Any, part: str, path: str, create: bool) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, path)]
+    if not isinstance(node, dict):
+        raise ValueError(f"override path {path!r} goes through a value, not a section")
+    if part not in node and create:
+        node[part] = {}
+    return node[part]
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply overrides and validate it.
+
+    Raises:
+        ValueError: naming the file and every invalid key with what is accepted.
+    """
+    with open(path, encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: the top level must be a mapping of sections")
+    raw = apply_overrides(raw, overrides or [])
+    return parse_config(raw, source=str(path))
+
+
+def parse_config(raw: dict[str, Any], source: str = "<config>") -> Config:
+    """Validate a raw mapping; errors name each key path and the problem."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"])
+            lines.append(f"  {loc or '<top>'}: {e['msg']}")
+        raise ValueError(f"{source}: invalid config\n" + "\n".join(lines)) from None

@@ -1,0 +1,43 @@
+"""The ``data`` and ``prepare`` sections: where the tables are and how they are split."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+
+from pipeline.config.base import StrictModel
+
+
+class DataConfig(StrictModel):
+    """Where the three Parquet inputs are and what their key columns are called."""
+
+    root: str | None = Field(
+        default=None, description="Base for relative table paths (the one field to override)."
+    )
+    interactions: str = Field(description="File, folder or glob; local or s3://, gs://, ...")
+    users: str = Field(description="File, folder or glob of the user table.")
+    items: str = Field(description="File, folder or glob of the item table (the catalogue).")
+    user_id: str = Field(default="user_id", description="User key column (all tables).")
+    item_id: str = Field(default="item_id", description="Item key column (all tables).")
+    timestamp: str = Field(default="timestamp", description="Interaction time column.")
+    weight: str | None = Field(default=None, description="Optional interaction weight column.")
+
+    def resolve(self, path: str) -> str:
+        """Join a table path with `root` unless it is absolute or a URI."""
+        if self.root is None or "://" in path or os.path.isabs(path):
+            return path
+        if "://" in self.root:
+            return self.root.rstrip("/") + "/" + path
+        return str(Path(self.root) / path)
+
+
+class PrepareConfig(StrictModel):
+    """How the prepare job splits and writes."""
+
+    min_user_interactions: int = Field(
+        default=3, ge=1, description="Users with fewer interactions are dropped entirely."
+    )
+    num_cpus: float = Field(default=1.0, gt=0, description="CPUs per Ray Data transform task.")
+    rows_per_file: int = Field(default=1_000_000, ge=1000, description="Output file size.")

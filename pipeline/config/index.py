@@ -1,0 +1,24 @@
+"""The ``index`` section: the FAISS index and the embedding batch job."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from pipeline.config.base import StrictModel
+
+
+class IndexConfig(StrictModel):
+    """The FAISS index over the catalogue and the embedding batch job."""
+
+    factory: str | None = Field(
+        default=None, description="FAISS index-factory string or 'exact'; default by size."
+    )
+    params: dict[str, int] = Field(
+        default_factory=dict, description="Search parameters, e.g. {nprobe: 16, efSearch: 64}."
+    )
+    recall_k: int = Field(default=100, ge=1, description="K of the recall@K check.")
+    recall_users: int = Field(default=1000, ge=1, description="Users sampled for recall.")
+    batch_size: int = Field(default=4096, ge=1, description="Rows per inference batch.")
+    num_actors: int = Field(default=1, ge=1, description="Inference actors.")
+    num_cpus_per_actor: float = Field(default=1.0, gt=0, description="CPUs per actor.")
+    use_gpu: bool = Field(default=False, description="One GPU per inference actor.")

@@ -1,0 +1,297 @@
+"""The run-directory layout, its typed metadata, and atomic writes: one home for each.
+
+Every job reads and writes one ``RUN_DIR``::
+
+    RUN_DIR/
+      prepared/     train/ validation/ test/ (Parquet), items.parquet, users.parquet,
+                    feature_state.json, manifest.json           <- jobs.prepare
+      train/        Ray Train storage (checkpoints)               <- jobs.train
+      plain/best/   the plain loop's best checkpoint              <- jobs.train --no-ray
+      mlruns/       the default MLflow file store
+      model/        model.pt, meta.json, user_tower.pt2 (+ .json), item_tower.pt2 (+ .json)
+      embeddings/   items/model_version=V/, users/model_version=V/ <- jobs.build_index
+      index/        the FAISS index, its id map, manifest.json    <- jobs.build_index
+      metrics.json                                                 <- jobs.evaluate
+
+:class:`RunDir` names every path; :func:`atomic_dir` writes a folder next to its final
+place and renames it in one step, so a failed step never leaves a partial artifact. The
+JSON metadata (:class:`ModelMeta`, :class:`IndexManifest`, :class:`PrepareManifest`) is
+read through pydantic models, so code past this edge never indexes a raw dict.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.columns import ITEM, USER, tower_columns
+from pipeline.config import Config
+from pipeline.config.model import Similarity
+from pipeline.io import table_to_numpy
+from pipeline.state import FeatureStateSet
+
+SPLITS = ("train", "validation", "test")
+MODEL_FILE, OPTIM_FILE, META_FILE = "model.pt", "optimizer.pt", "meta.json"
+MANIFEST = "manifest.json"
+TABLES = {ITEM: "items.parquet", USER: "users.parquet"}  # under prepared/
+
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The paths of one run directory (nothing is created by naming a path)."""
+
+    root: Path
+
+    def __init__(self, root: str | Path):
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def prepared(self) -> Path:
+        """``prepared/``: the encoded splits, tables and fitted state."""
+        return self.root / "prepared"
+
+    def split(self, name: str) -> Path:
+        """``prepared/{train,validation,test}/``."""
+        if name not in SPLITS:
+            raise ValueError(f"split {name!r} is not one of {SPLITS}")
+        return self.prepared / name
+
+    def table(self, tower: str) -> Path:
+        """``prepared/items.parquet`` (the catalogue) or ``prepared/users.parquet``."""
+        return self.prepared / TABLES[tower]
+
+    @property
+    def feature_state(self) -> Path:
+        """``prepared/feature_state.json``."""
+        return self.prepared / "feature_state.json"
+
+    @property
+    def prepare_manifest(self) -> Path:
+        """``prepared/manifest.json``."""
+        return self.prepared / MANIFEST
+
+    @property
+    def train_storage(self) -> Path:
+        """``train/``: the default Ray Train storage (absolute, as Ray wants it)."""
+        return self.root.resolve() / "train"
+
+    @property
+    def plain_best(self) -> Path:
+        """``plain/best/``: the plain loop's best checkpoint."""
+        return self.root / "plain" / "best"
+
+    @property
+    def mlruns(self) -> Path:
+        """``mlruns/``: the default MLflow file store."""
+        return self.root / "mlruns"
+
+    @property
+    def mlflow_run_id(self) -> Path:
+        """``mlflow_run_id``: the MLflow run this directory logs to (resumes append to it)."""
+        return self.root / "mlflow_run_id"
+
+    @property
+    def model(self) -> Path:
+        """``model/``: the published best model."""
+        return self.root / "model"
+
+    def exported_tower(self, tower: str) -> Path:
+        """``model/{user,item}_tower.pt2``: a tower as a standalone program."""
+        return self.model / f"{tower}_tower.pt2"
+
+    @property
+    def index(self) -> Path:
+        """``index/``: the FAISS index, id map and manifest."""
+        return self.root / "index"
+
+    def embeddings(self, tower: str, model_version: str) -> Path:
+        """``embeddings/{items,users}/model_version=V/``."""
+        return self.root / "embeddings" / f"{tower}s" / f"model_version={model_version}"
+
+    @property
+    def metrics(self) -> Path:
+        """``metrics.json``."""
+        return self.root / "metrics.json"
+
+    def require_prepared(self) -> Path:
+        """``prepared/``, checked to hold a fitted state."""
+        if not self.feature_state.exists():
+            raise FileNotFoundError(f"{self.prepared} has no feature_state.json: run "
+                                    "`python -m jobs.prepare` first")
+        return self.prepared
+
+
+# -- atomic writes -----------------------------------------------------------------------
+
+
+@contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``final``; on success it replaces ``final``.
+
+    On an error the temporary folder is removed and ``final`` is left as it was.
+    """
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+
+
+def write_json(path: str | Path, body: Any) -> None:
+    """Write JSON (sorted keys) to a temporary file and rename it over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(body, indent=1, sort_keys=True), encoding="utf-8")
+    tmp.replace(path)
+
+
+# -- typed metadata ----------------------------------------------------------------------
+
+
+class _Meta(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelMeta(_Meta):
+    """``meta.json`` of a checkpoint or of ``model/``: what the weights are."""
+
+    model_version: str = Field(description="Content hash of the state_dict.")
+    feature_state_hash: str = Field(description="Hash of the feature state trained on.")
+    config: Config = Field(description="The resolved experiment config.")
+    metrics: dict[str, float] = Field(default_factory=dict, description="The epoch's metrics.")
+    train_state: dict[str, Any] = Field(default_factory=dict, description="Loop state.")
+    is_best: bool = Field(default=False, description="Best epoch so far when saved.")
+
+
+class RecallCheck(_Meta):
+    """Recall@k of the index against exact search on sampled users."""
+
+    k: int
+    users: int
+    value: float
+
+
+class IndexManifest(_Meta):
+    """``index/manifest.json``: what a server needs to refuse a foreign index."""
+
+    model_version: str
+    feature_state_hash: str
+    similarity: Similarity
+    metric: str
+    normalized: bool
+    dim: int
+    item_count: int
+    index_type: str
+    params: dict[str, int]
+    recall: RecallCheck
+    ids: str
+    build_seconds: float
+    embeddings: dict[str, str] = Field(default_factory=dict)
+
+
+class PrepareManifest(_Meta):
+    """``prepared/manifest.json``: what prepare read and wrote."""
+
+    feature_state_hash: str
+    rows: dict[str, int]
+    items: int
+    users: int
+    interactions_read: int
+    inputs: dict[str, list[str]]
+    config: Config
+    seconds: float
+
+
+def read_meta(path: str | Path, model: type[M], missing_hint: str) -> M:
+    """Read and validate one JSON metadata file.
+
+    Raises:
+        FileNotFoundError: the file is missing (with ``missing_hint``, the command to run).
+        ValueError: the file is not valid JSON or lacks a field (naming file and field).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: {missing_hint}")
+    try:
+        return model.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    except ValidationError as err:
+        fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<top>'}: {e['msg']}"
+                           for e in err.errors()[:5])
+        raise ValueError(f"{path}: invalid {model.__name__}: {fields}") from None
+
+
+def read_model_meta(directory: str | Path) -> ModelMeta:
+    """The ``meta.json`` of a checkpoint or model directory."""
+    return read_meta(Path(directory) / META_FILE, ModelMeta,
+                     "not a checkpoint or model directory (run `python -m jobs.train`)")
+
+
+def read_index_manifest(run: RunDir) -> IndexManifest:
+    """``index/manifest.json``."""
+    return read_meta(run.index / MANIFEST, IndexManifest, "run `python -m jobs.build_index`")
+
+
+def read_prepare_manifest(run: RunDir) -> PrepareManifest:
+    """``prepared/manifest.json``."""
+    return read_meta(run.prepare_manifest, PrepareManifest, "run `python -m jobs.prepare`")
+
+
+# -- prepared tables ---------------------------------------------------------------------
+
+
+def read_split(run: RunDir, name: str, columns: list[str] | None = None) -> pa.Table:
+    """One split folder of the prepared data (all its files, in path order)."""
+    path = run.split(name)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `python -m jobs.prepare` first")
+    return pads.dataset(str(path), format="parquet").to_table(columns=columns)
+
+
+def read_table(run: RunDir, tower: str) -> pa.Table:
+    """``prepared/items.parquet`` or ``prepared/users.parquet``."""
+    path = run.table(tower)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `python -m jobs.prepare` first")
+    return pq.read_table(path)
+
+
+def read_catalogue(run: RunDir) -> dict[str, np.ndarray]:
+    """The encoded catalogue (row number = item_index): its ``item__*`` columns as numpy."""
+    table = read_table(run, ITEM)
+    return table_to_numpy(table, tower_columns(table.column_names, ITEM))
+
+
+def load_fitted(run: RunDir, meta: ModelMeta) -> FeatureStateSet:
+    """The fitted state of ``prepared/``, checked to be the one the model was trained on.
+
+    Raises:
+        FileNotFoundError: ``prepared/`` has no feature state.
+        ValueError: the model was trained on another feature state (names both hashes).
+    """
+    run.require_prepared()
+    fitted = FeatureStateSet.load(run.feature_state)
+    if fitted.content_hash() != meta.feature_state_hash:
+        raise ValueError(f"{run.model} was trained on feature state {meta.feature_state_hash}, "
+                         f"but {run.prepared} holds {fitted.content_hash()}: re-run jobs.train")
+    return fitted

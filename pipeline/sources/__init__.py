@@ -1,0 +1,1 @@
+"""Input sources: the demo data generator and the MovieLens converter (no Ray)."""
