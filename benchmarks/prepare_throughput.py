@@ -1,8 +1,9 @@
 """Prepare throughput: the Ray Data prepare job vs a single-process pyarrow/numpy run.
 
-Both sides run the same pure transforms (``pipeline.rows.build_rows`` and the
-fitting functions) on the same inputs; the baseline reads with ``pyarrow.dataset`` and
-writes with ``pyarrow.parquet`` in one process. Each side runs in its own subprocess, and
+Both sides run the same ``pipeline.prepare.prepare_tables`` (split, fit, encode, write) on
+the same inputs: the job reads and writes the splits through Ray Data, the baseline reads
+with ``pyarrow.dataset`` and writes with ``pyarrow.parquet`` in one process.
+Each side runs in its own subprocess, and
 its peak memory is the largest sum of RSS over that subprocess's whole process tree
 (Ray's raylet, object store and workers included), sampled every 0.1 s.
 
@@ -59,48 +60,29 @@ def run_side(side: str, config: Path, data: Path, out: Path) -> dict:
 
 
 def side_main(side: str, config: Path, data: Path, out: Path) -> None:
-    """Inside the subprocess: run prepare one way and print its timing as JSON."""
+    """Inside the subprocess: run prepare one way and print its timing as JSON.
+
+    Both sides run :func:`pipeline.prepare.run_prepare` (one ``prepare_tables``): the
+    Ray side reads and writes through Ray Data, the baseline with pyarrow in-process.
+    """
     from pipeline.config import load_config
+    from pipeline.prepare import run_prepare
 
     cfg = load_config(config, [f"data.root={data}"])
     start = time.perf_counter()
     if side == "ray":
-        from pipeline.prepare import run_prepare
+        from jobs.ray_setup import ensure_ray
 
-        manifest = run_prepare(cfg, out, log=lambda m: print(m, file=sys.stderr))
-        rows = manifest["interactions_read"]
-    else:
-        rows = local_prepare(cfg, out)
+        ensure_ray()
+    manifest = run_prepare(cfg, out, log=_stderr, ray_data=side == "ray")
+    rows = manifest.interactions_read
     seconds = time.perf_counter() - start
     print(json.dumps({"side": side, "rows": rows, "seconds": round(seconds, 3),
                       "rows_per_s": round(rows / seconds, 1)}))
 
 
-def local_prepare(cfg, out: Path) -> int:
-    """The baseline: the same steps with pyarrow.dataset reads and no Ray."""
-    import pyarrow.dataset as pads
-    import pyarrow.parquet as pq
-
-    from pipeline import io, prepare, prepare_rows, split
-
-    files = prepare.validate_inputs(cfg)
-    needed = io.required_columns(cfg)
-    tables = {n: pads.dataset(f.paths, filesystem=f.filesystem).to_table(
-        columns=list(needed[n])) for n, f in files.items()}
-    inter = prepare.order_interactions(tables["interactions"], tables["items"], cfg,
-                                       log=lambda m: None)
-    fitted = prepare.fit_state(cfg, inter, tables["users"], tables["items"])
-    ctx = prepare_rows.build_context(cfg, fitted, inter, tables["users"], tables["items"])
-    for code, name in split.SPLIT_NAMES.items():
-        rows = inter.split.rows(code)
-        (out / name).mkdir(parents=True, exist_ok=True)
-        step = cfg.prepare.rows_per_file
-        for i in range(0, len(rows), step):
-            table = io.to_arrow_table(prepare_rows.build_rows(rows[i:i + step], ctx))
-            pq.write_table(table, out / name / f"part-{i // step:05d}.parquet")
-    prepare_rows.write_tables(ctx, inter, tables["users"], tables["items"], fitted, out)
-    fitted.save(out / "feature_state.json")
-    return tables["interactions"].num_rows
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> dict:

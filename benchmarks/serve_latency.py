@@ -144,7 +144,9 @@ def known_users(run_dir: Path, count: int = 1000) -> list:
     """Up to ``count`` user ids of the run (requests cycle through them)."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(Path(run_dir) / "prepared" / "users.parquet", columns=["user_id"])
+    from pipeline.run_dir import RunDir
+
+    table = pq.read_table(RunDir(run_dir).table("user"), columns=["user_id"])
     return table["user_id"].to_pylist()[:count]
 
 
@@ -169,7 +171,9 @@ def _item_count(run_dir: Path) -> int:
     """Catalogue size of the run."""
     import pyarrow.parquet as pq
 
-    return pq.read_metadata(Path(run_dir) / "prepared" / "items.parquet").num_rows
+    from pipeline.run_dir import RunDir
+
+    return pq.read_metadata(RunDir(run_dir).table("item")).num_rows
 
 
 def print_row(name: str, r: dict) -> None:

@@ -1,1 +1,4 @@
-"""Data contracts and Ray Data IO: config, fitted state, pure transforms, prepare."""
+"""Data contracts, the lowest layer: typed config, column names, feature kinds, fitted
+state, pure batch transforms and row builders, the split, the run-directory layout, and
+the prepare step (its only Ray Data module). Imports no other package of the project.
+"""

@@ -27,39 +27,76 @@ import pyarrow.compute as pc
 
 from pipeline import config as C
 from pipeline import io, split, state, transforms
-from pipeline.rows import Interactions, build_context, write_splits, write_tables
-from pipeline.run_dir import MANIFEST, PrepareManifest, RunDir, atomic_dir, write_json
+from pipeline.rows import (
+    Interactions,
+    SplitWriter,
+    build_context,
+    write_local,
+    write_splits,
+    write_tables,
+)
+from pipeline.run_dir import (
+    FEATURE_STATE,
+    MANIFEST,
+    PrepareManifest,
+    RunDir,
+    atomic_dir,
+    write_json,
+)
 from pipeline.state import FeatureStateSet, TowerState
 
 Log = Callable[[str], None]
 
 
 def run_prepare(cfg: C.Config, run_dir: str | Path, log: Log = print,
-                files: dict[str, io.TableFiles] | None = None) -> PrepareManifest:
-    """Run the whole prepare step on a running Ray; returns the manifest it wrote.
+                files: dict[str, io.TableFiles] | None = None, ray_data: bool = True
+                ) -> PrepareManifest:
+    """Run the whole prepare step; returns the manifest it wrote.
 
-    ``files`` are the inputs :func:`validate_inputs` already checked (checked here if None).
+    Args:
+        cfg: the experiment config.
+        run_dir: RUN_DIR; ``prepared/`` is replaced only when every file is written.
+        log: progress lines.
+        files: the inputs :func:`validate_inputs` already checked (checked here if None).
+        ray_data: read and write through Ray Data on the running Ray (the job); False runs
+            the same steps in this process (the benchmark's baseline, small data).
     """
     t0 = time.perf_counter()
     files = files or validate_inputs(cfg)
-    users, items, raw = read_tables(files, cfg, log)
+    reader, writer = (read_tables, write_splits) if ray_data else (read_local, write_local)
+    users, items, raw = reader(files, cfg, log)
+    run = RunDir(run_dir)
+    with atomic_dir(run.prepared) as tmp:
+        manifest = prepare_tables(cfg, users, items, raw, tmp, writer, log)
+    manifest = manifest.model_copy(update={
+        "inputs": {t.name: t.paths for t in files.values()},
+        "seconds": round(time.perf_counter() - t0, 2)})
+    write_json(run.prepare_manifest, manifest.model_dump(mode="json"))
+    log(f"[prepare] wrote {run.prepared} in {manifest.seconds}s: {manifest.rows}")
+    return manifest
+
+
+def prepare_tables(cfg: C.Config, users: pa.Table, items: pa.Table, raw: pa.Table,
+                   out: Path, write: SplitWriter, log: Log) -> PrepareManifest:
+    """Split, fit, encode and write the prepared data of three read tables into ``out``.
+
+    The one implementation of the step: the job passes the Ray Data split writer, the
+    benchmark's single-process baseline the local one. Writes ``out/manifest.json``.
+    """
+    t0 = time.perf_counter()
     inter = order_interactions(raw, items, cfg, log)
     fitted = fit_state(cfg, inter, users, items)
     log(f"[prepare] fitted feature state {fitted.content_hash()} "
         f"({time.perf_counter() - t0:.1f}s)")
-    run = RunDir(run_dir)
-    with atomic_dir(run.prepared) as tmp:
-        ctx = build_context(cfg, fitted, inter, users, items)
-        counts = write_splits(ctx, inter, tmp, cfg, log)
-        n_users = write_tables(ctx, inter, users, items, fitted, tmp)
-        fitted.save(tmp / run.feature_state.name)
-        manifest = PrepareManifest(
-            feature_state_hash=fitted.content_hash(), rows=counts, items=items.num_rows,
-            users=n_users, interactions_read=raw.num_rows,
-            inputs={t.name: t.paths for t in files.values()}, config=cfg,
-            seconds=round(time.perf_counter() - t0, 2))
-        write_json(tmp / MANIFEST, manifest.model_dump(mode="json"))
-    log(f"[prepare] wrote {run.prepared} in {manifest.seconds}s: {counts}")
+    ctx = build_context(cfg, fitted, inter, users, items)
+    counts = write(ctx, inter, out, cfg, log)
+    n_users = write_tables(ctx, inter, users, items, fitted, out)
+    fitted.save(out / FEATURE_STATE)
+    manifest = PrepareManifest(
+        feature_state_hash=fitted.content_hash(), rows=counts, items=items.num_rows,
+        users=n_users, interactions_read=raw.num_rows, inputs={}, config=cfg,
+        seconds=round(time.perf_counter() - t0, 2))
+    write_json(out / MANIFEST, manifest.model_dump(mode="json"))
     return manifest
 
 
@@ -89,7 +126,27 @@ def read_tables(files: dict[str, io.TableFiles], cfg: C.Config, log: Log):
         table = pa.concat_tables(ray.get(list(ds.to_arrow_refs())), promote_options="default")
         log(f"[prepare] read {name}: {table.num_rows:,} rows from {len(tf.paths)} file(s)")
         out.append(table.combine_chunks())
-    users, items, inter = out
+    return checked_tables(*out, cfg)
+
+
+def read_local(files: dict[str, io.TableFiles], cfg: C.Config, log: Log):
+    """Read the three tables in this process with pyarrow (file order kept)."""
+    import pyarrow.dataset as pads
+
+    needed = io.required_columns(cfg)
+    out = []
+    for name in ("users", "items", "interactions"):
+        tf = files[name]
+        table = pads.dataset(tf.paths, filesystem=tf.filesystem, format="parquet").to_table(
+            columns=list(needed[name]))
+        log(f"[prepare] read {name}: {table.num_rows:,} rows from {len(tf.paths)} file(s)")
+        out.append(table.combine_chunks())
+    return checked_tables(*out, cfg)
+
+
+def checked_tables(users: pa.Table, items: pa.Table, inter: pa.Table, cfg: C.Config
+                   ) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """The three read tables, with unique non-null keys in users and items."""
     d = cfg.data
     for name, table, key in (("users", users, d.user_id), ("items", items, d.item_id)):
         _check_unique(name, table[key])

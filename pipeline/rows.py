@@ -8,6 +8,7 @@ positions; the arrays it gathers from travel once through the object store.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from pipeline.columns import (
     WEIGHT,
     column_name,
 )
+from pipeline.run_dir import TABLES
 from pipeline.state import FeatureStateSet
 from pipeline.transforms import encode_feature, lookup, transform_tower
 
@@ -128,6 +130,10 @@ def build_rows(positions: np.ndarray, ctx: RowContext) -> dict[str, np.ndarray]:
     return out
 
 
+SplitWriter = Callable[["RowContext", "Interactions", Path, C.Config, Callable[[str], None]],
+                       dict[str, int]]  # writes train / validation / test, returns row counts
+
+
 class _RowBuilder:
     """Ray Data batch function: fetches the context once per worker, then gathers."""
 
@@ -160,14 +166,30 @@ def write_splits(ctx: RowContext, inter: Interactions, out: Path, cfg: C.Config,
     return counts
 
 
+def write_local(ctx: RowContext, inter: Interactions, out: Path, cfg: C.Config,
+                log) -> dict[str, int]:
+    """Write the splits in this process (no Ray): the same rows, file by file."""
+    counts = {}
+    step = cfg.prepare.rows_per_file
+    for code, name in split.SPLIT_NAMES.items():
+        rows = inter.split.rows(code)
+        counts[name] = int(len(rows))
+        (out / name).mkdir(parents=True, exist_ok=True)
+        for i in range(0, max(1, len(rows)), step):
+            table = io.to_arrow_table(build_rows(rows[i:i + step], ctx))
+            pq.write_table(table, out / name / f"part-{i // step:05d}.parquet")
+        log(f"[prepare] wrote {name}: {len(rows):,} rows")
+    return counts
+
+
 def write_tables(ctx: RowContext, inter: Interactions, users: pa.Table, items: pa.Table,
                  fitted: FeatureStateSet, out: Path) -> int:
     """Write the encoded catalogue and the per-user serving table; returns the user count."""
     cat = {fitted.item_id: items[fitted.item_id].to_numpy(zero_copy_only=False)}
     cat.update({column_name(ITEM, n): a for n, a in ctx.item_feats.items()})
-    pq.write_table(io.to_arrow_table(cat), out / "items.parquet")
+    pq.write_table(io.to_arrow_table(cat), out / TABLES[ITEM])
     table = user_table(ctx, inter, users, fitted)
-    pq.write_table(table, out / "users.parquet")
+    pq.write_table(table, out / TABLES[USER])
     return table.num_rows
 
 

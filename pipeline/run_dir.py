@@ -44,6 +44,7 @@ from pipeline.state import FeatureStateSet
 SPLITS = ("train", "validation", "test")
 MODEL_FILE, OPTIM_FILE, META_FILE = "model.pt", "optimizer.pt", "meta.json"
 MANIFEST = "manifest.json"
+FEATURE_STATE = "feature_state.json"
 TABLES = {ITEM: "items.parquet", USER: "users.parquet"}  # under prepared/
 
 M = TypeVar("M", bound=BaseModel)
@@ -76,7 +77,7 @@ class RunDir:
     @property
     def feature_state(self) -> Path:
         """``prepared/feature_state.json``."""
-        return self.prepared / "feature_state.json"
+        return self.prepared / FEATURE_STATE
 
     @property
     def prepare_manifest(self) -> Path:

@@ -1,10 +1,12 @@
 """Typed experiment config: one YAML file per experiment, validated at the edge.
 
-The file has a ``data`` section (where the three Parquet tables are and which columns
-are the keys), a ``features`` section (one typed entry per tower input) and a ``prepare``
-section (how the split and the fitted state are produced). Later sections (model, train,
-index, serve) are added by the packages that own them. Every model forbids unknown keys,
-so a typo is an error that names the key.
+One module per section, each a strict pydantic model: ``data`` and ``prepare``
+(:mod:`~pipeline.config.data`: where the three Parquet tables are, their key columns, how
+the split is made), ``features`` (:mod:`~pipeline.config.features`: one typed entry per
+tower input), ``model``, ``loss``, ``train``, ``index`` and ``serve``. :class:`Config` holds
+them all and cross-checks the model against the features. Every model forbids unknown
+keys, so a typo is an error that names the key; ``tests/test_config_keys.py`` checks that
+code reads every key.
 
 Overrides use dotted paths, e.g. ``--set data.root=/data/ml100k``, ``--set
 features.user.0.min_count=5``, and are applied to the raw mapping before validation.
