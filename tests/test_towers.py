@@ -219,7 +219,8 @@ def test_sum_aggregation_projects_mismatched_widths():
     ({"item": {"aggregation": "sum_item_multiply", "features": ["item_id"]}},
      r"needs a feature besides the id feature 'item_id'"),
     ({"item": {"features": ["item_id", "colour"]}},
-     r"model.item.features \['colour'\] are not fitted features"),
+     r"model.item.features \['colour'\] are not features of this tower; accepted: "
+     r"\['item_id', 'category'"),
     ({"user": {"type": "fusion", "fusion": {"groups": {"a": ["price"]}}}},
      r"model.user.fusion.groups name \['price'\]"),
     ({"learnable_temperature": True, "temperature": 50.0},

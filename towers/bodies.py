@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from pipeline.config import checks
 from pipeline.config.model import (
     Activation,
     Aggregation,
@@ -264,14 +265,15 @@ class MLPBody(TowerBody):
 class SequenceBody(TowerBody):
     """A body that models one history itself; its vector joins the other features.
 
-    Subclasses say which config section names the sequence and build the module.
+    The sequence is the one :func:`~pipeline.config.checks.sequence_to_model` picks for
+    ``cfg.type``; subclasses build the module that runs over it.
     """
-
-    section = ""  # "transformer" | "cnn": the TowerConfig field naming the sequence
 
     def __init__(self, encoder: FeatureEncoder, cfg: TowerConfig):
         super().__init__(encoder, cfg)
-        self.sequence = self._pick(encoder, getattr(cfg, self.section).sequence, cfg.type)
+        sequence = checks.sequence_to_model(cfg, encoder.sequence_names, self.where)
+        assert sequence is not None, f"{type(self).__name__} registered for type={cfg.type}"
+        self.sequence = sequence
         module = encoder.inputs[self.sequence]
         self.sequence_encoder = self.sequence_module(module.output_dim(), module.length, cfg)
         widths = dict(encoder.widths)
@@ -279,15 +281,6 @@ class SequenceBody(TowerBody):
         self.aggregate = Aggregator(cfg.aggregation, widths, encoder.id_name,
                                     cfg.aggregation_dim, self.where)
         self.mlp = MLP(self.aggregate.output_dim(), cfg.mlp)
-
-    def _pick(self, encoder: FeatureEncoder, wanted: str | None, kind: TowerType) -> str:
-        seqs = encoder.sequence_names
-        name = wanted or (seqs[0] if len(seqs) == 1 else None)
-        if name not in seqs:
-            raise ValueError(f"{self.where}.type={kind.value} needs one sequence feature to "
-                             f"run over (set {self.where}.{self.section}.sequence); sequences "
-                             f"in this tower: {seqs}")
-        return name
 
     def sequence_module(self, width: int, length: int, cfg: TowerConfig) -> nn.Module:
         """The module mapping ([B, L, width], [B, L] mask) -> [B, S] (has ``output_dim``)."""
@@ -307,8 +300,6 @@ class SequenceBody(TowerBody):
 class TransformerBody(SequenceBody):
     """Self-attention over the history, joined with the other features, then the MLP."""
 
-    section = "transformer"
-
     def sequence_module(self, width: int, length: int, cfg: TowerConfig) -> nn.Module:  # noqa: D102
         return SequenceTransformer(width, length, cfg.transformer)
 
@@ -316,31 +307,8 @@ class TransformerBody(SequenceBody):
 class CNNBody(SequenceBody):
     """1-D convolutions over the history, joined with the other features, then the MLP."""
 
-    section = "cnn"
-
     def sequence_module(self, width: int, length: int, cfg: TowerConfig) -> nn.Module:  # noqa: D102
         return SequenceCNN(width, cfg.cnn, cfg.mlp.activation)
-
-
-def fusion_groups(cfg: TowerConfig, names: list[str], where: str) -> dict[str, list[str]]:
-    """The configured groups restricted to the tower's features, plus ``rest``."""
-    groups = {g: list(members) for g, members in cfg.fusion.groups.items()}
-    dotted = [g for g in groups if "." in g or not g]
-    if dotted:
-        raise ValueError(f"{where}.fusion.groups: group names {dotted} must be non-empty and "
-                         "contain no '.'")
-    bad = [n for members in groups.values() for n in members if n not in names]
-    if bad:
-        raise ValueError(f"{where}.fusion.groups name {bad}, which are not features of this "
-                         f"tower; accepted: {names}")
-    grouped = {n for members in groups.values() for n in members}
-    rest = [n for n in names if n not in grouped]
-    if rest:
-        if "rest" in groups:
-            raise ValueError(f"{where}.fusion.groups: 'rest' is reserved for the features in "
-                             f"no group ({rest})")
-        groups["rest"] = rest
-    return groups
 
 
 class FusionBody(TowerBody):
@@ -355,8 +323,9 @@ class FusionBody(TowerBody):
         super().__init__(encoder, cfg)
         fusion, widths, id_name = cfg.fusion, encoder.widths, encoder.id_name
         multiply = cfg.aggregation is Aggregation.SUM_ITEM_MULTIPLY
+        checks.check_item_multiply(cfg.aggregation, list(widths), id_name, self.where)
         groups = {}
-        for g, members in fusion_groups(cfg, list(widths), self.where).items():
+        for g, members in checks.fusion_groups(cfg, list(widths), self.where).items():
             if multiply and id_name is not None:
                 members = [n for n in members if n != id_name]
                 if not members:

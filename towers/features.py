@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from pipeline.config import checks
 from pipeline.config.model import Aggregation, TowerConfig
 from pipeline.state import FeatureState, TowerState
 from pipeline.transforms import PAD
@@ -260,18 +261,6 @@ class Encoded(NamedTuple):
     masks: dict[str, Tensor]  # name -> [B, L] bool, True at real positions
 
 
-def selected_features(state: TowerState, cfg: TowerConfig, where: str) -> list[str]:
-    """The tower's feature names in fitted order, restricted to ``cfg.features``."""
-    names = list(state.features)
-    if cfg.features is None:
-        return names
-    unknown = [n for n in cfg.features if n not in state.features]
-    if unknown:
-        raise ValueError(f"{where}.features {unknown} are not fitted features of this tower; "
-                         f"accepted: {names}")
-    return [n for n in names if n in cfg.features]
-
-
 class FeatureEncoder(nn.Module):
     """The embedding group of one tower: every selected feature, each through its module.
 
@@ -290,15 +279,14 @@ class FeatureEncoder(nn.Module):
                  shared: Mapping[str, Mapping[str, nn.Embedding]] | None = None):
         super().__init__()
         self.where = where
-        names = selected_features(state, cfg, where)
+        names = checks.selected_features(cfg, list(state.features), where)
         shared = shared or {}
         self.inputs = nn.ModuleDict({
             n: build_feature(n, state.features[n], cfg, item_states or {}, shared.get(n, {}))
             for n in names})
         self.dropout = VariationalDropout(names) if cfg.variational_dropout else None
-        ids = [n for n in names if state.features[n].type == "categorical"
-               and state.features[n].source == id_column]
-        self.id_name = ids[0] if ids else None
+        self.id_name = checks.id_feature(
+            ((n, state.features[n].type, state.features[n].source) for n in names), id_column)
 
     @property
     def widths(self) -> dict[str, int]:
@@ -364,13 +352,7 @@ class Aggregator(nn.Module):
             raise ValueError(f"{where}: no features to aggregate")
         self.mode, self.names = mode, list(widths)
         self.id_name = id_name if mode is Aggregation.SUM_ITEM_MULTIPLY else None
-        if mode is Aggregation.SUM_ITEM_MULTIPLY:
-            if id_name not in widths:
-                raise ValueError(f"{where}.aggregation=sum_item_multiply needs the tower's id "
-                                 f"feature among {self.names}")
-            if len(widths) < 2:
-                raise ValueError(f"{where}.aggregation=sum_item_multiply needs a feature "
-                                 f"besides the id feature {id_name!r} to multiply")
+        checks.check_item_multiply(mode, self.names, id_name, where)
         self.width = sum(widths.values()) if mode is Aggregation.CONCAT else (
             dim or max(widths.values()))
         self.project = nn.ModuleDict({} if mode is Aggregation.CONCAT else {

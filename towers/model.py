@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.config import checks
 from pipeline.config.model import ModelConfig, TowerConfig
 from pipeline.run_dir import MODEL_FILE, ModelMeta, RunDir, load_fitted, read_model_meta
 from pipeline.state import FeatureState, FeatureStateSet, TowerState
 from towers import bodies
-from towers.features import FeatureEncoder, Spec, selected_features
+from towers.features import FeatureEncoder, Spec
 
 TEMPERATURE_RANGE = (0.01, 10.0)  # a learnable temperature is clamped to this range
 
@@ -128,26 +129,13 @@ class TwoTowerModel(nn.Module):
 
 def _tie(flag: bool | None, name: str, state: FeatureState, table: nn.Embedding | None) -> bool:
     """Whether history ``name`` reuses the item tower's id ``table`` (None: tie if widths match)."""
-    if flag is False:
-        return False
-    if table is None:
-        if flag:
-            raise ValueError(
-                f"model.tie_sequence_embedding=true: user sequence {name!r} has no item-tower id "
-                f"embedding to share (vocab_of={state.vocab_of!r}; the item tower must select "
-                "the categorical id feature whose vocabulary the history uses)")
-        return False
-    if table.embedding_dim != state.embedding_dim:
-        if flag:
-            raise ValueError(
-                f"model.tie_sequence_embedding=true needs user sequence {name!r} embedding_dim="
-                f"{state.embedding_dim} to equal item feature {state.vocab_of!r} embedding_dim="
-                f"{table.embedding_dim}")
-        return False
-    if table.num_embeddings != state.num_embeddings:
+    tied = checks.tie_sequence(flag, name, state.embedding_dim,
+                               state.vocab_of if table is not None else None,
+                               table.embedding_dim if table is not None else None)
+    if tied and table.num_embeddings != state.num_embeddings:
         raise ValueError(f"user sequence {name!r} has {state.num_embeddings} rows but item "
                          f"feature {state.vocab_of!r} has {table.num_embeddings}; re-run prepare")
-    return True
+    return tied
 
 
 def shared_tables(model_cfg: ModelConfig, fitted: FeatureStateSet,
@@ -158,7 +146,8 @@ def shared_tables(model_cfg: ModelConfig, fitted: FeatureStateSet,
         sequence name -> {item feature name: the item tower's ``nn.Embedding``}.
     """
     out = {}
-    for name in selected_features(fitted.user, model_cfg.user, "model.user"):
+    for name in checks.selected_features(model_cfg.user, list(fitted.user.features),
+                                         "model.user"):
         st = fitted.user.features[name]
         if st.type != "sequence":
             continue

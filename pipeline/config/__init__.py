@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from pipeline.config import checks
 from pipeline.config.base import StrictModel
 from pipeline.config.data import DataConfig, PrepareConfig
 from pipeline.config.features import (
@@ -37,7 +38,7 @@ from pipeline.config.features import (
 )
 from pipeline.config.index import IndexConfig
 from pipeline.config.loss import LossConfig
-from pipeline.config.model import Aggregation, ModelConfig, TowerConfig, TowerType
+from pipeline.config.model import ModelConfig, TowerConfig, TowerType
 from pipeline.config.serve import ServeConfig
 from pipeline.config.train import TrainConfig
 
@@ -64,18 +65,15 @@ class Config(StrictModel):
 
     @model_validator(mode="after")
     def _model_matches_features(self) -> Config:
-        for tower in ("user", "item"):
-            _check_tower(tower, getattr(self.model, tower), getattr(self.features, tower),
-                         self.data.user_id if tower == "user" else self.data.item_id)
-        item_id = [f for f in self.features.item
-                   if isinstance(f, CategoricalFeature) and f.source == self.data.item_id]
-        if self.model.tie_sequence_embedding is True and item_id:
-            for f in self.features.user:
-                if isinstance(f, SequenceFeature) and f.embedding_dim != item_id[0].embedding_dim:
-                    raise ValueError(
-                        f"model.tie_sequence_embedding=true needs features.user {f.name!r} "
-                        f"embedding_dim={f.embedding_dim} to equal features.item "
-                        f"{item_id[0].name!r} embedding_dim={item_id[0].embedding_dim}")
+        user = {f.name: f for f in self.features.user}
+        item = {f.name: f for f in self.features.item}
+        user_used, _ = _check_tower("model.user", self.model.user, user, self.data.user_id)
+        _, item_id = _check_tower("model.item", self.model.item, item, self.data.item_id)
+        item_dim = item[item_id].embedding_dim if item_id is not None else None
+        for name in user_used:
+            if isinstance(user[name], SequenceFeature):
+                checks.tie_sequence(self.model.tie_sequence_embedding, name,
+                                    user[name].embedding_dim, item_id, item_dim)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,33 +81,21 @@ class Config(StrictModel):
         return self.model_dump(mode="json")
 
 
-def _check_tower(tower: str, tc: TowerConfig, feats: list, key: str) -> None:
-    """Cross-check one tower's model section against its features."""
-    names = [f.name for f in feats]
-    used = tc.features if tc.features is not None else names
-    unknown = [n for n in used if n not in names]
-    if unknown:
-        raise ValueError(f"model.{tower}.features {unknown} are not in features.{tower}; "
-                         f"accepted: {names}")
-    seqs = [f.name for f in feats if isinstance(f, SequenceFeature) and f.name in used]
-    if tc.type in (TowerType.TRANSFORMER, TowerType.CNN):
-        body = tc.transformer if tc.type is TowerType.TRANSFORMER else tc.cnn
-        wanted = body.sequence or (seqs[0] if len(seqs) == 1 else None)
-        if wanted not in seqs:
-            raise ValueError(
-                f"model.{tower}.type={tc.type.value} needs one sequence feature to run over "
-                f"(set model.{tower}.{tc.type.value}.sequence); sequences in this tower: {seqs}")
+def _check_tower(where: str, tc: TowerConfig, feats: dict[str, Feature],
+                 key: str) -> tuple[list[str], str | None]:
+    """Cross-check one tower's model section against its features.
+
+    Returns:
+        The tower's selected feature names and its selected id feature (None: none).
+    """
+    used = checks.selected_features(tc, list(feats), where)
+    id_name = checks.id_feature(((n, feats[n].type, feats[n].source) for n in used), key)
+    checks.sequence_to_model(tc, [n for n in used if isinstance(feats[n], SequenceFeature)],
+                             where)
     if tc.type is TowerType.FUSION:
-        grouped = [n for g in tc.fusion.groups.values() for n in g]
-        bad = [n for n in grouped if n not in used]
-        if bad:
-            raise ValueError(f"model.{tower}.fusion.groups name {bad}, which are not features "
-                             f"of this tower; accepted: {used}")
-    if tc.aggregation is Aggregation.SUM_ITEM_MULTIPLY and not any(
-            isinstance(f, CategoricalFeature) and f.source == key and f.name in used
-            for f in feats):
-        raise ValueError(f"model.{tower}.aggregation=sum_item_multiply needs the id feature "
-                         f"on column {key!r} among the tower's features")
+        checks.fusion_groups(tc, used, where)
+    checks.check_item_multiply(tc.aggregation, used, id_name, where)
+    return used, id_name
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
