@@ -17,6 +17,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import config as C
+from pipeline.features import FeatureKind, spec_of
+from pipeline.features.base import is_list_of, is_scalar_key
 
 _GLOB = set("*?[")
 
@@ -64,31 +66,27 @@ def _is_data_file(path: str) -> bool:
     return base.endswith(".parquet") and not base.startswith(("_", "."))
 
 
-def _kind_ok(kind: str, typ: pa.DataType) -> bool:
-    t = pa.types
-    scalar_key = t.is_integer(typ) or t.is_string(typ) or t.is_large_string(typ)
-    listy = t.is_list(typ) or t.is_large_list(typ) or t.is_fixed_size_list(typ)
-    checks = {
-        "key": scalar_key,
-        "timestamp": t.is_integer(typ) or t.is_timestamp(typ),
-        "numeric": t.is_integer(typ) or t.is_floating(typ) or t.is_decimal(typ),
-        "categorical": scalar_key or t.is_boolean(typ),
-        "text": t.is_string(typ) or t.is_large_string(typ),
-        "multi_hot": listy and (t.is_integer(typ.value_type) or t.is_string(typ.value_type)),
-        "dense_vector": listy and (t.is_floating(typ.value_type) or t.is_integer(typ.value_type)),
-    }
-    return checks[kind]
-
-
-ACCEPTED = {
-    "key": "integer or string",
-    "timestamp": "integer (unix time) or timestamp",
-    "numeric": "integer, float or decimal",
-    "categorical": "integer, string or bool",
-    "text": "string",
-    "multi_hot": "list<string> or list<integer>",
-    "dense_vector": "list<float> (fixed length)",
+# Table columns that are not feature inputs; a feature column is checked by its kind.
+_COLUMN_KINDS = {
+    "key": (is_scalar_key, "integer or string"),
+    "timestamp": (lambda t: pa.types.is_integer(t) or pa.types.is_timestamp(t),
+                  "integer (unix time) or timestamp"),
+    "id_list": (lambda t: is_list_of(t, pa.types.is_integer, pa.types.is_string),
+                "list<integer> or list<string> of item ids"),
 }
+
+
+def _kind_ok(kind: str, typ: pa.DataType) -> bool:
+    if kind in _COLUMN_KINDS:
+        return _COLUMN_KINDS[kind][0](typ)
+    return spec_of(kind).accepts(typ)
+
+
+def accepted(kind: str) -> str:
+    """The Arrow types a column of ``kind`` (a feature kind, "key", ...) accepts, in words."""
+    if kind in _COLUMN_KINDS:
+        return _COLUMN_KINDS[kind][1]
+    return spec_of(kind).accepted
 
 
 def required_columns(cfg: C.Config) -> dict[str, dict[str, str]]:
@@ -96,13 +94,16 @@ def required_columns(cfg: C.Config) -> dict[str, dict[str, str]]:
     d = cfg.data
     inter = {d.user_id: "key", d.item_id: "key", d.timestamp: "timestamp"}
     if d.weight:
-        inter[d.weight] = "numeric"
+        inter[d.weight] = FeatureKind.NUMERIC.value  # checked as a numeric feature column
+    if cfg.loss.impressions_column:
+        inter[cfg.loss.impressions_column] = "id_list"
     users: dict[str, str] = {d.user_id: "key"}
     items: dict[str, str] = {d.item_id: "key"}
     for feats, table in ((cfg.features.user, users), (cfg.features.item, items)):
         for f in feats:
-            if f.type != "sequence":
-                table.setdefault(f.source, f.type)
+            spec = spec_of(f.type)
+            if spec.table_column:
+                table.setdefault(f.source, spec.kind.value)
     return {"interactions": inter, "users": users, "items": items}
 
 
@@ -119,13 +120,13 @@ def validate_table(files: TableFiles, columns: dict[str, str]) -> pa.Schema:
             if col not in schema.names:
                 raise ValueError(
                     f"{files.name} table, file {path}: column {col!r} is missing "
-                    f"(the config needs it as {ACCEPTED[kind]}; found {schema.names})"
+                    f"(the config needs it as {accepted(kind)}; found {schema.names})"
                 )
             typ = schema.field(col).type
             if not _kind_ok(kind, typ):
                 raise ValueError(
                     f"{files.name} table, file {path}: column {col!r} has type {typ}, "
-                    f"expected {ACCEPTED[kind]} for a {kind} column"
+                    f"expected {accepted(kind)} for a {kind} column"
                 )
     return schema
 

@@ -2,23 +2,27 @@
 
 The user and item tables are encoded once (they are small next to the interactions);
 each interaction row then gathers its user's and item's encoded features and its
-history window. :func:`build_rows` is the pure batch function Ray Data maps over row
-positions; the arrays it gathers from travel once through the object store.
+history window (and, with ``loss.impressions_column``, its impressions: the catalogue rows
+it was shown but did not click, [L] padded with -1). :func:`build_rows` is the pure batch
+function Ray Data maps over row positions; the arrays it gathers from travel once through
+the object store.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import config as C
 from pipeline import io, split
 from pipeline.columns import (
+    IMPRESSIONS,
     ITEM,
     ITEM_INDEX,
     ITEM_KEY,
@@ -28,10 +32,19 @@ from pipeline.columns import (
     USER_KEY,
     WEIGHT,
     column_name,
+    prefixed,
 )
 from pipeline.run_dir import TABLES
-from pipeline.state import FeatureStateSet
+from pipeline.state import FeatureKind, FeatureStateSet, TowerState
 from pipeline.transforms import encode_feature, lookup, transform_tower
+
+
+@dataclass
+class Impressions:
+    """Each interaction's impressions as catalogue rows, ragged (row i: ``rows[o[i]:o[i+1]]``)."""
+
+    offsets: np.ndarray  # [N' + 1] int64, o above
+    rows: np.ndarray  # [K] int64 catalogue rows, in list order
 
 
 @dataclass
@@ -44,6 +57,10 @@ class Interactions:
     weight: np.ndarray
     item_index: np.ndarray  # [N'] catalogue row of each interaction
     split: split.Split
+    impressions: Impressions | None = None  # with loss.impressions_column
+
+
+Columns = dict[str, np.ndarray]  # column or input key -> [N, ...]
 
 
 @dataclass
@@ -57,35 +74,89 @@ class RowContext:
     item_index: np.ndarray  # [N'] catalogue row
     user_row: np.ndarray  # [N'] row in user_feats (last row: user absent from the table)
     group_start: np.ndarray  # [N']
-    user_id_feats: dict[str, np.ndarray]  # id features, [N'] per feature
+    user_tower: TowerState  # the user tower's fitted state
+    user_id_feats: dict[str, np.ndarray]  # id feature columns (user__NAME), [N'] each
     user_feats: dict[str, np.ndarray]  # [U + 1, ...] encoded user-table features
     item_feats: dict[str, np.ndarray]  # [I, ...] encoded catalogue features
     seq_ids: dict[str, np.ndarray]  # [N'] history vocabulary id of each sorted item
     seq_specs: dict[str, tuple[int, list[str]]]  # name -> (max_length, item features)
+    impressions: Impressions | None = None  # sorted positions' impressions
+    max_impressions: int = 0  # L of the written [L] impressions column
 
 
-def _encode_table(table: pa.Table, tower, skip: list[str]) -> dict[str, np.ndarray]:
-    """Encode a table plus one all-null row at the end (the "absent" row)."""
-    nulls = pa.table({c: pa.nulls(1, table.schema.field(c).type) for c in table.column_names})
-    full = pa.concat_tables([table, nulls])
-    return transform_tower({c: full[c] for c in full.column_names}, tower, skip=skip)
+def encode_table(table: pa.Table, tower: TowerState, skip: Sequence[str] = ()) -> Columns:
+    """Encode every table-backed feature of a tower: ``{name: [N, ...]}`` (no prefix)."""
+    return transform_tower({c: table[c] for c in table.column_names}, tower, skip=skip)
+
+
+def absent_row(tower: TowerState, skip: Sequence[str] = ()) -> Columns:
+    """The encoded row of a key absent from its table: every feature null, ``[1, ...]``.
+
+    Prepare appends it to the encoded user table (users seen only in interactions), and
+    serving starts an unknown user from it: one function, two callers.
+    """
+    out: Columns = {}
+    for name, st in tower.features.items():
+        if st.spec.table_column and name not in skip:
+            out.update(encode_feature(st.spec.null_array(st), st, name))
+    return out
+
+
+def id_feature_names(tower: TowerState, key: str) -> list[str]:
+    """The tower's id features: categorical features read from its key column."""
+    return [n for n, s in tower.features.items()
+            if s.type is FeatureKind.CATEGORICAL and s.source == key]
+
+
+def id_columns(tower: TowerState, key: str, ids: pa.Array) -> Columns:
+    """The id features of ``ids`` [N] raw keys, as prepared columns (``user__NAME``)."""
+    out: Columns = {}
+    for name in id_feature_names(tower, key):
+        out.update(prefixed(USER, encode_feature(ids, tower.features[name], name)))
+    return out
+
+
+def history_columns(tower: TowerState, ids: Mapping[str, np.ndarray],
+                    rows: Mapping[str, np.ndarray], item_feats: Mapping[str, np.ndarray]
+                    ) -> Columns:
+    """Every history column of a user tower from laid-out histories.
+
+    Args:
+        tower: the user tower's fitted state.
+        ids: sequence name -> [B, L] history vocabulary ids (0 = padding).
+        rows: sequence name -> [B, L] catalogue row of each position (-1 = padding or an
+            unknown item).
+        item_feats: item feature name -> [I] its encoded catalogue column.
+
+    Returns:
+        ``user__SEQ`` and ``user__SEQ__FEATURE`` -> [B, L] int64 (0 where ``rows`` is -1).
+    """
+    out: Columns = {}
+    for name, st in tower.features.items():
+        if st.type is not FeatureKind.SEQUENCE:
+            continue
+        at = rows[name]
+        out[column_name(USER, name)] = ids[name]
+        for f in st.item_features:
+            out[column_name(USER, name, f)] = np.where(at >= 0, item_feats[f][np.maximum(at, 0)],
+                                                       0)
+    return out
 
 
 def build_context(cfg: C.Config, fitted: FeatureStateSet, inter: Interactions,
                   users: pa.Table, items: pa.Table) -> RowContext:
     """Encode the tables and the per-interaction id / history columns."""
     d = cfg.data
-    id_names = [n for n, s in fitted.user.features.items()
-                if s.type == "categorical" and s.source == d.user_id]
-    user_feats = _encode_table(users, fitted.user, skip=id_names)
-    item_feats = {k: v[:-1] for k, v in _encode_table(items, fitted.item, []).items()}
+    id_names = id_feature_names(fitted.user, d.user_id)
+    encoded = encode_table(users, fitted.user, skip=id_names)
+    absent = absent_row(fitted.user, skip=id_names)  # the last row: users not in the table
+    user_feats = {k: np.concatenate([v, absent[k]]) for k, v in encoded.items()}
+    item_feats = encode_table(items, fitted.item)
     pos = pa.compute.index_in(inter.user_id, value_set=users[d.user_id]).fill_null(len(users))
-    id_feats: dict[str, np.ndarray] = {}
-    for n in id_names:
-        id_feats.update(encode_feature(inter.user_id, fitted.user.features[n], n))
+    id_feats = id_columns(fitted.user, d.user_id, inter.user_id)
     seq_ids, specs = {}, {}
     for name, st in fitted.user.features.items():
-        if st.type == "sequence":
+        if st.type is FeatureKind.SEQUENCE:
             seq_ids[name] = lookup(inter.item_id, st.vocab_array())
             specs[name] = (st.max_length, st.item_features)
     return RowContext(
@@ -93,22 +164,58 @@ def build_context(cfg: C.Config, fitted: FeatureStateSet, inter: Interactions,
         item_id=inter.item_id.to_numpy(zero_copy_only=False),
         timestamp=inter.timestamp, weight=inter.weight, item_index=inter.item_index,
         user_row=pos.to_numpy().astype(np.int64), group_start=inter.split.group_start,
-        user_id_feats=id_feats, user_feats=user_feats, item_feats=item_feats,
-        seq_ids=seq_ids, seq_specs=specs)
+        user_tower=fitted.user, user_id_feats=id_feats, user_feats=user_feats,
+        item_feats=item_feats,
+        seq_ids=seq_ids, seq_specs=specs, impressions=inter.impressions,
+        max_impressions=cfg.loss.max_impressions)
 
 
-def sequence_columns(ctx: RowContext, windows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """History columns from [B, L] windows of sorted positions (-1 = padding)."""
-    out = {}
-    for name, (_, item_features) in ctx.seq_specs.items():
-        win = windows[name]
-        valid = win >= 0
-        safe = np.where(valid, win, 0)
-        out[column_name(USER, name)] = np.where(valid, ctx.seq_ids[name][safe], 0)
-        for f in item_features:
-            vals = ctx.item_feats[f][ctx.item_index[safe]]
-            out[column_name(USER, name, f)] = np.where(valid, vals, 0)
-    return out
+def impression_rows(lists: pa.Array, catalogue_keys: pa.Array, column: str) -> Impressions:
+    """Map each interaction's list of item ids to catalogue rows; unknown and null ids dropped.
+
+    Args:
+        lists: [N] list<int | string> column of item ids (a null list: no impressions).
+        catalogue_keys: [I] the item table's keys, in catalogue order.
+        column: the column's name, for the error message.
+
+    Raises:
+        ValueError: naming the column when its ids cannot be compared with the item keys.
+    """
+    lengths = pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False)
+    try:
+        flat = pc.cast(pc.list_flatten(lists), catalogue_keys.type)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise ValueError(f"interactions column {column!r} (loss.impressions_column) holds ids "
+                         f"of type {lists.type.value_type} that do not convert to the item key "
+                         f"type {catalogue_keys.type}: {err}") from err
+    index = pc.index_in(flat, value_set=catalogue_keys)  # null: not in the catalogue
+    known = index.is_valid().to_numpy(zero_copy_only=False)
+    parent = np.repeat(np.arange(len(lengths)), lengths)  # [K'] interaction of each id
+    counts = np.bincount(parent[known], minlength=len(lengths))
+    rows = index.filter(pa.array(known)).to_numpy(zero_copy_only=False).astype(np.int64)
+    return Impressions(offsets=np.r_[0, np.cumsum(counts)].astype(np.int64), rows=rows)
+
+
+def impression_matrix(positions: np.ndarray, imp: Impressions, width: int) -> np.ndarray:
+    """[B, width] int64 catalogue rows of the first ``width`` impressions, -1 padded."""
+    start = imp.offsets[positions]
+    count = np.minimum(imp.offsets[positions + 1] - start, width)  # [B]
+    cols = np.arange(width)
+    valid = cols[None, :] < count[:, None]  # [B, width]
+    if not len(imp.rows):
+        return np.full(valid.shape, -1, np.int64)
+    take = np.where(valid, start[:, None] + cols[None, :], 0)
+    return np.where(valid, imp.rows[take], -1).astype(np.int64)
+
+
+def sequence_columns(ctx: RowContext, windows: Mapping[str, np.ndarray]) -> Columns:
+    """History columns from [B, L] windows of sorted positions (-1 = padding) per sequence."""
+    ids, rows = {}, {}
+    for name, win in windows.items():
+        safe = np.where(win >= 0, win, 0)
+        ids[name] = np.where(win >= 0, ctx.seq_ids[name][safe], 0)
+        rows[name] = np.where(win >= 0, ctx.item_index[safe], -1)
+    return history_columns(ctx.user_tower, ids, rows, ctx.item_feats)
 
 
 def build_rows(positions: np.ndarray, ctx: RowContext) -> dict[str, np.ndarray]:
@@ -116,8 +223,8 @@ def build_rows(positions: np.ndarray, ctx: RowContext) -> dict[str, np.ndarray]:
     p = positions
     out = {USER_KEY: ctx.user_id[p], ITEM_KEY: ctx.item_id[p], TIMESTAMP: ctx.timestamp[p],
            WEIGHT: ctx.weight[p], ITEM_INDEX: ctx.item_index[p]}
-    for name, arr in ctx.user_id_feats.items():
-        out[column_name(USER, name)] = arr[p]
+    for column, arr in ctx.user_id_feats.items():
+        out[column] = arr[p]
     urow = ctx.user_row[p]
     for name, arr in ctx.user_feats.items():
         out[column_name(USER, name)] = arr[urow]
@@ -127,6 +234,8 @@ def build_rows(positions: np.ndarray, ctx: RowContext) -> dict[str, np.ndarray]:
     irow = ctx.item_index[p]
     for name, arr in ctx.item_feats.items():
         out[column_name(ITEM, name)] = arr[irow]
+    if ctx.impressions is not None:
+        out[IMPRESSIONS] = impression_matrix(p, ctx.impressions, ctx.max_impressions)
     return out
 
 
@@ -206,10 +315,7 @@ def user_table(ctx: RowContext, inter: Interactions, users: pa.Table,
     ids = pa.concat_arrays([table_ids.cast(inter_ids.type), extra]) if len(extra) else table_ids
     group = pa.compute.index_in(ids, value_set=inter_ids).fill_null(-1).to_numpy()
     out = {fitted.user_id: ids.to_numpy(zero_copy_only=False)}
-    for name, st in fitted.user.features.items():
-        if st.type == "categorical" and st.source == fitted.user_id:
-            out.update({column_name(USER, k): v
-                        for k, v in encode_feature(ids, st, name).items()})
+    out.update(id_columns(fitted.user, fitted.user_id, ids))
     row = pa.compute.index_in(ids, value_set=table_ids).fill_null(len(table_ids)).to_numpy()
     out.update({column_name(USER, n): a[row] for n, a in ctx.user_feats.items()})
     end = np.where(group >= 0, ends[np.maximum(group, 0)], 0)

@@ -1,35 +1,83 @@
 """Fitted feature state: vocabularies and statistics, stored as JSON (never pickle).
 
-:func:`fit_feature` learns one feature's state from a column. The prepare job calls it
-with training interactions for id columns and with the user / item tables for metadata,
-so nothing is learned from validation or test targets. Vocabularies are ordered by count
-(descending) then value, which makes the state identical across runs on the same input.
+Each feature kind's module in :mod:`pipeline.features` fits its own state; :func:`fit_feature`
+dispatches to it through the registry. The prepare job fits id columns on training
+interactions and metadata on the user / item tables, so nothing is learned from validation
+or test targets. Vocabularies are ordered by count (descending) then value, which makes the
+state identical across runs on the same input.
+
+In memory a state's ``type``, ``pooling`` and ``transform`` are enums; the JSON file holds
+their values and :meth:`FeatureStateSet.load` turns them back.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import config as C
+if TYPE_CHECKING:
+    from pipeline.features.base import FeatureConfig, KindSpec
 
 STATE_VERSION = 1
 RESERVED = 2  # index 0 = padding / null, 1 = out of vocabulary
+
+
+class FeatureKind(str, enum.Enum):
+    """The built-in feature kinds: the ``type`` of a feature config and of its fitted state.
+
+    Each has one entry in :data:`pipeline.features.REGISTRY`; an extension kind registers a
+    member of its own str-Enum there instead.
+    """
+
+    CATEGORICAL = "categorical"
+    MULTI_HOT = "multi_hot"
+    TEXT = "text"
+    NUMERIC = "numeric"
+    DENSE_VECTOR = "dense_vector"
+    SEQUENCE = "sequence"
+
+
+class Pooling(str, enum.Enum):
+    """How a bag of embeddings (multi-hot, text) is reduced to one vector."""
+
+    MEAN = "mean"
+    SUM = "sum"
+
+
+class NumericTransform(str, enum.Enum):
+    """How a numeric column is turned into model input."""
+
+    NONE = "none"
+    STANDARDIZE = "standardize"
+    LOG = "log"  # log1p(max(x, 0)) then standardised
+    BUCKETIZE = "bucketize"
+
+
+def kind_spec(kind: str) -> KindSpec:
+    """The registry entry of a feature kind (an enum member or its value).
+
+    Raises:
+        ValueError: the kind is not registered; the message lists the registered kinds.
+    """
+    # Imported here, not at load time: the kind modules build FeatureState (import cycle).
+    from pipeline.features import spec_of
+
+    return spec_of(kind)
 
 
 @dataclass(frozen=True)
 class FeatureState:
     """Everything a transform and an embedding table need to know about one feature."""
 
-    type: str
+    type: FeatureKind  # or an extension kind's enum member
     source: str
     num_embeddings: int = 0  # rows of the embedding table (0: no table)
     embedding_dim: int = 0
@@ -37,8 +85,8 @@ class FeatureState:
     vocab_type: str | None = None  # "int64" | "string"
     hash_buckets: int | None = None
     max_length: int = 0
-    pooling: str | None = None
-    transform: str | None = None
+    pooling: Pooling | None = None
+    transform: NumericTransform | None = None
     mean: float = 0.0
     std: float = 1.0
     fill_value: float = 0.0
@@ -48,14 +96,30 @@ class FeatureState:
     item_features: list[str] = field(default_factory=list)
     vocab_of: str | None = None  # sequence: name of the item feature whose vocab it shares
 
+    def __post_init__(self) -> None:
+        # JSON files and hand-built states give plain strings; in memory they are enums.
+        object.__setattr__(self, "type", kind_spec(self.type).kind)
+        if self.pooling is not None:
+            object.__setattr__(self, "pooling", Pooling(self.pooling))
+        if self.transform is not None:
+            object.__setattr__(self, "transform", NumericTransform(self.transform))
+
+    @property
+    def spec(self) -> KindSpec:
+        """The registry entry of this feature's kind."""
+        return kind_spec(self.type)
+
+    def vocab_arrow_type(self) -> pa.DataType:
+        """The Arrow type of the raw values: int64 or string (also without a vocabulary)."""
+        return pa.int64() if self.vocab_type == "int64" else pa.string()
+
     def vocab_array(self) -> pa.Array:
         """The vocabulary as a typed pyarrow array (for ``pc.index_in``)."""
         if self.vocab is None:
             raise ValueError(f"feature on column {self.source!r} has no vocabulary")
         arr = self.__dict__.get("_vocab_array")
         if arr is None:  # built once per state object; transforms call this per batch
-            typ = pa.int64() if self.vocab_type == "int64" else pa.string()
-            arr = pa.array(self.vocab, typ)
+            arr = pa.array(self.vocab, self.vocab_arrow_type())
             object.__setattr__(self, "_vocab_array", arr)
         return arr
 
@@ -78,7 +142,7 @@ class FeatureStateSet:
     version: int = STATE_VERSION
 
     def to_json(self) -> str:
-        """Deterministic JSON text (sorted keys)."""
+        """Deterministic JSON text (sorted keys; str-Enum fields written as their values)."""
         return json.dumps(dataclasses.asdict(self), sort_keys=True, indent=1)
 
     def content_hash(self) -> str:
@@ -127,71 +191,12 @@ def fit_vocab(values: pa.Array, min_count: int, max_vocab: int | None) -> tuple[
     return (out[:max_vocab] if max_vocab else out), vtype
 
 
-def fit_feature(feat: C.Feature, values: pa.Array | None) -> FeatureState:
-    """Fit one non-sequence feature on a column (flattened lists for bags, tokens for text)."""
-    base = {"type": feat.type, "source": feat.source}
-    if isinstance(feat, C.CategoricalFeature):
-        if feat.hash_buckets:
-            return FeatureState(**base, hash_buckets=feat.hash_buckets,
-                                num_embeddings=feat.hash_buckets + RESERVED,
-                                embedding_dim=feat.embedding_dim)
-        vocab, vtype = fit_vocab(values, feat.min_count, feat.max_vocab)
-        return FeatureState(**base, vocab=vocab, vocab_type=vtype,
-                            num_embeddings=len(vocab) + RESERVED, embedding_dim=feat.embedding_dim)
-    if isinstance(feat, (C.MultiHotFeature, C.TextFeature)):
-        max_vocab = getattr(feat, "max_vocab", None)
-        vocab, vtype = fit_vocab(values, feat.min_count, max_vocab)
-        length = feat.max_length if isinstance(feat, C.MultiHotFeature) else feat.max_tokens
-        return FeatureState(**base, vocab=vocab, vocab_type=vtype, max_length=length,
-                            num_embeddings=len(vocab) + RESERVED, pooling=feat.pooling.value,
-                            embedding_dim=feat.embedding_dim)
-    if isinstance(feat, C.NumericFeature):
-        return _fit_numeric(feat, values, base)
-    if isinstance(feat, C.DenseVectorFeature):
-        return FeatureState(**base, dim=feat.dim)
-    raise TypeError(f"fit_feature does not fit {type(feat).__name__}")
+def fit_feature(feat: FeatureConfig, values: pa.Array | None) -> FeatureState:
+    """Fit one feature through its kind's registry entry.
 
-
-def _fit_numeric(feat: C.NumericFeature, values: pa.Array, base: dict) -> FeatureState:
-    x = pc.cast(values, pa.float64()).drop_null().to_numpy(zero_copy_only=False)
-    x = x[np.isfinite(x)]
-    if len(x) == 0:
-        raise ValueError(f"numeric feature {feat.name!r}: column {feat.source!r} has no values")
-    fill = {C.NullFill.MEAN: float(np.mean(x)), C.NullFill.MEDIAN: float(np.median(x)),
-            C.NullFill.ZERO: 0.0}[feat.fill]
-    filled = np.concatenate([x, np.full(len(values) - len(x), fill)])
-    common = {"transform": feat.transform.value, "fill_value": fill,
-              "missing_indicator": feat.missing_indicator}
-    if feat.transform is C.NumericTransform.BUCKETIZE:
-        bounds = feat.boundaries or _quantile_bounds(filled, feat.num_buckets)
-        return FeatureState(**base, **common, boundaries=[float(b) for b in bounds],
-                            num_embeddings=len(bounds) + 2, embedding_dim=feat.embedding_dim)
-    if feat.transform is C.NumericTransform.LOG:
-        filled = np.log1p(np.maximum(filled, 0.0))
-    std = float(np.std(filled))
-    return FeatureState(**base, **common, mean=float(np.mean(filled)),
-                        std=std if std > 0 else 1.0)
-
-
-def _quantile_bounds(x: np.ndarray, buckets: int) -> list[float]:
-    qs = np.quantile(x, np.linspace(0, 1, buckets + 1)[1:-1])
-    return sorted(set(float(q) for q in qs))
-
-
-def sequence_state(feat: C.SequenceFeature, item_ids: pa.Array, item_tower: TowerState,
-                   item_id_column: str) -> FeatureState:
-    """A sequence shares the vocabulary of the item tower's id feature when there is one.
-
-    Sharing makes the history ids and the item tower's id embedding index the same rows,
-    which is what tying the two embeddings needs.
+    Args:
+        feat: the feature's config.
+        values: the prepared column: flattened lists for bags, tokens for text, item ids
+            for a sequence (see ``KindSpec.fit_column`` for the raw column).
     """
-    for name, st in item_tower.features.items():
-        if st.type == "categorical" and st.source == item_id_column and st.vocab is not None:
-            return FeatureState(type="sequence", source=feat.name, vocab=st.vocab,
-                                vocab_type=st.vocab_type, num_embeddings=st.num_embeddings,
-                                max_length=feat.max_length, embedding_dim=feat.embedding_dim,
-                                item_features=list(feat.item_features), vocab_of=name)
-    vocab, vtype = fit_vocab(item_ids, 1, None)
-    return FeatureState(type="sequence", source=feat.name, vocab=vocab, vocab_type=vtype,
-                        num_embeddings=len(vocab) + RESERVED, max_length=feat.max_length,
-                        embedding_dim=feat.embedding_dim, item_features=list(feat.item_features))
+    return kind_spec(feat.type).fit(feat, values)

@@ -1,9 +1,10 @@
 """Pure batch transforms: raw columns -> fixed-shape numpy model inputs.
 
-One function per feature type, each ``(raw column, fitted state) -> np.ndarray``, and
-:func:`transform_tower` that applies a whole tower. The prepare job (through Ray Data) and
-the serving endpoint (on request JSON) call the same functions, so a request is encoded
-exactly as a training row was.
+The vectorised primitives the feature kinds (:mod:`pipeline.features`) encode with, each
+``(raw column, fitted state) -> np.ndarray``; :func:`encode_feature` encodes one feature
+through its kind's registry entry and :func:`transform_tower` a whole tower. The prepare
+job (through Ray Data) and the serving endpoint (on request JSON) call the same functions,
+so a request is encoded exactly as a training row was.
 
 Index convention for every vocabulary-backed feature: 0 = padding / null, 1 = out of
 vocabulary, 2.. = vocabulary entries in the fitted order. Bags (multi-hot, text) are
@@ -20,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.state import FeatureState, TowerState
+from pipeline.state import FeatureState, NumericTransform, TowerState
 
 PAD = 0
 OOV = 1
@@ -155,12 +156,12 @@ def encode_numeric(values: Any, state: FeatureState) -> tuple[np.ndarray, np.nda
     x = arr.fill_null(state.fill_value).to_numpy(zero_copy_only=False).astype(np.float64)
     missing |= ~np.isfinite(x)
     x = np.where(np.isfinite(x), x, state.fill_value)
-    if state.transform == "bucketize":
+    if state.transform is NumericTransform.BUCKETIZE:
         buckets = np.searchsorted(np.asarray(state.boundaries), x, side="right") + 1
         return buckets.astype(np.int64), missing.astype(np.float32)
-    if state.transform == "log":
+    if state.transform is NumericTransform.LOG:
         x = np.log1p(np.maximum(x, 0.0))
-    if state.transform in ("standardize", "log"):
+    if state.transform in (NumericTransform.STANDARDIZE, NumericTransform.LOG):
         x = (x - state.mean) / state.std
     return x.astype(np.float32), missing.astype(np.float32)
 
@@ -190,25 +191,17 @@ def encode_sequence(histories: Any, item_vocab: pa.Array, max_length: int) -> np
 
 
 def encode_feature(values: Any, state: FeatureState, name: str) -> dict[str, np.ndarray]:
-    """Encode one non-sequence feature; returns ``{name: array}`` (+ ``name__missing``)."""
-    kind = state.type
-    if kind == "categorical":
-        if state.hash_buckets:
-            return {name: hash_bucket(values, state.hash_buckets)}
-        return {name: lookup(values, state.vocab_array())}
-    if kind == "multi_hot":
-        return {name: encode_bag(values, state)}
-    if kind == "text":
-        return {name: encode_text(values, state)}
-    if kind == "numeric":
-        value, missing = encode_numeric(values, state)
-        out = {name: value}
-        if state.missing_indicator:
-            out[f"{name}__missing"] = missing
-        return out
-    if kind == "dense_vector":
-        return {name: encode_dense(values, state, name)}
-    raise ValueError(f"feature {name!r}: type {kind!r} is not a per-row feature")
+    """Encode one feature through its kind: ``{name: array}`` (+ e.g. ``name__missing``).
+
+    Args:
+        values: [B] raw values of the feature's column.
+        state: the feature's fitted state.
+        name: the feature name, the model input key.
+
+    Returns:
+        ``{input key: [B, ...] array}``.
+    """
+    return state.spec.encode(values, state, name)
 
 
 def transform_tower(
@@ -226,7 +219,7 @@ def transform_tower(
     """
     out: dict[str, np.ndarray] = {}
     for name, st in tower.features.items():
-        if st.type == "sequence" or name in skip:
+        if not st.spec.table_column or name in skip:  # e.g. a sequence: from interactions
             continue
         if st.source not in batch:
             raise ValueError(f"feature {name!r}: column {st.source!r} missing from the batch")

@@ -26,7 +26,8 @@ import pyarrow as pa
 
 from pipeline.columns import ITEM, SEEN, USER, column_name, prefixed, tower_columns
 from pipeline.io import column_to_numpy
-from pipeline.state import FeatureState, FeatureStateSet
+from pipeline.rows import absent_row, history_columns, id_columns, id_feature_names
+from pipeline.state import FeatureKind, FeatureState, FeatureStateSet
 from pipeline.transforms import encode_feature, encode_sequence, pad_bags
 from serve_app.schemas import FeatureValue, RawId, RequestError, UnknownItemError, UserQuery
 
@@ -48,41 +49,17 @@ class EncodedUser:
 
 
 def null_array(state: FeatureState) -> pa.Array:
-    """A one-row null of the raw type a feature is encoded from."""
-    if state.type in ("multi_hot", "dense_vector"):
-        inner = pa.float32() if state.type == "dense_vector" else _vocab_type(state)
-        return pa.nulls(1, pa.list_(inner))
-    if state.type == "numeric":
-        return pa.nulls(1, pa.float64())
-    return pa.nulls(1, pa.string() if state.type == "text" else _vocab_type(state))
-
-
-def _vocab_type(state: FeatureState) -> pa.DataType:
-    return pa.int64() if state.vocab_type == "int64" else pa.string()
+    """A one-row null of the raw type a feature is encoded from (its kind's registry entry)."""
+    return state.spec.null_array(state)
 
 
 def raw_array(value: FeatureValue, state: FeatureState) -> pa.Array:
-    """One raw JSON value as the one-row Arrow array its feature type is encoded from.
+    """One raw JSON value as the one-row Arrow array its feature kind is encoded from.
 
     Raises:
-        TypeError / ValueError / pyarrow.ArrowException: the value does not fit the type.
+        TypeError / ValueError / pyarrow.ArrowException: the value does not fit the kind.
     """
-    if value is None:
-        return null_array(state)
-    is_list = isinstance(value, list)
-    if state.type in ("multi_hot", "dense_vector") and not is_list:
-        raise ValueError(f"a {state.type} feature takes a list, got {type(value).__name__}")
-    if state.type not in ("multi_hot", "dense_vector") and is_list:
-        raise ValueError(f"a {state.type} feature takes a single value, not a list")
-    if state.type == "numeric":
-        if isinstance(value, str):
-            raise ValueError("a numeric feature takes a number, got a string")
-        return pa.array([value], pa.float64())
-    if state.type == "dense_vector":
-        return pa.array([value], pa.list_(pa.float32()))
-    if state.type == "text":
-        return pa.array([value], pa.string())
-    return pa.array([value])
+    return state.spec.raw_array(value, state)
 
 
 class IdMap:
@@ -136,9 +113,10 @@ class RequestEncoder:
         seen = users[SEEN].combine_chunks()
         self.seen_offsets = np.asarray(seen.offsets, dtype=np.int64)
         self.seen_rows = seen.values.to_numpy(zero_copy_only=False).astype(np.int64)
-        self.id_features = [n for n, s in self.state.features.items()
-                            if s.type == "categorical" and s.source == fitted.user_id]
-        self.sequences = {n: s for n, s in self.state.features.items() if s.type == "sequence"}
+        self.key = fitted.user_id
+        self.id_features = id_feature_names(self.state, fitted.user_id)
+        self.sequences = {n: s for n, s in self.state.features.items()
+                          if s.type is FeatureKind.SEQUENCE}
         self.item_features = {f: column_to_numpy(catalogue[column_name(ITEM, f)])
                               for s in self.sequences.values() for f in s.item_features}
         self.sources = self._sources()
@@ -148,20 +126,14 @@ class RequestEncoder:
         """Source column -> the non-id, non-sequence features a request may set from it."""
         out: dict[str, list[str]] = {}
         for name, st in self.state.features.items():
-            if st.type != "sequence" and name not in self.id_features:
+            if st.spec.table_column and name not in self.id_features:
                 out.setdefault(st.source, []).append(name)
         return out
 
     def _absent_row(self) -> Columns:
         """The row prepare gives a user absent from the user table: every feature null."""
-        row: Columns = {}
-        for name, st in self.state.features.items():
-            if st.type == "sequence":
-                row[column_name(USER, name)] = np.zeros((1, st.max_length), np.int64)
-                for f in st.item_features:
-                    row[column_name(USER, name, f)] = np.zeros((1, st.max_length), np.int64)
-            else:
-                row.update(prefixed(USER, encode_feature(null_array(st), st, name)))
+        row = prefixed(USER, absent_row(self.state, skip=self.id_features))
+        row.update(self._history_columns([], np.zeros(0, np.int64)))
         return row
 
     def user_row(self, user_id: RawId | None) -> int:
@@ -204,12 +176,8 @@ class RequestEncoder:
 
     def _id_columns(self, user_id: RawId | None) -> Columns:
         """The id features of a user not in users.parquet (unseen -> OOV, none -> padding)."""
-        out: Columns = {}
-        for name in self.id_features:
-            st = self.state.features[name]
-            values = null_array(st) if user_id is None else _id_array([user_id])
-            out.update(prefixed(USER, encode_feature(values, st, name)))
-        return out
+        ids = pa.nulls(1) if user_id is None else _id_array([user_id])
+        return id_columns(self.state, self.key, ids)
 
     def _feature_columns(self, features: dict[str, FeatureValue]) -> Columns:
         """Encode ``features`` (raw values by source column) with the fitted state."""
@@ -226,24 +194,19 @@ class RequestEncoder:
                     out.update(prefixed(USER, encode_feature(raw_array(value, st), st, name)))
                 except (ValueError, TypeError, pa.ArrowException) as err:
                     raise RequestError(("features", source), value, (
-                        f"features.{source}={value!r} cannot be encoded as the {st.type} "
+                        f"features.{source}={value!r} cannot be encoded as the {st.type.value} "
                         f"feature {name!r}: {err}")) from None
         return out
 
     def _history_columns(self, history: list[RawId], rows: np.ndarray) -> Columns:
         """Every sequence feature from raw history ids and their catalogue rows [N]."""
-        out: Columns = {}
         offsets = np.array([0, len(history)], np.int64)
-        ids = _id_array(history)
+        lists = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), _id_array(history))
+        ids, at = {}, {}
         for name, st in self.sequences.items():
-            lists = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), ids)
-            out[column_name(USER, name)] = encode_sequence(lists, st.vocab_array(),
-                                                           st.max_length)
-            for f in st.item_features:
-                values = np.where(rows >= 0, self.item_features[f][np.maximum(rows, 0)], 0)
-                out[column_name(USER, name, f)] = pad_bags(values.astype(np.int64), offsets,
-                                                           st.max_length, pre=True)
-        return out
+            ids[name] = encode_sequence(lists, st.vocab_array(), st.max_length)  # [1, L]
+            at[name] = pad_bags(rows + 1, offsets, st.max_length, pre=True) - 1  # -1: padding
+        return history_columns(self.state, ids, at, self.item_features)
 
 
 def _id_array(ids: list[Any]) -> pa.Array:

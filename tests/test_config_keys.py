@@ -79,7 +79,18 @@ def reads_in_sources(config_classes: set[str]) -> set[str]:
     return names
 
 
-MODELS = config_models(Config)
+def all_config_models() -> dict:
+    """Every section model, and every registered feature kind's config (the ``features``
+    union is built from the registry at validation time, so the walk adds them here)."""
+    from pipeline.features import REGISTRY
+
+    seen = config_models(Config)
+    for spec in REGISTRY.values():
+        config_models(spec.config, seen)
+    return seen
+
+
+MODELS = all_config_models()
 
 
 def test_the_walk_reaches_every_section():

@@ -1,4 +1,8 @@
-"""Feature encoders: one small module per input type, then one aggregation per tower.
+"""Feature encoders: one small module per input form, then one aggregation per tower.
+
+A feature's kind names its input form (``pipeline.features``); :data:`FORM_MODULES` maps
+each form to the module that embeds it, so a new kind that reuses a form needs no change
+here.
 
 Every module reads its own keys from the tower's batch ``features: dict[str, Tensor]``
 (the prepared column name without its ``user__`` / ``item__`` prefix), reports
@@ -17,8 +21,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from pipeline.columns import MISSING, input_key
 from pipeline.config import checks
 from pipeline.config.model import Aggregation, TowerConfig
+from pipeline.features import InputForm, NumericTransform, Pooling
 from pipeline.state import FeatureState, TowerState
 from pipeline.transforms import PAD
 
@@ -52,6 +58,21 @@ class FeatureModule(nn.Module):
     def __init__(self, name: str):
         super().__init__()
         self.name = name
+
+    @classmethod
+    def from_state(cls, name: str, state: FeatureState, cfg: TowerConfig,
+                   item_states: Mapping[str, FeatureState],
+                   shared: Mapping[str, nn.Embedding]) -> FeatureModule:
+        """The module of one fitted feature; subclasses pick what they need.
+
+        Args:
+            name: the feature name (its batch key).
+            state: its fitted state.
+            cfg: the tower's model config (projection widths).
+            item_states: the item tower's fitted features (a history's item features).
+            shared: item feature name -> the item tower's table to reuse.
+        """
+        return cls(name, state)
 
     def output_dim(self) -> int:
         """Width E of the embedding."""
@@ -87,7 +108,7 @@ class BagEmbedding(FeatureModule):
         super().__init__(name)
         self.table = embedding_table(state.num_embeddings, state.embedding_dim)
         self.length = state.max_length
-        self.mean = state.pooling != "sum"
+        self.mean = state.pooling is not Pooling.SUM
 
     def output_dim(self) -> int:  # noqa: D102
         return self.table.embedding_dim
@@ -109,7 +130,7 @@ class NumericInput(FeatureModule):
     def __init__(self, name: str, state: FeatureState, projection_dim: int | None):
         super().__init__(name)
         self.missing = state.missing_indicator
-        bucketized = state.transform == "bucketize"
+        bucketized = state.transform is NumericTransform.BUCKETIZE
         self.table = (embedding_table(state.num_embeddings, state.embedding_dim)
                       if bucketized else None)
         width = (state.embedding_dim if bucketized else 1) + int(self.missing)
@@ -117,13 +138,17 @@ class NumericInput(FeatureModule):
                         if projection_dim is not None and not bucketized else None)
         self.width = projection_dim if self.project is not None else width
 
+    @classmethod
+    def from_state(cls, name, state, cfg, item_states, shared) -> NumericInput:  # noqa: D102
+        return cls(name, state, cfg.numeric_projection_dim)
+
     def output_dim(self) -> int:  # noqa: D102
         return self.width
 
     def input_spec(self) -> Spec:  # noqa: D102
         spec = {self.name: ("int64" if self.table is not None else "float32", ())}
         if self.missing:
-            spec[f"{self.name}__missing"] = ("float32", ())
+            spec[input_key(self.name, MISSING)] = ("float32", ())
         return spec
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
@@ -131,7 +156,8 @@ class NumericInput(FeatureModule):
         value = features[self.name]
         x = self.table(value) if self.table is not None else value.unsqueeze(-1).float()
         if self.missing:
-            x = torch.cat([x, features[f"{self.name}__missing"].unsqueeze(-1).to(x.dtype)], -1)
+            flag = features[input_key(self.name, MISSING)].unsqueeze(-1)  # [B, 1]
+            x = torch.cat([x, flag.to(x.dtype)], -1)
         return self.project(x) if self.project is not None else x
 
 
@@ -141,6 +167,10 @@ class DenseProjection(FeatureModule):
     def __init__(self, name: str, state: FeatureState, projection_dim: int):
         super().__init__(name)
         self.project = nn.Linear(state.dim, projection_dim)
+
+    @classmethod
+    def from_state(cls, name, state, cfg, item_states, shared) -> DenseProjection:  # noqa: D102
+        return cls(name, state, cfg.dense_projection_dim)
 
     def output_dim(self) -> int:  # noqa: D102
         return self.project.out_features
@@ -180,19 +210,23 @@ class SequenceEmbedding(FeatureModule):
                 st.num_embeddings, st.embedding_dim)
         self.item_tables = nn.ModuleDict(tables)
 
+    @classmethod
+    def from_state(cls, name, state, cfg, item_states, shared) -> SequenceEmbedding:  # noqa: D102
+        return cls(name, state, item_states, shared)
+
     def output_dim(self) -> int:  # noqa: D102
         return self.id_table.embedding_dim + sum(t.embedding_dim
                                                  for t in self.item_tables.values())
 
     def input_spec(self) -> Spec:  # noqa: D102
         spec = {self.name: ("int64", (self.length,))}
-        spec.update({f"{self.name}__{f}": ("int64", (self.length,)) for f in self.item_tables})
+        spec.update({input_key(self.name, f): ("int64", (self.length,)) for f in self.item_tables})
         return spec
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         """[B, L] ids (+ [B, L] per item feature) -> [B, L, E] (id and features concatenated)."""
         parts = [self.id_table(features[self.name])]
-        parts += [t(features[f"{self.name}__{f}"]) for f, t in self.item_tables.items()]
+        parts += [t(features[input_key(self.name, f)]) for f, t in self.item_tables.items()]
         return torch.cat(parts, -1)
 
     def mask(self, features: dict[str, Tensor]) -> Tensor:
@@ -200,22 +234,29 @@ class SequenceEmbedding(FeatureModule):
         return features[self.name] != PAD
 
 
+FORM_MODULES: dict[InputForm, type[FeatureModule]] = {
+    InputForm.ID: CategoricalEmbedding,
+    InputForm.BAG: BagEmbedding,
+    InputForm.VALUE: NumericInput,
+    InputForm.VECTOR: DenseProjection,
+    InputForm.SEQUENCE: SequenceEmbedding,
+}
+
+
 def build_feature(name: str, state: FeatureState, cfg: TowerConfig,
                   item_states: Mapping[str, FeatureState],
                   shared: Mapping[str, nn.Embedding]) -> FeatureModule:
-    """The module for one fitted feature, chosen by its type."""
-    if state.type == "categorical":
-        return CategoricalEmbedding(name, state)
-    if state.type in ("multi_hot", "text"):
-        return BagEmbedding(name, state)
-    if state.type == "numeric":
-        return NumericInput(name, state, cfg.numeric_projection_dim)
-    if state.type == "dense_vector":
-        return DenseProjection(name, state, cfg.dense_projection_dim)
-    if state.type == "sequence":
-        return SequenceEmbedding(name, state, item_states, shared)
-    raise ValueError(f"feature {name!r}: type {state.type!r} has no encoder; accepted: "
-                     "categorical, multi_hot, text, numeric, dense_vector, sequence")
+    """The module for one fitted feature, chosen by its kind's input form.
+
+    Raises:
+        ValueError: the kind is not registered, or no module takes its form.
+    """
+    form = state.spec.form
+    if form not in FORM_MODULES:
+        raise ValueError(f"feature {name!r}: input form {form.value!r} of type "
+                         f"{state.type.value!r} has no encoder; accepted: "
+                         f"{[f.value for f in FORM_MODULES]}")
+    return FORM_MODULES[form].from_state(name, state, cfg, item_states, shared)
 
 
 class VariationalDropout(nn.Module):

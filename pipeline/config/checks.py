@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from pipeline.config.model import Aggregation, TowerConfig, TowerType
+from pipeline.state import FeatureKind
 
 SEQUENCE_TYPES = (TowerType.TRANSFORMER, TowerType.CNN)  # bodies that run over one sequence
 
@@ -28,7 +29,7 @@ def id_feature(features: Iterable[tuple[str, str, str]], key_column: str) -> str
         The feature name, or None when the tower has none.
     """
     return next((name for name, kind, source in features
-                 if kind == "categorical" and source == key_column), None)
+                 if kind == FeatureKind.CATEGORICAL and source == key_column), None)
 
 
 def selected_features(cfg: TowerConfig, names: Sequence[str], where: str) -> list[str]:

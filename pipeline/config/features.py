@@ -1,150 +1,47 @@
-"""The ``features`` section: one typed entry per tower input."""
+"""The ``features`` section: one typed entry per tower input.
+
+Each kind's config model lives in its module under :mod:`pipeline.features` and is
+re-exported here. An entry is validated as the model its ``type`` names in the kind
+registry, so registering a kind adds it to this section.
+"""
 
 from __future__ import annotations
 
-import enum
-from typing import Annotated, Literal, Union
+import functools
+from typing import Annotated, Any, Union
 
-from pydantic import Field, model_validator
+from pydantic import Field, PlainValidator, SerializeAsAny, TypeAdapter, model_validator
 
 from pipeline.config.base import StrictModel
+from pipeline.features.base import REGISTRY, FeatureConfig
+from pipeline.features.categorical import CategoricalFeature
+from pipeline.features.dense_vector import DenseVectorFeature
+from pipeline.features.multi_hot import MultiHotFeature
+from pipeline.features.numeric import NullFill, NumericFeature
+from pipeline.features.sequence import SequenceFeature
+from pipeline.features.text import TextFeature
+from pipeline.state import NumericTransform, Pooling
 
-
-class Pooling(str, enum.Enum):
-    """How a bag of embeddings (multi-hot, text) is reduced to one vector."""
-
-    MEAN = "mean"
-    SUM = "sum"
-
-
-class NumericTransform(str, enum.Enum):
-    """How a numeric column is turned into model input."""
-
-    NONE = "none"
-    STANDARDIZE = "standardize"
-    LOG = "log"  # log1p(max(x, 0)) then standardised
-    BUCKETIZE = "bucketize"
-
-
-class NullFill(str, enum.Enum):
-    """Which value replaces a null numeric before the transform."""
-
-    MEAN = "mean"
-    MEDIAN = "median"
-    ZERO = "zero"
-
-
-class _FeatureBase(StrictModel):
-    name: str = Field(description="Feature name: the model input key. Unique within a tower.")
-    column: str | None = Field(
-        default=None, description="Source column in the tower's table; defaults to `name`."
-    )
-
-    @property
-    def source(self) -> str:
-        """The column the feature is read from."""
-        return self.column or self.name
-
-
-class CategoricalFeature(_FeatureBase):
-    """A single value per row (ids included) mapped to an embedding row."""
-
-    type: Literal["categorical"] = "categorical"
-    min_count: int = Field(default=1, ge=1, description="Values seen fewer times go to OOV.")
-    max_vocab: int | None = Field(default=None, ge=1, description="Keep the most frequent N.")
-    hash_buckets: int | None = Field(
-        default=None, ge=1, description="Hash values into N buckets instead of a vocabulary."
-    )
-    embedding_dim: int = Field(default=16, ge=1, description="Embedding width.")
-
-    @model_validator(mode="after")
-    def _hash_or_vocab(self) -> CategoricalFeature:
-        if self.hash_buckets is not None and (self.min_count != 1 or self.max_vocab):
-            raise ValueError(
-                f"feature {self.name!r}: hash_buckets={self.hash_buckets} cannot be combined "
-                f"with min_count={self.min_count} or max_vocab={self.max_vocab} (no vocabulary "
-                "is fitted when hashing)"
-            )
-        return self
-
-
-class MultiHotFeature(_FeatureBase):
-    """A list column (e.g. genres, tags): a bag of vocabulary ids, padded to max_length."""
-
-    type: Literal["multi_hot"] = "multi_hot"
-    min_count: int = Field(default=1, ge=1, description="Values seen fewer times go to OOV.")
-    max_length: int = Field(default=8, ge=1, description="Values kept per row (padded with 0).")
-    embedding_dim: int = Field(default=16, ge=1, description="Embedding width.")
-    pooling: Pooling = Field(default=Pooling.MEAN, description="Bag pooling.")
-
-
-class TextFeature(_FeatureBase):
-    """A string column tokenised (lower-cased, split on non-alphanumerics) into token ids."""
-
-    type: Literal["text"] = "text"
-    min_count: int = Field(default=2, ge=1, description="Tokens seen fewer times go to OOV.")
-    max_tokens: int = Field(default=16, ge=1, description="Tokens kept per row.")
-    max_vocab: int | None = Field(default=50_000, ge=1, description="Keep the most frequent N.")
-    embedding_dim: int = Field(default=16, ge=1, description="Embedding width.")
-    pooling: Pooling = Field(default=Pooling.MEAN, description="Bag pooling.")
-
-
-class NumericFeature(_FeatureBase):
-    """A scalar column: standardised, log-scaled or bucketised; nulls filled and flagged."""
-
-    type: Literal["numeric"] = "numeric"
-    transform: NumericTransform = Field(default=NumericTransform.STANDARDIZE)
-    num_buckets: int = Field(default=10, ge=2, description="Quantile buckets for bucketize.")
-    boundaries: list[float] | None = Field(
-        default=None, description="Explicit sorted bucket boundaries (bucketize only)."
-    )
-    fill: NullFill = Field(default=NullFill.MEAN, description="Replacement for nulls.")
-    missing_indicator: bool = Field(default=True, description="Add a 0/1 null flag input.")
-    embedding_dim: int = Field(default=8, ge=1, description="Embedding width (bucketize).")
-
-    @model_validator(mode="after")
-    def _boundaries_need_bucketize(self) -> NumericFeature:
-        if self.boundaries is not None:
-            if self.transform is not NumericTransform.BUCKETIZE:
-                raise ValueError(
-                    f"feature {self.name!r}: boundaries are only used with transform=bucketize, "
-                    f"not transform={self.transform.value}"
-                )
-            if list(self.boundaries) != sorted(set(self.boundaries)):
-                raise ValueError(f"feature {self.name!r}: boundaries must be strictly increasing")
-        return self
-
-
-class DenseVectorFeature(_FeatureBase):
-    """A fixed-length pretrained embedding column (list<float> of length `dim`)."""
-
-    type: Literal["dense_vector"] = "dense_vector"
-    dim: int = Field(ge=1, description="Expected vector length; other lengths are an error.")
-
-
-class SequenceFeature(_FeatureBase):
-    """The user's most recent item ids, derived from the interactions (user tower only)."""
-
-    type: Literal["sequence"] = "sequence"
-    max_length: int = Field(default=50, ge=1, description="Most recent items kept.")
-    item_features: list[str] = Field(
-        default_factory=list,
-        description="Categorical item-tower features also looked up for each history item.",
-    )
-    embedding_dim: int = Field(default=32, ge=1, description="Item embedding width.")
-
-
-Feature = Annotated[
-    Union[
-        CategoricalFeature,
-        MultiHotFeature,
-        TextFeature,
-        NumericFeature,
-        DenseVectorFeature,
-        SequenceFeature,
-    ],
-    Field(discriminator="type"),
+__all__ = [
+    "CategoricalFeature", "DenseVectorFeature", "Feature", "FeatureConfig", "FeaturesConfig",
+    "MultiHotFeature", "NullFill", "NumericFeature", "NumericTransform", "Pooling",
+    "SequenceFeature", "TextFeature",
 ]
+
+
+@functools.lru_cache(maxsize=8)
+def _union(configs: tuple[type[FeatureConfig], ...]) -> TypeAdapter:
+    """The discriminated union of the registered configs: errors name the kind and field."""
+    return TypeAdapter(Annotated[Union[configs], Field(discriminator="type")])
+
+
+def _validate_feature(value: Any) -> FeatureConfig:
+    """One feature entry as the config model of the kind its ``type`` names."""
+    return _union(tuple(spec.config for spec in REGISTRY.values())).validate_python(value)
+
+
+# Any registered kind's config; dumped with its own fields, not only the base's.
+Feature = Annotated[SerializeAsAny[FeatureConfig], PlainValidator(_validate_feature)]
 
 
 class FeaturesConfig(StrictModel):
