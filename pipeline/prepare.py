@@ -5,7 +5,8 @@ This is pipeline's only Ray-facing module. Outputs under ``RUN_DIR/prepared/``:
 - ``train/``, ``validation/``, ``test/``: one row per interaction with the raw keys,
   ``item_index`` (row in ``items.parquet``), every encoded user feature (``user__NAME``,
   the history sequence built from strictly earlier interactions) and every encoded item
-  feature (``item__NAME``);
+  feature (``item__NAME``); with ``loss.impressions_column``, ``impressions`` [L]: the
+  catalogue rows of the first ``loss.max_impressions`` known impression ids, -1 padded;
 - ``items.parquet``: the encoded catalogue, one row per item, in ``item_index`` order;
 - ``users.parquet``: the encoded features and latest full history of every known user,
   plus ``seen_item_index`` (for serving: a known user id alone is enough);
@@ -24,13 +25,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline import config as C
-from pipeline import io, split, state, transforms
+from pipeline import io, split
+from pipeline.features import spec_of
+from pipeline.features.sequence import fit_history
 from pipeline.rows import (
     Interactions,
     SplitWriter,
     build_context,
+    impression_rows,
     write_local,
     write_splits,
     write_tables,
@@ -126,7 +131,7 @@ def read_tables(files: dict[str, io.TableFiles], cfg: C.Config, log: Log):
         table = pa.concat_tables(ray.get(list(ds.to_arrow_refs())), promote_options="default")
         log(f"[prepare] read {name}: {table.num_rows:,} rows from {len(tf.paths)} file(s)")
         out.append(table.combine_chunks())
-    return checked_tables(*out, cfg)
+    return checked_tables(*out, cfg, files)
 
 
 def read_local(files: dict[str, io.TableFiles], cfg: C.Config, log: Log):
@@ -141,16 +146,44 @@ def read_local(files: dict[str, io.TableFiles], cfg: C.Config, log: Log):
             columns=list(needed[name]))
         log(f"[prepare] read {name}: {table.num_rows:,} rows from {len(tf.paths)} file(s)")
         out.append(table.combine_chunks())
-    return checked_tables(*out, cfg)
+    return checked_tables(*out, cfg, files)
 
 
-def checked_tables(users: pa.Table, items: pa.Table, inter: pa.Table, cfg: C.Config
-                   ) -> tuple[pa.Table, pa.Table, pa.Table]:
-    """The three read tables, with unique non-null keys in users and items."""
+def checked_tables(users: pa.Table, items: pa.Table, inter: pa.Table, cfg: C.Config,
+                   files: dict[str, io.TableFiles]) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """The three read tables, with unique non-null keys in users and items, valid weights."""
     d = cfg.data
     for name, table, key in (("users", users, d.user_id), ("items", items, d.item_id)):
         _check_unique(name, table[key])
+    if d.weight and _bad_weights(inter[d.weight]).any():
+        _raise_bad_weight(files["interactions"], d.weight)
     return users, items, inter
+
+
+def _bad_weights(values: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """[N] bool, True where a weight is null, NaN, infinite or negative."""
+    w = pc.cast(values, pa.float64())
+    ok = pc.and_(pc.is_finite(w), pc.greater_equal(w, 0.0)).fill_null(False)
+    return ~ok.to_numpy(zero_copy_only=False)
+
+
+def _raise_bad_weight(files: io.TableFiles, column: str) -> None:
+    """Find the first file holding an invalid weight (read only on this error path) and say so.
+
+    Raises:
+        ValueError: naming the file, the column, the value and what is accepted.
+    """
+    for path in files.paths:
+        values = pq.read_table(path, columns=[column], filesystem=files.filesystem)[column]
+        bad = np.flatnonzero(_bad_weights(values))
+        if len(bad):
+            raise ValueError(
+                f"{files.name} table, file {path}: column {column!r} (data.weight) has "
+                f"{len(bad)} invalid weight(s), the first {values[int(bad[0])].as_py()!r} at "
+                f"row {int(bad[0])}; a weight must be a finite number >= 0 (no null, NaN "
+                "or negative values)")
+    raise ValueError(f"{files.name} table: column {column!r} (data.weight) has a null, NaN "
+                     "or negative weight; a weight must be a finite number >= 0")
 
 
 def _check_unique(name: str, keys: pa.ChunkedArray) -> None:
@@ -184,9 +217,13 @@ def order_interactions(raw: pa.Table, items: pa.Table, cfg: C.Config, log: Log) 
     o = sp.order
     weight = (raw[d.weight].to_numpy().astype(np.float32)[o] if d.weight
               else np.ones(len(o), np.float32))
+    imp_col = cfg.loss.impressions_column
+    imp = impression_rows(raw[imp_col].take(o).combine_chunks(),
+                          items[d.item_id].combine_chunks(), imp_col) if imp_col else None
     return Interactions(user_id=raw[d.user_id].take(o).combine_chunks(),
                         item_id=raw[d.item_id].take(o).combine_chunks(),
-                        timestamp=ts[o], weight=weight, item_index=item_index[o], split=sp)
+                        timestamp=ts[o], weight=weight, item_index=item_index[o], split=sp,
+                        impressions=imp)
 
 
 def fit_state(cfg: C.Config, inter: Interactions, users: pa.Table,
@@ -200,22 +237,18 @@ def fit_state(cfg: C.Config, inter: Interactions, users: pa.Table,
     def fit_tower(feats: list, table: pa.Table, key: str, key_values: pa.Array) -> TowerState:
         fitted = {}
         for f in feats:
-            if f.type == "sequence":
-                continue
-            col = key_values if f.source == key else table[f.source].combine_chunks()
-            if f.type == "text":
-                col = transforms.tokenize(col)
-            if f.type in ("multi_hot", "text"):
-                col = pc.list_flatten(col)
-            fitted[f.name] = state.fit_feature(f, col)
+            spec = spec_of(f.type)
+            if spec.table_column:  # sequences are fitted below, from the interactions
+                col = key_values if f.source == key else table[f.source].combine_chunks()
+                fitted[f.name] = spec.fit_column(f, col)
         return TowerState(fitted)
 
     item_tower = fit_tower(cfg.features.item, items, d.item_id, train_items)
     user_tower = fit_tower(cfg.features.user, users, d.user_id, train_users)
     feats = dict(user_tower.features)
     for f in cfg.features.user:
-        if f.type == "sequence":
-            feats[f.name] = state.sequence_state(f, train_items, item_tower, d.item_id)
+        if isinstance(f, C.SequenceFeature):
+            feats[f.name] = fit_history(f, train_items, item_tower, d.item_id)
     ordered = {f.name: feats[f.name] for f in cfg.features.user}
     return FeatureStateSet(user=TowerState(ordered), item=item_tower,
                            user_id=d.user_id, item_id=d.item_id)

@@ -66,7 +66,24 @@ def test_schema_matches_demo_config(small):
     assert read(small, "interactions").schema == pa.schema([
         ("user_id", pa.int64()), ("item_id", pa.int64()),
         ("timestamp", pa.int64()), ("weight", pa.float32()),
+        ("impressions", pa.list_(pa.int64())),
     ])
+
+
+def test_impressions_are_other_catalogue_items_of_the_same_topic(small):
+    inter, items = read(small, "interactions"), read(small, "items")
+    shown = inter["impressions"].combine_chunks()
+    lengths = shown.value_lengths().to_numpy()
+    ids = shown.flatten().to_numpy()
+    clicked = np.repeat(inter["item_id"].to_numpy(), lengths)  # [K] the row's click
+    assert shown.null_count == 0 and lengths.max() <= 5 and 2 < lengths.mean() < 4
+    assert np.isin(ids, items["item_id"].to_numpy()).all()
+    assert (ids != clicked).all()
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    assert len(np.unique(row * 1000 + ids)) == len(ids)  # no repeats within a row
+    # "near the clicked one": often the click's category (its topic), far above chance 1/12
+    category = np.asarray(items["category"].fill_null("?").to_pylist())
+    assert (category[ids - 1] == category[clicked - 1]).mean() > 0.4  # seed 0: 0.536
 
 
 def test_chunks_counts_and_time_order(small):

@@ -20,6 +20,7 @@ from training.losses import (
     pointwise_bce,
     retrieval_loss,
     softmax_cross_entropy,
+    weighted_mean,
 )
 from training.negatives import NegativeSampler
 
@@ -109,6 +110,76 @@ def test_composed_loss_hand_worked():
     cfg = LossConfig(mask_accidental_hits=True)
     got = retrieval_loss(q, cand, torch.tensor([0, 1]), torch.tensor([3, 4, 3]), cfg, 0.5, log_q)
     assert got.item() == pytest.approx((L1P + math.log(1.5 + math.exp(-2))) / 2, rel=1e-6)
+
+
+L1P1 = math.log1p(math.exp(-1.0))  # log(1 + e^-1) = 0.313262
+Q2 = torch.tensor([[2.0, 0.0], [0.0, 1.0]])  # with candidates I: scores [[2, 0], [0, 1]]
+PLAIN = {"logq_correction": False, "mask_accidental_hits": False}
+
+
+def _two_rows(weights=None, **cfg):
+    cfg = LossConfig(**{**PLAIN, **cfg})
+    return retrieval_loss(Q2, torch.eye(2), torch.tensor([0, 1]), torch.tensor([3, 4]), cfg,
+                          1.0, weights=weights).item()
+
+
+def test_weighted_softmax_hand_worked():
+    # scores [[2, 0], [0, 1]], t = 1: row 0 CE = log(1 + e^-2) = 0.126928,
+    # row 1 CE = log(1 + e^-1) = 0.313262; plain mean = 0.220095
+    # weights [3, 1]: (3 * 0.126928 + 1 * 0.313262) / (3 + 1) = 0.694046 / 4 = 0.173511
+    assert _two_rows() == pytest.approx((L1P + L1P1) / 2, rel=1e-6)
+    assert _two_rows(torch.tensor([3.0, 1.0])) == pytest.approx((3 * L1P + L1P1) / 4, rel=1e-6)
+    assert _two_rows(torch.tensor([3.0, 1.0])) == pytest.approx(0.173511, abs=1e-6)
+
+
+def test_weighted_bce_hand_worked():
+    # row 0 logits [2, 0], label col 0: BCE [log(1 + e^-2), log 2] -> mean 0.410038
+    # row 1 logits [0, 1], label col 1: BCE [log 2, log(1 + e^-1)] -> mean 0.503204
+    # weights [3, 1]: (3 * 0.410038 + 0.503204) / 4 = 1.733317 / 4 = 0.433329
+    row0, row1 = (L1P + math.log(2)) / 2, (math.log(2) + L1P1) / 2
+    assert _two_rows(kind="bce") == pytest.approx((row0 + row1) / 2, rel=1e-6)
+    got = _two_rows(torch.tensor([3.0, 1.0]), kind="bce")
+    assert got == pytest.approx((3 * row0 + row1) / 4, rel=1e-6)
+    assert got == pytest.approx(0.433329, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "bce"])
+def test_all_ones_weights_equal_the_unweighted_loss(kind):
+    q, cand, pos, ids, _, row_neg, row_ids = _random_batch(2)
+    cfg = LossConfig(kind=kind, logq_correction=False, impressions_column="imp")
+    plain = retrieval_loss(q, cand, pos, ids, cfg, 0.7, None, row_neg, row_ids)
+    ones = retrieval_loss(q, cand, pos, ids, cfg, 0.7, None, row_neg, row_ids,
+                          weights=torch.ones(len(q)))
+    assert ones.item() == pytest.approx(plain.item(), rel=1e-6)
+
+
+def test_weighted_mean_normaliser_and_zero_weights():
+    losses = torch.tensor([1.0, 4.0])
+    # (1 * 1 + 3 * 4) / 4 = 3.25; with a DDP normaliser of 2 (global sum / W): 13 / 2 = 6.5
+    assert weighted_mean(losses, torch.tensor([1.0, 3.0])).item() == pytest.approx(3.25)
+    assert weighted_mean(losses, torch.tensor([1.0, 3.0]), 2.0).item() == pytest.approx(6.5)
+    assert weighted_mean(losses, torch.zeros(2)).item() == 0.0  # not NaN
+    assert weighted_mean(losses).item() == pytest.approx(2.5)
+    with pytest.raises(ValueError, match=r"must be \[2\], one per row"):
+        weighted_mean(losses, torch.ones(3))
+
+
+def test_impression_is_only_its_own_rows_extra_negative():
+    # q = I, candidates = I (items 3, 4), t = 1, masking on, no log-Q.
+    # row 0's impression is item 7 with embedding [1, 0]; row 1's is item 4 (its own
+    # positive: an accidental hit) with embedding [0, 5]; second slots are padding (-1).
+    # score columns [in-batch 3, in-batch 4, impression slot 0, slot 1]:
+    #   row 0: [1, 0, 1, pad]        -> CE = log(e + 1 + e) - 1 = log(2 + e^-1) = 0.861995
+    #   row 1: [0, 1, hit 5, pad]    -> CE = log(1 + e^-1) = 0.313262
+    # mean = (0.861995 + 0.313262) / 2 = 0.587628. Item 7 is not a column of row 1: shared,
+    # it would add e^0 to row 1's denominator.
+    row_neg = torch.tensor([[[1.0, 0.0], [9.0, 9.0]], [[0.0, 5.0], [9.0, 9.0]]])  # [2, 2, 2]
+    row_ids = torch.tensor([[7, -1], [4, -1]])
+    cfg = LossConfig(logq_correction=False, impressions_column="imp")
+    got = retrieval_loss(torch.eye(2), torch.eye(2), torch.tensor([0, 1]), torch.tensor([3, 4]),
+                         cfg, 1.0, None, row_neg, row_ids)
+    assert got.item() == pytest.approx((math.log(2 + math.exp(-1)) + L1P1) / 2, rel=1e-6)
+    assert got.item() == pytest.approx(0.587628, abs=1e-6)
 
 
 def _oracle(q, cand, pos, cand_ids, cfg, t, log_q, row_neg, row_ids):

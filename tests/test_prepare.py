@@ -15,10 +15,11 @@ from pipeline.prepare import run_prepare
 from tests.conftest import TINY_CONFIG
 
 
-def tiny_cfg(root, **prepare):
+def tiny_cfg(root, loss=None, **prepare):
     raw = copy.deepcopy(TINY_CONFIG)
     raw["data"]["root"] = str(root)
     raw["prepare"].update(prepare)
+    raw["loss"] = loss or {}
     return parse_config(raw)
 
 
@@ -95,3 +96,39 @@ def test_wrong_type_names_file_and_column(ray_session, tiny_data, tmp_path):
     with pytest.raises(ValueError, match=r"part-1.parquet: column 'timestamp' has type string"):
         run_prepare(tiny_cfg(tiny_data), tmp_path / "run", log=lambda m: None)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), None], ids=["negative", "nan", "null"])
+def test_bad_weight_names_file_column_and_what_is_accepted(ray_session, tiny_data, tmp_path,
+                                                           bad):
+    part = tiny_data / "interactions" / "part-1.parquet"
+    t = pq.read_table(part)
+    t = t.set_column(3, "weight", pa.array([1.0, 1.0, bad, 1.0, 1.0], pa.float64()))
+    pq.write_table(t, part)
+    with pytest.raises(ValueError, match=r"part-1.parquet: column 'weight' \(data.weight\) "
+                                         r"has 1 invalid weight.*at row 2; a weight must be "
+                                         r"a finite number >= 0"):
+        run_prepare(tiny_cfg(tiny_data), tmp_path / "run", log=lambda m: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_impressions_written_as_catalogue_rows_padded(ray_session, tiny_data, tmp_path):
+    # file rows (user, item) and their impressions; catalogue rows 10..14 -> 0..4, 99 unknown
+    shown = [[12, 99, 14, 11],  # (1, 10) test: 99 dropped -> [2, 4, 1] -> first 2: [2, 4]
+             [13], [10, 11], [],  # (1, 11) train, (1, 12) train, (1, 13) validation
+             [14], [11], None,  # (2, 10) train, (2, 12) validation, (2, 14) test: null list
+             [12], [], [99, 10],  # (3, 11) train, (3, 11) validation, (3, 13) test
+             [10]]  # (3, 99): the interaction itself is dropped
+    parts = [tiny_data / "interactions" / f"part-{i}.parquet" for i in (0, 1)]
+    lists = pa.array(shown, pa.list_(pa.int32()))  # int32 ids against int64 item keys
+    for part, lo, hi in ((parts[0], 0, 6), (parts[1], 6, 11)):
+        pq.write_table(pq.read_table(part).append_column("shown", lists[lo:hi]), part)
+    cfg = tiny_cfg(tiny_data, loss={"impressions_column": "shown", "max_impressions": 2})
+    run_prepare(cfg, tmp_path / "run", log=lambda m: None)
+    got = {name: [r["impressions"] for r in read_split(tmp_path / "run", name)]
+           for name in ("train", "validation", "test")}
+    assert got == {"train": [[3, -1], [0, 1], [4, -1], [2, -1]],
+                   "validation": [[-1, -1], [1, -1], [-1, -1]],
+                   "test": [[2, 4], [-1, -1], [0, -1]]}
+    schema = pq.read_schema(next((tmp_path / "run" / "prepared" / "test").glob("*.parquet")))
+    assert schema.field("impressions").type == pa.list_(pa.int64(), 2)

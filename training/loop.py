@@ -64,8 +64,8 @@ def setup(cfg: Config, run_dir: Path, device: torch.device, world_size: int, ran
     module = wrap(TrainModule(model))
     catalogue = read_catalogue(run)
     num_items = len(next(iter(catalogue.values())))
-    task = RetrievalTask(cfg.loss, item_counts(run, num_items),
-                         to_tensors(catalogue), seed=cfg.train.seed)
+    task = RetrievalTask(cfg.loss, item_counts(run, num_items), to_tensors(catalogue),
+                         seed=cfg.train.seed, weighted=cfg.data.weight is not None)
     train_rows = read_prepare_manifest(run).rows["train"]
     steps = max(1, train_rows // max(1, world_size) // cfg.train.batch_size)
     opt = make_optimizer(module, cfg.train)

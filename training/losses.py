@@ -5,7 +5,8 @@ in the order of TFRS ``tasks/retrieval.py``:
 
     scores = query @ candidates.T (+ per-row negatives as extra columns)   [B, N (+ M)]
     -> temperature -> log-Q correction (shared columns only)
-    -> accidental-hit masking -> hard-negative mining -> softmax CE or pointwise BCE
+    -> accidental-hit masking -> hard-negative mining -> softmax CE or pointwise BCE [B]
+    -> weighted mean over rows, sum_i w_i * loss_i / sum_i w_i (plain mean without weights)
 
 Temperature comes before log-Q on purpose: the sampled-softmax estimator corrects the
 logits the softmax sees, ``s / t - log q``. Subtracting log q first would scale the
@@ -200,6 +201,36 @@ def pointwise_bce(
     return torch.where(valid_mask, bce, 0.0).sum(dim=1) / valid_mask.sum(dim=1)
 
 
+def weighted_mean(
+    losses: torch.Tensor, weights: torch.Tensor | None = None,
+    total: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """Per-example weighted mean: ``sum_i w_i * loss_i / total``, ``total = sum_i w_i``.
+
+    Weights are ``data.weight`` (finite, >= 0; prepare rejects anything else). A batch whose
+    weights are all 0 gives a loss of 0, not NaN (the normaliser is clamped to a tiny
+    positive number). Under DDP the caller passes ``total`` = the sum of weights over every
+    rank divided by the world size, so that DDP's average of the per-rank losses is the
+    weighted mean over the global batch (see :mod:`training.distributed`).
+
+    Args:
+        losses: [B] per-row losses.
+        weights: [B] per-row weights; None is the plain mean.
+        total: the normaliser; default ``weights.sum()``.
+
+    Returns:
+        Scalar loss.
+    """
+    if weights is None:
+        return losses.mean()
+    if weights.shape != losses.shape:
+        raise ValueError(f"weights {tuple(weights.shape)} must be [{losses.shape[0]}], one "
+                         "per row")
+    weights = weights.to(losses.dtype)
+    total = weights.sum() if total is None else total
+    return (weights * losses).sum() / torch.clamp(torch.as_tensor(total), min=1e-12)
+
+
 def _check_inputs(
     query: torch.Tensor,
     candidates: torch.Tensor,
@@ -247,8 +278,13 @@ def retrieval_loss(
     candidate_log_q: torch.Tensor | None = None,
     row_negatives: torch.Tensor | None = None,
     row_negative_ids: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    weight_total: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
-    """The retrieval loss of a batch: mean over rows of softmax CE or pointwise BCE.
+    """The retrieval loss of a batch: (weighted) mean over rows of softmax CE or pointwise BCE.
+
+    With ``weights`` the batch loss is ``sum_i w_i * loss_i / sum_i w_i`` (:func:`weighted_mean`;
+    under DDP ``weight_total`` carries the global normaliser), without it the plain mean.
 
     Columns are the shared candidates (in-batch items, then any sampled extra negatives),
     followed by each row's own negatives (impressions: shown, not clicked). A row negative
@@ -267,9 +303,11 @@ def retrieval_loss(
             ``cfg.logq_correction``.
         row_negatives: [B, M, D] per-row negative embeddings.
         row_negative_ids: [B, M] their item ids, -1 for padding.
+        weights: [B] per-row loss weights (``data.weight``), finite and >= 0.
+        weight_total: the weights' normaliser; default ``weights.sum()``.
 
     Returns:
-        Scalar mean loss.
+        Scalar (weighted) mean loss.
     """
     _check_inputs(query, candidates, positive_index, candidate_ids, cfg, candidate_log_q,
                   row_negatives, row_negative_ids)
@@ -292,5 +330,7 @@ def retrieval_loss(
         drop = drop | ~hard_negative_mask(scores, positive_index, cfg.hard_negatives)
         scores = mask_scores(scores, drop)
     if cfg.kind is LossKind.BCE:
-        return pointwise_bce(scores, positive_index, ~drop).mean()
-    return softmax_cross_entropy(scores, positive_index, cfg.label_smoothing, ~drop).mean()
+        per_row = pointwise_bce(scores, positive_index, ~drop)
+    else:
+        per_row = softmax_cross_entropy(scores, positive_index, cfg.label_smoothing, ~drop)
+    return weighted_mean(per_row, weights, weight_total)

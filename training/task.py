@@ -2,7 +2,8 @@
 
 As torchrec's ``TwoTowerTrainTask``: the model returns embeddings; this module turns a
 batch of prepared columns into a loss, with the in-batch candidates gathered from every
-worker.
+worker, each row's impressions (``loss.impressions_column``) as its own negatives, and each
+row weighted by ``data.weight`` when set.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.columns import ITEM, ITEM_INDEX, USER, tower_inputs
+from pipeline.columns import IMPRESSIONS, ITEM, ITEM_INDEX, USER, WEIGHT, tower_inputs
 from pipeline.config.loss import LossConfig
 from training.distributed import gather_no_grad, gather_with_grad, world_info
 from training.losses import retrieval_loss
@@ -32,53 +33,99 @@ class TrainModule(nn.Module):
         self.model = model
 
     def forward(self, user: Mapping[str, torch.Tensor], item: Mapping[str, torch.Tensor],
-                extra: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                extra: Mapping[str, torch.Tensor] | None = None,
+                row_items: Mapping[str, torch.Tensor] | None = None
+                ) -> dict[str, torch.Tensor]:
         """Compute the tensors of one batch's loss.
 
+        Args:
+            user: the user tower's inputs, [B, ...] each.
+            item: the item tower's inputs of each row's positive, [B, ...] each.
+            extra: item inputs of the shared sampled negatives, [M, ...] each, or None.
+            row_items: item inputs of each row's impressions, flattened to [B * L, ...].
+
         Returns:
-            ``user`` [B, D], ``item`` [B, D], ``extra`` [M, D] (or None) embeddings, the
-            scalar ``temperature`` and the scalar regulariser ``reg``.
+            ``user`` [B, D], ``item`` [B, D], ``extra`` [M, D] and ``row`` [B * L, D] (or
+            None) embeddings, the scalar ``temperature`` and the scalar regulariser ``reg``.
         """
         out = {"user": self.model.encode_user(dict(user)),
                "item": self.model.encode_item(dict(item)),
                "temperature": self.model.temperature(),
                "reg": self.model.regularization_loss()}
         out["extra"] = self.model.encode_item(dict(extra)) if extra else None
+        out["row"] = self.model.encode_item(dict(row_items)) if row_items else None
         return out
 
 
 class RetrievalTask:
-    """Batch -> loss: in-batch (global) softmax with log-Q, masking and shared negatives.
+    """Batch -> loss: in-batch (global) softmax with log-Q, masking, shared and per-row negatives.
 
     Args:
         cfg: the loss section.
         item_counts: [I] training interactions per item (log-Q, popularity sampling).
         catalogue: encoded catalogue columns ``item__*`` as tensors, [I, ...] each, used
-            to embed sampled extra negatives.
+            to embed sampled extra negatives and each row's impressions.
         seed: negatives are sampled with ``seed + rank`` so workers draw different ones.
+        weighted: weight each row's loss by its ``weight`` column (``data.weight`` is set).
     """
 
     def __init__(self, cfg: LossConfig, item_counts: np.ndarray,
-                 catalogue: Mapping[str, torch.Tensor], seed: int):
+                 catalogue: Mapping[str, torch.Tensor], seed: int, weighted: bool = False):
         rank, _ = world_info()
         self.cfg = cfg
+        self.weighted = weighted
         self.sampler = NegativeSampler(item_counts, cfg, seed=seed + rank)
         self.catalogue = dict(catalogue)
+
+    def _catalogue_rows(self, rows: torch.Tensor, device) -> dict[str, torch.Tensor]:
+        """Item-tower inputs of catalogue rows ``[K]`` (any device), on ``device``."""
+        rows = rows.cpu()
+        return tower_inputs({k: v[rows].to(device) for k, v in self.catalogue.items()}, ITEM)
 
     def _extra_negatives(self, device) -> tuple[dict | None, torch.Tensor | None,
                                                 torch.Tensor | None]:
         if not self.cfg.extra_negatives:
             return None, None, None
         ids, log_q = self.sampler.sample(self.cfg.extra_negatives)
-        feats = {k: v[ids].to(device) for k, v in self.catalogue.items()}
-        return tower_inputs(feats, ITEM), ids.to(device), log_q.to(device)
+        return self._catalogue_rows(ids, device), ids.to(device), log_q.to(device)
+
+    def _impressions(self, batch: Mapping[str, torch.Tensor]
+                     ) -> tuple[dict | None, torch.Tensor | None]:
+        """Item inputs of each row's impressions ([B * L, ...]) and their ids [B, L] (-1 = pad).
+
+        Per row, never gathered across workers. Padding embeds catalogue row 0 (a safe
+        index); the loss masks it by its id -1.
+        """
+        if self.cfg.impressions_column is None:
+            return None, None
+        if IMPRESSIONS not in batch:
+            raise ValueError(f"loss.impressions_column={self.cfg.impressions_column!r} is set "
+                             f"but the prepared rows have no {IMPRESSIONS!r} column; rerun "
+                             "prepare with this config")
+        ids = batch[IMPRESSIONS].long()  # [B, L]
+        return self._catalogue_rows(ids.clamp(min=0).reshape(-1), ids.device), ids
+
+    def _weights(self, batch: Mapping[str, torch.Tensor]
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Row weights [B] and their normaliser: the global sum over the world size.
+
+        DDP averages the per-rank losses, so ``sum_local w * l / (sum_global w / W)`` on
+        every rank averages to ``sum_global w * l / sum_global w``, exactly the weighted
+        mean over the global batch, also when local batches differ in size.
+        """
+        if not self.weighted:
+            return None, None
+        weights = batch[WEIGHT].float()  # [B]
+        _, world = world_info()
+        return weights, gather_no_grad(weights.sum()[None]).sum() / world
 
     def loss(self, module: nn.Module, batch: Mapping[str, torch.Tensor]
              ) -> tuple[torch.Tensor, dict[str, float]]:
         """Scalar training loss of one batch and its parts (as floats, for logging)."""
         device = batch[ITEM_INDEX].device
         extra, extra_ids, extra_log_q = self._extra_negatives(device)
-        out = module(tower_inputs(batch, USER), tower_inputs(batch, ITEM), extra)
+        row_items, row_ids = self._impressions(batch)
+        out = module(tower_inputs(batch, USER), tower_inputs(batch, ITEM), extra, row_items)
         rank, _ = world_info()
         candidates = gather_with_grad(out["item"])  # [W*B, D]: the global batch
         cand_ids = gather_no_grad(batch[ITEM_INDEX])  # [W*B]
@@ -93,8 +140,12 @@ class RetrievalTask:
             cand_ids = torch.cat([cand_ids, extra_ids])
             if log_q is not None:
                 log_q = torch.cat([log_q, extra_log_q])
+        row_neg = None if row_ids is None else out["row"].view(*row_ids.shape, -1)  # [B, L, D]
+        weights, weight_total = self._weights(batch)
         main = retrieval_loss(out["user"], candidates, positive, cand_ids, self.cfg,
-                              out["temperature"], candidate_log_q=log_q)
+                              out["temperature"], candidate_log_q=log_q, row_negatives=row_neg,
+                              row_negative_ids=row_ids, weights=weights,
+                              weight_total=weight_total)
         total = main + self.cfg.variational_dropout_weight * out["reg"]
         return total, {"loss": float(main.detach()), "reg": float(out["reg"].detach()),
                        "temperature": float(out["temperature"].detach())}

@@ -22,7 +22,10 @@ class DataConfig(StrictModel):
     user_id: str = Field(default="user_id", description="User key column (all tables).")
     item_id: str = Field(default="item_id", description="Item key column (all tables).")
     timestamp: str = Field(default="timestamp", description="Interaction time column.")
-    weight: str | None = Field(default=None, description="Optional interaction weight column.")
+    weight: str | None = Field(
+        default=None, description="Optional numeric interaction column: each row's loss weight "
+        "(finite, >= 0; the loss is sum w * loss / sum w)."
+    )
 
     def resolve(self, path: str) -> str:
         """Join a table path with `root` unless it is absolute or a URI."""

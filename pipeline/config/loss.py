@@ -44,7 +44,12 @@ class LossConfig(StrictModel):
         default=0, ge=0, description="Keep only the N highest-scoring negatives per row (0: all)."
     )
     impressions_column: str | None = Field(
-        default=None, description="Interaction list column of shown-not-clicked item ids."
+        default=None, description="Interaction list column of shown-not-clicked item ids, "
+        "each row's own extra negatives (ids not in the catalogue are dropped)."
+    )
+    max_impressions: int = Field(
+        default=20, ge=1, description="Impressions kept per row (the first ones); the "
+        "prepared [L] column is padded with -1."
     )
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0, description="Softmax only.")
     variational_dropout_weight: float = Field(

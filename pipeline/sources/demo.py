@@ -8,7 +8,8 @@ Output under ``OUT`` (the columns ``configs/demo.yaml`` reads):
   list<string>, ``title`` string, ``price`` float64, ``year`` int64, ``embedding``
   list<float32> of length :data:`EMBEDDING_DIM`.
 * ``interactions/part-XXXXX.parquet``: ``user_id`` int64, ``item_id`` int64,
-  ``timestamp`` int64 (unix seconds), ``weight`` float32; each user's rows in time order.
+  ``timestamp`` int64 (unix seconds), ``weight`` float32, ``impressions`` list<int64>
+  (items shown beside the clicked one and not clicked); each user's rows in time order.
 
 Planted structure: K latent topics (:data:`TOPICS`). Each item has a topic mixture
 (its main topic is its ``category``; title words, tags, price, year and the "pretrained"
@@ -18,7 +19,9 @@ timeline. A user's interactions are generated in time order: the topic is kept f
 previous interaction with probability :data:`P_SAME_TOPIC`, else drawn from the taste;
 the item is drawn from the popularity within that topic, or, with probability
 :data:`P_SEQUEL`, is the "sequel" of the previous item (a fixed item of the same topic).
-Interaction counts per user are log-normal, at least :data:`MIN_PER_USER`.
+Interaction counts per user are log-normal, at least :data:`MIN_PER_USER`. Each
+interaction also shows :data:`N_SHOWN` items drawn from the same topic's popularity; the
+clicked one and repeats are left out of its ``impressions``.
 
 Users are generated in chunks of about ``chunk_rows`` interactions, one users file and one
 interactions file per chunk, so 10^7 interactions never sit in memory at once. The output
@@ -60,6 +63,7 @@ EMBEDDING_DIM = 16
 MIN_PER_USER = 5
 P_SAME_TOPIC = 0.6
 P_SEQUEL = 0.2
+N_SHOWN = (2, 5)  # impressions drawn per interaction, inclusive range (before dropping)
 N_PHASES = 4  # taste drift is piecewise constant over this many phases of a user's timeline
 START_TIME = 1_600_000_000
 PART = "part-{:05d}.parquet"
@@ -311,12 +315,38 @@ def make_interactions(rng: np.random.Generator, world: World, lo: int, hi: int) 
                        rng.exponential(2 * 86400.0, n)).astype(np.int64)
     gap[pos == 0] = 0
     elapsed = np.cumsum(gap)
+    weight = (1 + rng.poisson(0.3, n)).astype(np.float32)
     return pa.table({
         "user_id": (user + lo + 1).astype(np.int64),
         "item_id": (items + 1).astype(np.int64),
         "timestamp": world.start[lo:hi][user] + elapsed - elapsed[first],
-        "weight": (1 + rng.poisson(0.3, n)).astype(np.float32),
+        "weight": weight,
+        "impressions": _impressions(rng, world.item_cdf, topics, items),
     })
+
+
+def _impressions(rng: np.random.Generator, item_cdf: np.ndarray, topics: np.ndarray,
+                 items: np.ndarray) -> pa.Array:
+    """Items shown beside each click: popular items of its topic, not the clicked one.
+
+    Args:
+        rng: drawn from after every other column, so those stay as before.
+        item_cdf: [K, I] cumulative P(item | topic).
+        topics: [N] topic of each interaction.
+        items: [N] clicked item index of each interaction.
+
+    Returns:
+        [N] list<int64> item ids (``index + 1``), at most ``N_SHOWN[1]`` per row, no repeats.
+    """
+    n, width = len(items), N_SHOWN[1]
+    shown = _sample_rows(item_cdf, np.repeat(topics, width), rng.random(n * width))
+    shown = shown.reshape(n, width)
+    count = rng.integers(N_SHOWN[0], width + 1, n)
+    keep = (np.arange(width)[None, :] < count[:, None]) & (shown != items[:, None])
+    for j in range(1, width):  # drop repeats of an earlier draw of the same row
+        keep[:, j] &= (shown[:, j:j + 1] != shown[:, :j]).all(axis=1)
+    offsets = np.r_[0, np.cumsum(keep.sum(axis=1))].astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(shown[keep] + 1, pa.int64()))
 
 
 def _taste_cdf(taste: np.ndarray, drift: np.ndarray) -> np.ndarray:
