@@ -82,19 +82,17 @@ def start_apps(run_dir: Path) -> tuple[str, dict]:
     """Serve on a free 127.0.0.1 port with both apps; returns (base URL, server settings)."""
     from ray import serve
 
-    from serve_app.app import app_config, build_app, deployment_options
+    from serve_app.app import deployment_options, run_app
 
-    _, cfg = app_config({"run_dir": str(run_dir)})
+    # the run's serve config, on a free local port: never the port of a running endpoint
+    cfg = run_app(run_dir, {"host": "127.0.0.1", "port": free_port()})
     opts = deployment_options(cfg)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"run_dir": str(run_dir)}), name="towerline", route_prefix="/")
     serve.run(floor_app(cfg.num_cpus, opts["max_ongoing_requests"]), name="floor",
               route_prefix="/floor")
     settings = {"num_cpus": cfg.num_cpus, "max_batch_size": cfg.max_batch_size,
                 "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
                 "max_ongoing_requests": opts["max_ongoing_requests"]}
-    return f"http://127.0.0.1:{port}", settings
+    return f"http://{cfg.host}:{cfg.port}", settings
 
 
 async def _load(url: str, bodies: list[dict], concurrency: int) -> dict:

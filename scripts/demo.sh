@@ -41,18 +41,12 @@ fi
 ray job submit --address "$dashboard" --working-dir . -- \
     python -m jobs.pipeline --config "$config" --output-dir "$run" --set "data.root=$data"
 
-# 4. The endpoint: configs/serve.yaml with this run directory, deployed with serve deploy.
-python - "$run" <<'EOF'
-import sys
-import yaml
-
-cfg = yaml.safe_load(open("configs/serve.yaml"))
-cfg["applications"][0]["args"]["run_dir"] = sys.argv[1]
-yaml.safe_dump(cfg, open(f"{sys.argv[1]}/serve.yaml", "w"), sort_keys=False)
-EOF
+# 4. The endpoint: configs/serve.yaml with this run directory and the host / port of the
+#    run's serve config (printed as the endpoint URL), deployed with serve deploy.
+endpoint=$(python -m serve_app.deploy_config "$run" --out "$run/serve.yaml")
 serve deploy --address "$dashboard" "$run/serve.yaml"
 for _ in $(seq 1 60); do
-    curl -sf http://127.0.0.1:8000/healthz >/dev/null && break
+    curl -sf "$endpoint/healthz" >/dev/null && break
     sleep 2
 done
 
@@ -61,11 +55,11 @@ user=$(python -c "import pyarrow.parquet as pq, json; \
 print(json.dumps(pq.read_table('$run/prepared/users.parquet').column(0)[0].as_py()))")
 echo
 echo "POST /recommend {\"user_id\": $user, \"k\": 5}"
-curl -s -X POST http://127.0.0.1:8000/recommend -H 'content-type: application/json' \
+curl -s -X POST "$endpoint/recommend" -H 'content-type: application/json' \
     -d "{\"user_id\": $user, \"k\": 5}"
 echo
 echo
 echo "Ray dashboard:  $dashboard   (jobs, Train runs, Serve)"
-echo "API docs:       http://127.0.0.1:8000/docs"
+echo "API docs:       $endpoint/docs"
 echo "Metrics:        $run/metrics.json"
 echo "Stop:           serve shutdown -y --address $dashboard && ray stop"

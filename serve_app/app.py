@@ -18,8 +18,15 @@ another model) leaves the old retriever serving and shows as ``rollout_error`` i
 ``GET /version``; only the first load raises (the deployment refuses to start). Check a run
 with ``python -m serve_app.check RUN_DIR`` before pointing ``user_config`` at it.
 
+    python -m serve_app.deploy_config RUN_DIR --out serve.yaml  # host / port of the run
+    serve deploy serve.yaml                                      # or: serve run serve.yaml
     serve run serve_app.app:build_app run_dir=/abs/path/RUN_DIR [num_replicas=2 ...]
-    serve deploy configs/serve.yaml
+
+HTTP: the run's ``serve.host`` / ``serve.port`` are Serve's ``http_options``, set when
+Serve starts, for every application on the node: :func:`run_app` (in code) passes them to
+``serve.start``, and :mod:`serve_app.deploy_config` writes them into the deploy YAML. A
+bare ``serve run serve_app.app:build_app`` has no way to pass them and uses Serve's
+defaults (127.0.0.1:8000).
 """
 
 # No ``from __future__ import annotations`` here: serve.ingress re-wraps the route methods,
@@ -58,7 +65,10 @@ from serve_app.schemas import (
 
 logger = logging.getLogger("ray.serve")
 DEPLOYMENT = "Retrieval"
-NOT_OVERRIDABLE = ("host", "port")  # HTTP options belong to `serve start` / http_options
+APP_NAME = "towerline"  # the application's name in configs/serve.yaml
+# Serve's HTTP proxy is shared by every application on a node: host / port are applied
+# when Serve starts (http_options), never as an application's builder argument.
+NOT_OVERRIDABLE = ("host", "port")
 
 app = FastAPI(title="Towerline retrieval", description=__doc__.split("\n\n")[0],
               version="1")
@@ -215,9 +225,15 @@ def app_config(args: dict[str, Any]) -> tuple[Path, ServeConfig]:
     unknown = sorted(set(args) - set(accepted))
     if unknown:
         raise ValueError(f"build_app args {unknown} are not accepted; accepted: run_dir, "
-                         f"{', '.join(accepted)} (host / port go in http_options)")
+                         f"{', '.join(accepted)} (host / port go in http_options: "
+                         "run_app or python -m serve_app.deploy_config)")
     saved = read_model_meta(RunDir(run_dir).model).config.serve.model_dump(mode="json")
     return run_dir, ServeConfig.model_validate({**saved, **args})
+
+
+def http_options(cfg: ServeConfig) -> dict[str, Any]:
+    """The serve config's HTTP fields as Serve's ``http_options`` (``serve.start``, YAML)."""
+    return {"host": cfg.host, "port": cfg.port}
 
 
 def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
@@ -249,7 +265,40 @@ def build_app(args: dict[str, Any]) -> Application:
     Returns:
         The bound deployment; its ``user_config`` is ``{"run_dir": RUN_DIR}``.
     """
-    run_dir, cfg = app_config(args)
+    return bind_app(*app_config(args))
+
+
+def bind_app(run_dir: Path, cfg: ServeConfig) -> Application:
+    """The deployment bound with ``cfg``'s options and ``user_config={"run_dir": ...}``."""
     return RetrievalDeployment.options(
         **deployment_options(cfg), user_config={"run_dir": str(run_dir)},
     ).bind(cfg.model_dump(mode="json"))
+
+
+def run_app(run_dir: str | Path, overrides: dict[str, Any] | None = None,
+            name: str = APP_NAME, route_prefix: str = "/") -> ServeConfig:
+    """Start Serve on the run's ``serve.host`` / ``serve.port`` and run the application.
+
+    Joins Ray as ``serve.start`` does. An already running Serve keeps its HTTP options
+    (Serve logs a warning that the new ones are ignored): one proxy serves every app.
+
+    Args:
+        run_dir: a run directory with model/, index/ and prepared/.
+        overrides: any ``ServeConfig`` field, host and port included (strings are parsed
+            as the field's type).
+        name: the application name.
+        route_prefix: the application's HTTP route prefix.
+
+    Returns:
+        The resolved serve config, host and port as passed to ``serve.start``.
+
+    Raises:
+        ValueError: an override that is not a ``ServeConfig`` field or not a valid value.
+    """
+    overrides = dict(overrides or {})
+    http = {k: overrides.pop(k) for k in NOT_OVERRIDABLE if k in overrides}
+    resolved_dir, cfg = app_config({"run_dir": str(run_dir), **overrides})
+    cfg = ServeConfig.model_validate({**cfg.model_dump(mode="json"), **http})
+    serve.start(http_options=http_options(cfg))
+    serve.run(bind_app(resolved_dir, cfg), name=name, route_prefix=route_prefix)
+    return cfg

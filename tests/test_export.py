@@ -1,8 +1,10 @@
-"""Tower export: torch.export round trip, fresh-process loading with torch only, sidecar."""
+"""Tower export: torch.export round trip, fresh-process loading with torch only, sidecar,
+parity with the eager model for every tower type, and the programs publish_model writes."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import warnings
@@ -11,8 +13,15 @@ import pytest
 import torch
 from tower_cases import batch_for, demo_state, model_config
 
+from indexing.batches import to_tensors
+from pipeline.columns import TOWERS, tower_columns, tower_inputs
+from pipeline.config.model import TowerType
+from pipeline.io import table_to_numpy
+from pipeline.run_dir import META_FILE, MODEL_FILE, RunDir, read_table
 from towers.export import export_tower, load_exported, sidecar_path
-from towers.model import build_two_tower, model_version
+from towers.exported import ExportedTower
+from towers.model import build_two_tower, load_trained, model_version
+from training.checkpoint import publish_model
 
 FRESH_PROCESS = """
 import sys, torch
@@ -123,17 +132,91 @@ def test_bad_exports_and_loads_say_what_is_wrong(exported, tmp_path):
         load_exported(tmp_path / "missing.pt2")
 
 
-@pytest.mark.parametrize("user", [
-    {"type": "cnn", "aggregation": "sum_item_multiply", "cnn": {"kernel_size": 2}},
-    {"type": "fusion", "fusion": {"groups": {"seq": ["history", "age"]}, "mode": "gating"}},
-])
-def test_other_bodies_export_with_a_dynamic_batch(user, tmp_path):
+# -- parity per tower type: the exported program is the eager tower in eval mode ----------
+
+ATOL = RTOL = 1e-5  # float32 eager vs the exported graph: the same ops, reassociation only
+PARITY_BATCHES = (1, 3, 17)  # below, at and above the export example's batch of 4
+# Transformer and CNN bodies run over a sequence, which only the user tower has (histories
+# are built from interactions): their case pairs them with an MLP item tower.
+TOWER_CASES = {
+    TowerType.MLP: dict(
+        user={"mlp": {"hidden": [16], "norm": "batch", "dropout": 0.3}},
+        item={"aggregation": "sum", "mlp": {"hidden": [16, 16], "dropout": 0.2}}),
+    TowerType.TRANSFORMER: dict(
+        user={"type": "transformer", "transformer": {"dim": 16, "num_layers": 1,
+                                                     "pooling": "mean", "dropout": 0.2}},
+        item={"mlp": {"hidden": [16], "norm": "batch"}}),
+    TowerType.CNN: dict(
+        similarity="dot",
+        user={"type": "cnn", "aggregation": "sum_item_multiply",
+              "cnn": {"kernel_size": 2, "channels": [8]}},
+        item={"mlp": {"hidden": [16]}}),
+    TowerType.FUSION: dict(
+        user={"type": "fusion", "fusion": {"groups": {"seq": ["history", "age"]},
+                                           "mode": "gating", "dim": 8}},
+        item={"type": "fusion", "fusion": {"groups": {"text": ["tags", "title"]},
+                                           "mode": "attention", "dim": 8}}),
+}
+
+
+def test_every_tower_type_has_a_parity_case():
+    assert set(TOWER_CASES) == set(TowerType)
+
+
+@pytest.fixture(scope="module", params=list(TOWER_CASES), ids=lambda t: t.value)
+def exported_case(request, tmp_path_factory):
+    """(model in eval mode, fitted state, folder of both exported towers) per tower type."""
+    torch.manual_seed(1)
     fitted = demo_state()
-    tower = build_two_tower(model_config(output_dim=8, similarity="dot", user=user),
-                            fitted).user_tower.eval()
-    export_tower(tower, "user", batch_for("user", fitted, 3), tmp_path / "u.pt2")
-    features = batch_for("user", fitted, 6, seed=2)
+    model = build_two_tower(model_config(output_dim=8, **TOWER_CASES[request.param]),
+                            fitted).train()
+    out = tmp_path_factory.mktemp(f"export-{request.param.value}")
+    for side in ("user", "item"):
+        getattr(model, f"encode_{side}")(batch_for(side, fitted, 16, seed=5))  # move BN stats
+        export_tower(getattr(model, f"{side}_tower"), side, batch_for(side, fitted, 4),
+                     out / f"{side}_tower.pt2")
+    return model.eval(), fitted, out
+
+
+@pytest.mark.parametrize("side", ["user", "item"])
+def test_exported_tower_equals_the_eager_model_in_eval(exported_case, side):
+    model, fitted, out = exported_case
+    loaded = ExportedTower(out / f"{side}_tower.pt2")
+    for batch in PARITY_BATCHES:
+        features = batch_for(side, fitted, batch, seed=100 + batch)  # not the export example
+        with torch.no_grad():
+            expected = getattr(model, f"encode_{side}")(features)
+        got = loaded(features)[f"{side}_emb"]
+        assert got.shape == (batch, 8)
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL,
+                                   msg=lambda m, b=batch: f"batch {b}: {m}")
+
+
+# -- publish: RUN_DIR/model/ programs equal the published weights ---------------------------
+
+@pytest.fixture(scope="module")
+def published(demo_trained, tmp_path_factory):
+    """A run directory whose model/ was written by publish_model from a checkpoint."""
+    src = RunDir(demo_trained)
+    run = RunDir(tmp_path_factory.mktemp("published") / "run")
+    shutil.copytree(src.prepared, run.prepared)
+    checkpoint = tmp_path_factory.mktemp("checkpoint")
+    for name in (MODEL_FILE, META_FILE):  # a checkpoint: weights and meta, no programs
+        shutil.copy2(src.model / name, checkpoint / name)
+    assert publish_model(checkpoint, run) == run.model
+    return run
+
+
+@pytest.mark.parametrize("tower", TOWERS)
+def test_published_program_equals_load_trained_on_prepared_rows(published, tower):
+    model, meta, _ = load_trained(published)
+    exported = ExportedTower(published.exported_tower(tower))
+    assert exported.spec["metadata"]["model_version"] == meta.model_version
+    table = read_table(published, tower)
+    columns = table_to_numpy(table, tower_columns(table.column_names, tower))
+    features = tower_inputs(to_tensors(columns), tower)  # every row of prepared/{tower}s
     with torch.no_grad():
-        expected = tower(features)
-    got = load_exported(tmp_path / "u.pt2")(features)["user_emb"]
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        expected = getattr(model, f"encode_{tower}")(features)
+    got = exported(features)[f"{tower}_emb"]
+    assert got.shape == (table.num_rows, meta.config.model.output_dim)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)

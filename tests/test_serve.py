@@ -1,7 +1,7 @@
 """Serving: request encoding without skew, exact answers, errors, version guard, rollout.
 
 Logic is tested in-process on a :class:`Retriever`; the HTTP tests share one deployment
-(``serve.run(build_app(...))`` on a free 127.0.0.1 port of the session's Ray), and the
+(``run_app``: Serve started on a free 127.0.0.1 port of the session's Ray), and the
 rollout test deploys ``configs/serve.yaml`` as a second application. The oracles are
 numpy over the batch job's files (``embeddings/*/model_version=V``), not the serving code.
 """
@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, demo_config
 
 APP, ROLLOUT_APP = "towerline", "towerline-rollout"
 HTTP_TIMEOUT = 30.0
@@ -84,12 +84,12 @@ def server(ray_session, demo_trained):
     import httpx
     from ray import serve
 
-    from serve_app.app import build_app
+    from serve_app.app import run_app
 
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"run_dir": str(demo_trained)}), name=APP, route_prefix="/")
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=HTTP_TIMEOUT)
+    cfg = run_app(demo_trained, {"host": "127.0.0.1", "port": str(port)}, name=APP)
+    assert (cfg.host, cfg.port) == ("127.0.0.1", port)  # the requests below go there
+    client = httpx.Client(base_url=f"http://{cfg.host}:{cfg.port}", timeout=HTTP_TIMEOUT)
     try:
         yield client
     finally:
@@ -225,6 +225,65 @@ def test_builder_reads_the_runs_serve_config_and_overrides(demo_trained):
         app_config({"run_dir": str(demo_trained), "port": 9000})
     with pytest.raises(ValueError, match="run_dir"):
         app_config({"num_replicas": 1})
+
+
+def test_http_options_carry_the_serve_configs_host_and_port():
+    from ray.serve.config import HTTPOptions
+
+    from pipeline.config.serve import ServeConfig
+    from serve_app.app import NOT_OVERRIDABLE, http_options
+
+    opts = http_options(ServeConfig(host="10.0.0.5", port=9001))
+    assert opts == {"host": "10.0.0.5", "port": 9001}
+    assert set(opts) == set(NOT_OVERRIDABLE)  # what builder args refuse, Serve gets here
+    assert (HTTPOptions(**opts).host, HTTPOptions(**opts).port) == ("10.0.0.5", 9001)
+
+
+def test_run_app_refuses_a_bad_override_before_starting_serve(demo_trained):
+    from serve_app.app import run_app
+
+    with pytest.raises(ValueError, match="port"):
+        run_app(demo_trained, {"port": 0})
+    with pytest.raises(ValueError, match=r"\['colour'\] are not accepted"):
+        run_app(demo_trained, {"colour": "red"})
+
+
+@pytest.fixture
+def run_on_port_9123(demo_trained, demo_data, tmp_path):
+    """A run whose model/meta.json holds a config with serve.host / serve.port overridden."""
+    from pipeline.run_dir import META_FILE, RunDir, read_model_meta, write_json
+
+    cfg = demo_config(demo_data, "serve.port=9123", "serve.host=0.0.0.0")
+    meta = read_model_meta(RunDir(demo_trained).model).model_copy(update={"config": cfg})
+    run = RunDir(tmp_path / "run")
+    run.model.mkdir(parents=True)
+    write_json(run.model / META_FILE, meta.model_dump(mode="json"))
+    return run.root
+
+
+def test_deploy_config_carries_the_runs_host_and_port(run_on_port_9123, tmp_path, capsys):
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve_app.deploy_config import main
+
+    out = tmp_path / "deploy.yaml"
+    assert main([str(run_on_port_9123), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == "http://127.0.0.1:9123"  # 0.0.0.0, reached locally
+    written = yaml.safe_load(out.read_text())
+    schema = ServeDeploySchema.model_validate(written)
+    assert (schema.http_options.host, schema.http_options.port) == ("0.0.0.0", 9123)
+    assert schema.applications[0].args == {"run_dir": str(run_on_port_9123.resolve())}
+    template = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
+    template["http_options"].update(host="0.0.0.0", port=9123)
+    template["applications"][0]["args"]["run_dir"] = str(run_on_port_9123.resolve())
+    assert written == template  # nothing else of the template changes
+
+
+def test_deploy_config_names_a_run_without_a_model(tmp_path, capsys):
+    from serve_app.deploy_config import main
+
+    assert main([str(tmp_path)]) == 1
+    assert "meta.json is missing" in capsys.readouterr().err
 
 
 def test_serve_yaml_is_a_valid_deploy_config():

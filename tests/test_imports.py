@@ -1,0 +1,136 @@
+"""The house's import rules (STYLE.md): who may import whom, checked two ways.
+
+Loaded modules, each in a fresh interpreter: importing any ``towers`` module loads no ray;
+importing the Serve side loads no ``training`` and none of the model classes (it runs the
+exported program). Source imports, by parsing every module with ``ast`` (imports inside
+functions included): nothing imports ``jobs``, and each package imports only packages at
+or below it in the dependency direction.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = ("pipeline", "towers", "indexing", "training", "serve_app", "jobs")  # lowest first
+SOURCE = LAYERS[:-1]  # the packages; jobs holds the entry points
+SERVE_MODULES = ["serve_app.app", "serve_app.retriever", "serve_app.check",
+                 "serve_app.deploy_config"]
+MODEL_CLASSES = ("towers.model", "towers.bodies", "towers.features")
+
+LOADED = """
+import sys
+names, forbidden = sys.argv[1].split(","), tuple(sys.argv[2].split(","))
+for name in names:
+    __import__(name)
+loaded = sorted(m for m in sys.modules if m in forbidden or m.startswith(
+    tuple(f + "." for f in forbidden)))
+print("ok", len(names), *loaded)
+"""
+
+
+def loaded_after_import(modules: list[str], forbidden: tuple[str, ...]) -> list[str]:
+    """Import ``modules`` in a fresh interpreter: the ``forbidden`` modules it loaded."""
+    done = subprocess.run([sys.executable, "-c", LOADED, ",".join(modules), ",".join(forbidden)],
+                          cwd=ROOT, text=True, capture_output=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-4000:]
+    status, count, *loaded = done.stdout.split()
+    assert (status, int(count)) == ("ok", len(modules)), done.stdout
+    return loaded
+
+
+def module_name(path: Path) -> str:
+    """``towers/export.py`` -> ``towers.export`` (a package's ``__init__`` is the package)."""
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def package_modules(package: str) -> list[Path]:
+    """Every ``.py`` file of a package, subpackages included."""
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+def imported_names(source: str, module: str, is_package: bool = False) -> list[tuple[int, str]]:
+    """(line, absolute module name) of every import in ``source``, at any depth.
+
+    Relative imports are resolved against ``module``; ``importlib.import_module("x")`` and
+    ``__import__("x")`` with a literal name count too.
+    """
+    package = module if is_package else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[:len(package.split(".")) - node.level + 1] \
+                if node.level else []
+            found.append((node.lineno, ".".join([*base, *([node.module] if node.module
+                                                            else [])])))
+        elif (isinstance(node, ast.Call) and node.args
+              and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
+              and getattr(node.func, "attr", getattr(node.func, "id", None))
+              in ("import_module", "__import__")):
+            found.append((node.lineno, node.args[0].value))
+    return found
+
+
+def project_imports(package: str) -> list[tuple[str, int, str]]:
+    """(file, line, top-level project package) of every project import in ``package``."""
+    out = []
+    for path in package_modules(package):
+        names = imported_names(path.read_text(encoding="utf-8"), module_name(path),
+                               path.name == "__init__.py")
+        out += [(str(path.relative_to(ROOT)), line, name.split(".")[0])
+                for line, name in names if name.split(".")[0] in LAYERS]
+    return out
+
+
+# -- loaded modules -----------------------------------------------------------------------
+
+def test_importing_towers_leaves_ray_out():
+    modules = ["towers", *(module_name(p) for p in package_modules("towers")
+                           if p.name != "__init__.py")]
+    assert {"towers.model", "towers.features", "towers.bodies", "towers.export",
+            "towers.exported"} <= set(modules)
+    assert loaded_after_import(modules, ("ray",)) == [], "importing towers loaded ray"
+
+
+def test_serving_loads_no_training_and_no_model_classes():
+    loaded = loaded_after_import(SERVE_MODULES, ("training", *MODEL_CLASSES))
+    assert loaded == [], f"importing {SERVE_MODULES} loaded {loaded}"
+
+
+# -- source imports -----------------------------------------------------------------------
+
+def test_the_scanner_sees_function_level_relative_and_dynamic_imports():
+    source = (  # one of each form, with its line number
+        "import os\n"                                   # 1
+        "from . import sibling\n"                       # 2
+        "def f():\n"                                    # 3
+        "    from jobs.cli import main\n"               # 4
+        "    import importlib\n"                        # 5
+        "    importlib.import_module('training.loop')\n"  # 6
+        "    from ..towers import model\n")             # 7
+    got = imported_names(source, "serve_app.sub.mod")
+    assert sorted(got) == [(1, "os"), (2, "serve_app.sub"), (4, "jobs.cli"),
+                           (5, "importlib"), (6, "training.loop"), (7, "serve_app.towers")]
+    assert imported_names("from . import x\n", "towers", is_package=True) == [(1, "towers")]
+
+
+def test_nothing_in_the_source_packages_imports_jobs():
+    offenders = [f"{f}:{line}" for pkg in SOURCE for f, line, top in project_imports(pkg)
+                 if top == "jobs"]
+    assert offenders == [], f"jobs is imported by {offenders}"
+
+
+@pytest.mark.parametrize("package", LAYERS)
+def test_a_package_imports_only_packages_at_or_below_it(package):
+    allowed = LAYERS[:LAYERS.index(package) + 1]
+    offenders = [f"{f}:{line} imports {top}" for f, line, top in project_imports(package)
+                 if top not in allowed]
+    assert offenders == [], f"{package} may import only {allowed}; {offenders}"
