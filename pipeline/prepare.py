@@ -68,27 +68,27 @@ def run_prepare(cfg: C.Config, run_dir: str | Path, log: Log = print,
     """
     t0 = time.perf_counter()
     files = files or validate_inputs(cfg)
-    reader, writer = (read_tables, write_splits) if ray_data else (read_local, write_local)
-    users, items, raw = reader(files, cfg, log)
+    users, items, raw = read_tables(files, cfg, log, ray_data=ray_data)
+    inputs = {t.name: t.paths for t in files.values()}
     run = RunDir(run_dir)
     with atomic_dir(run.prepared) as tmp:
-        manifest = prepare_tables(cfg, users, items, raw, tmp, writer, log)
-    manifest = manifest.model_copy(update={
-        "inputs": {t.name: t.paths for t in files.values()},
-        "seconds": round(time.perf_counter() - t0, 2)})
-    write_json(run.prepare_manifest, manifest.model_dump(mode="json"))
+        manifest = prepare_tables(cfg, users, items, raw, tmp,
+                                  write_splits if ray_data else write_local, log, inputs, t0)
     log(f"[prepare] wrote {run.prepared} in {manifest.seconds}s: {manifest.rows}")
     return manifest
 
 
 def prepare_tables(cfg: C.Config, users: pa.Table, items: pa.Table, raw: pa.Table,
-                   out: Path, write: SplitWriter, log: Log) -> PrepareManifest:
+                   out: Path, write: SplitWriter, log: Log,
+                   inputs: dict[str, list[str]] | None = None,
+                   started: float | None = None) -> PrepareManifest:
     """Split, fit, encode and write the prepared data of three read tables into ``out``.
 
     The one implementation of the step: the job passes the Ray Data split writer, the
-    benchmark's single-process baseline the local one. Writes ``out/manifest.json``.
+    benchmark's single-process baseline the local one. Writes ``out/manifest.json`` with
+    ``inputs`` (table -> files read) and the seconds since ``started`` (default: now).
     """
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() if started is None else started
     inter = order_interactions(raw, items, cfg, log)
     fitted = fit_state(cfg, inter, users, items)
     log(f"[prepare] fitted feature state {fitted.content_hash()} "
@@ -99,7 +99,7 @@ def prepare_tables(cfg: C.Config, users: pa.Table, items: pa.Table, raw: pa.Tabl
     fitted.save(out / FEATURE_STATE)
     manifest = PrepareManifest(
         feature_state_hash=fitted.content_hash(), rows=counts, items=items.num_rows,
-        users=n_users, interactions_read=raw.num_rows, inputs={}, config=cfg,
+        users=n_users, interactions_read=raw.num_rows, inputs=dict(inputs or {}), config=cfg,
         seconds=round(time.perf_counter() - t0, 2))
     write_json(out / MANIFEST, manifest.model_dump(mode="json"))
     return manifest
@@ -116,37 +116,36 @@ def validate_inputs(cfg: C.Config) -> dict[str, io.TableFiles]:
     return files
 
 
-def read_tables(files: dict[str, io.TableFiles], cfg: C.Config, log: Log):
-    """Read the three tables through Ray Data (file order kept) into Arrow tables."""
+def read_tables(files: dict[str, io.TableFiles], cfg: C.Config, log: Log,
+                ray_data: bool = True) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """Read users, items and interactions (file order kept), checked, as Arrow tables.
+
+    ``ray_data``: through Ray Data on the running Ray; otherwise pyarrow in this process.
+    """
+    needed = io.required_columns(cfg)
+    read = _read_ray if ray_data else _read_local
+    out = []
+    for name in ("users", "items", "interactions"):
+        tf = files[name]
+        table = read(tf, list(needed[name]))
+        log(f"[prepare] read {name}: {table.num_rows:,} rows from {len(tf.paths)} file(s)")
+        out.append(table.combine_chunks())
+    return checked_tables(*out, cfg, files)
+
+
+def _read_ray(tf: io.TableFiles, columns: list[str]) -> pa.Table:
     import ray
 
-    needed = io.required_columns(cfg)
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # row order breaks timestamp ties
-    out = []
-    for name in ("users", "items", "interactions"):
-        tf = files[name]
-        ds = ray.data.read_parquet(tf.paths, filesystem=tf.filesystem)
-        ds = ds.select_columns(list(needed[name]))
-        table = pa.concat_tables(ray.get(list(ds.to_arrow_refs())), promote_options="default")
-        log(f"[prepare] read {name}: {table.num_rows:,} rows from {len(tf.paths)} file(s)")
-        out.append(table.combine_chunks())
-    return checked_tables(*out, cfg, files)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # ties
+    ds = ray.data.read_parquet(tf.paths, filesystem=tf.filesystem).select_columns(columns)
+    return pa.concat_tables(ray.get(list(ds.to_arrow_refs())), promote_options="default")
 
 
-def read_local(files: dict[str, io.TableFiles], cfg: C.Config, log: Log):
-    """Read the three tables in this process with pyarrow (file order kept)."""
+def _read_local(tf: io.TableFiles, columns: list[str]) -> pa.Table:
     import pyarrow.dataset as pads
 
-    needed = io.required_columns(cfg)
-    out = []
-    for name in ("users", "items", "interactions"):
-        tf = files[name]
-        table = pads.dataset(tf.paths, filesystem=tf.filesystem, format="parquet").to_table(
-            columns=list(needed[name]))
-        log(f"[prepare] read {name}: {table.num_rows:,} rows from {len(tf.paths)} file(s)")
-        out.append(table.combine_chunks())
-    return checked_tables(*out, cfg, files)
+    return pads.dataset(tf.paths, filesystem=tf.filesystem, format="parquet").to_table(
+        columns=columns)
 
 
 def checked_tables(users: pa.Table, items: pa.Table, inter: pa.Table, cfg: C.Config,
