@@ -34,6 +34,7 @@ from pipeline.columns import (
     column_name,
     prefixed,
 )
+from pipeline.config import checks
 from pipeline.run_dir import TABLES
 from pipeline.state import FeatureKind, FeatureStateSet, TowerState
 from pipeline.transforms import encode_feature, lookup, transform_tower
@@ -104,8 +105,7 @@ def absent_row(tower: TowerState, skip: Sequence[str] = ()) -> Columns:
 
 def id_feature_names(tower: TowerState, key: str) -> list[str]:
     """The tower's id features: categorical features read from its key column."""
-    return [n for n, s in tower.features.items()
-            if s.type is FeatureKind.CATEGORICAL and s.source == key]
+    return checks.id_features(((n, s.type, s.source) for n, s in tower.features.items()), key)
 
 
 def id_columns(tower: TowerState, key: str, ids: pa.Array) -> Columns:

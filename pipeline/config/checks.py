@@ -18,18 +18,23 @@ from pipeline.state import FeatureKind
 SEQUENCE_TYPES = (TowerType.TRANSFORMER, TowerType.CNN)  # bodies that run over one sequence
 
 
-def id_feature(features: Iterable[tuple[str, str, str]], key_column: str) -> str | None:
-    """The tower's id feature: the first categorical feature read from its key column.
+def id_features(features: Iterable[tuple[str, str, str]], key_column: str) -> list[str]:
+    """The tower's id features: the categorical features read from its key column.
 
     Args:
         features: ``(name, type, source column)`` of each candidate feature, in tower order.
         key_column: the tower's key column (``data.user_id`` / ``data.item_id``).
 
     Returns:
-        The feature name, or None when the tower has none.
+        Their names, in tower order.
     """
-    return next((name for name, kind, source in features
-                 if kind == FeatureKind.CATEGORICAL and source == key_column), None)
+    return [name for name, kind, source in features
+            if kind == FeatureKind.CATEGORICAL and source == key_column]
+
+
+def id_feature(features: Iterable[tuple[str, str, str]], key_column: str) -> str | None:
+    """The tower's id feature (the multiplier of ``sum_item_multiply``): the first one."""
+    return next(iter(id_features(features, key_column)), None)
 
 
 def selected_features(cfg: TowerConfig, names: Sequence[str], where: str) -> list[str]:
