@@ -20,6 +20,8 @@ TIMESTAMP, WEIGHT = "timestamp", "weight"
 ITEM_INDEX = "item_index"  # catalogue row of the interaction's item
 IMPRESSIONS = "impressions"  # [L] catalogue rows shown but not clicked (-1 = padding)
 SEEN = "seen_item_index"  # users.parquet: every catalogue row the user interacted with
+# prepared/sequences/: each window's catalogue rows [L + 1] (-1 = padding) and their weights
+SEQUENCE_ITEMS, SEQUENCE_WEIGHTS = "sequence_item_index", "sequence_weight"
 MISSING = "missing"  # suffix of a numeric feature's null flag
 
 V = TypeVar("V")
@@ -58,6 +60,9 @@ def tower_columns(names: list[str], tower: str) -> list[str]:
 
 
 def model_columns(names: list[str]) -> list[str]:
-    """The columns a training batch needs: both towers' features, item index, weight."""
-    extra = (ITEM_INDEX, WEIGHT, IMPRESSIONS)
+    """The columns a training batch needs: both towers' features, item index, weight.
+
+    For a sequence window: the user tower's columns, its items and their weights.
+    """
+    extra = (ITEM_INDEX, WEIGHT, IMPRESSIONS, SEQUENCE_ITEMS, SEQUENCE_WEIGHTS)
     return [c for c in names if c.startswith((prefix(USER), prefix(ITEM))) or c in extra]

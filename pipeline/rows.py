@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,8 @@ from pipeline.columns import (
     ITEM_INDEX,
     ITEM_KEY,
     SEEN,
+    SEQUENCE_ITEMS,
+    SEQUENCE_WEIGHTS,
     TIMESTAMP,
     USER,
     USER_KEY,
@@ -35,7 +38,7 @@ from pipeline.columns import (
     prefixed,
 )
 from pipeline.config import checks
-from pipeline.run_dir import TABLES
+from pipeline.run_dir import SEQUENCES, TABLES
 from pipeline.state import FeatureKind, FeatureStateSet, TowerState
 from pipeline.transforms import encode_feature, lookup, transform_tower
 
@@ -123,7 +126,9 @@ def history_columns(tower: TowerState, ids: Mapping[str, np.ndarray],
 
     Args:
         tower: the user tower's fitted state.
-        ids: sequence name -> [B, L] history vocabulary ids (0 = padding).
+        ids: sequence name -> [B, L] history vocabulary ids (0 = padding), for each sequence
+            to lay out (every sequence of the tower, or the one training windows are cut
+            from).
         rows: sequence name -> [B, L] catalogue row of each position (-1 = padding or an
             unknown item).
         item_feats: item feature name -> [I] its encoded catalogue column.
@@ -132,9 +137,8 @@ def history_columns(tower: TowerState, ids: Mapping[str, np.ndarray],
         ``user__SEQ`` and ``user__SEQ__FEATURE`` -> [B, L] int64 (0 where ``rows`` is -1).
     """
     out: Columns = {}
-    for name, st in tower.features.items():
-        if st.type is not FeatureKind.SEQUENCE:
-            continue
+    for name in ids:
+        st = tower.features[name]
         at = rows[name]
         out[column_name(USER, name)] = ids[name]
         for f in st.item_features:
@@ -239,6 +243,60 @@ def build_rows(positions: np.ndarray, ctx: RowContext) -> dict[str, np.ndarray]:
     return out
 
 
+def build_sequence_rows(windows: np.ndarray, ctx: RowContext, sequence: str
+                        ) -> dict[str, np.ndarray]:
+    """Assemble training windows (pure; Ray Data's batch fn for ``prepared/sequences/``).
+
+    Args:
+        windows: [W, L + 1] sorted positions of each window (-1 = padding), from
+            :func:`pipeline.split.sequence_windows`; the last column is always real.
+        ctx: the row context.
+        sequence: the user sequence feature the windows are laid out as.
+
+    Returns:
+        The user's key and static features (as of the window's newest item), the history
+        columns of ``sequence`` over the whole window (``user__SEQ``, ``user__SEQ__F``:
+        [W, L + 1]), :data:`SEQUENCE_ITEMS` (catalogue rows, -1 = padding) and
+        :data:`SEQUENCE_WEIGHTS` (``data.weight`` of each item, 0 at padding).
+    """
+    newest = windows[:, -1]
+    out = {USER_KEY: ctx.user_id[newest]}
+    for column, arr in ctx.user_id_feats.items():
+        out[column] = arr[newest]
+    urow = ctx.user_row[newest]
+    for name, arr in ctx.user_feats.items():
+        out[column_name(USER, name)] = arr[urow]
+    out.update(sequence_columns(ctx, {sequence: windows}))
+    real, safe = windows >= 0, np.maximum(windows, 0)
+    out[SEQUENCE_ITEMS] = np.where(real, ctx.item_index[safe], -1).astype(np.int64)
+    out[SEQUENCE_WEIGHTS] = np.where(real, ctx.weight[safe], 0).astype(np.float32)
+    return out
+
+
+RowBuild = Callable[[np.ndarray, "RowContext"], dict[str, np.ndarray]]
+
+
+def outputs(ctx: RowContext, inter: Interactions, cfg: C.Config
+            ) -> list[tuple[str, np.ndarray, RowBuild]]:
+    """What prepare writes per folder: ``(name, rows to build, build function)``.
+
+    The three splits (one row per interaction), and ``sequences`` (the training split cut
+    into windows of the window sequence's ``max_length + 1`` items per user) when the user
+    features resolve one (:func:`pipeline.config.checks.window_feature`).
+    """
+    parts: list[tuple[str, np.ndarray, RowBuild]] = [
+        (name, inter.split.rows(code), build_rows) for code, name in split.SPLIT_NAMES.items()]
+    sequence = checks.window_feature(
+        cfg.sequence.feature, [f.name for f in cfg.features.user
+                               if isinstance(f, C.SequenceFeature)])
+    if sequence is not None:
+        length = ctx.seq_specs[sequence][0] + 1
+        windows = split.sequence_windows(inter.split.rows(split.TRAIN),
+                                         inter.split.group_start, length)
+        parts.append((SEQUENCES, windows, partial(build_sequence_rows, sequence=sequence)))
+    return parts
+
+
 SplitWriter = Callable[["RowContext", "Interactions", Path, C.Config, Callable[[str], None]],
                        dict[str, int]]  # writes train / validation / test, returns row counts
 
@@ -246,29 +304,29 @@ SplitWriter = Callable[["RowContext", "Interactions", Path, C.Config, Callable[[
 class _RowBuilder:
     """Ray Data batch function: fetches the context once per worker, then gathers."""
 
-    def __init__(self, ctx_ref, rows_ref):
+    def __init__(self, ctx_ref, rows_ref, build: RowBuild):
         self._refs = (ctx_ref, rows_ref)
+        self._build = build
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         import ray
 
         ctx, rows = ray.get(list(self._refs))
-        return io.to_arrow_table(build_rows(rows[batch["id"]], ctx))
+        return io.to_arrow_table(self._build(rows[batch["id"]], ctx))
 
 
 def write_splits(ctx: RowContext, inter: Interactions, out: Path, cfg: C.Config,
                  log) -> dict[str, int]:
-    """Write train / validation / test Parquet through Ray Data; returns row counts."""
+    """Write the splits (and sequences) as Parquet through Ray Data; returns row counts."""
     import ray
 
     ctx_ref = ray.put(ctx)
     counts = {}
-    for code, name in split.SPLIT_NAMES.items():
-        rows = inter.split.rows(code)
+    for name, rows, build in outputs(ctx, inter, cfg):
         counts[name] = int(len(rows))
         blocks = max(1, -(-len(rows) // cfg.prepare.rows_per_file))
         ds = ray.data.range(len(rows), override_num_blocks=blocks).map_batches(
-            _RowBuilder(ctx_ref, ray.put(rows)), batch_format="numpy",
+            _RowBuilder(ctx_ref, ray.put(rows), build), batch_format="numpy",
             batch_size=min(cfg.prepare.rows_per_file, 200_000), num_cpus=cfg.prepare.num_cpus)
         ds.write_parquet(str(out / name), min_rows_per_file=cfg.prepare.rows_per_file)
         log(f"[prepare] wrote {name}: {len(rows):,} rows")
@@ -277,15 +335,14 @@ def write_splits(ctx: RowContext, inter: Interactions, out: Path, cfg: C.Config,
 
 def write_local(ctx: RowContext, inter: Interactions, out: Path, cfg: C.Config,
                 log) -> dict[str, int]:
-    """Write the splits in this process (no Ray): the same rows, file by file."""
+    """Write the splits (and sequences) in this process (no Ray): the same rows."""
     counts = {}
     step = cfg.prepare.rows_per_file
-    for code, name in split.SPLIT_NAMES.items():
-        rows = inter.split.rows(code)
+    for name, rows, build in outputs(ctx, inter, cfg):
         counts[name] = int(len(rows))
         (out / name).mkdir(parents=True, exist_ok=True)
         for i in range(0, max(1, len(rows)), step):
-            table = io.to_arrow_table(build_rows(rows[i:i + step], ctx))
+            table = io.to_arrow_table(build(rows[i:i + step], ctx))
             pq.write_table(table, out / name / f"part-{i // step:05d}.parquet")
         log(f"[prepare] wrote {name}: {len(rows):,} rows")
     return counts

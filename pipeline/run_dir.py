@@ -3,8 +3,9 @@
 Every job reads and writes one ``RUN_DIR``::
 
     RUN_DIR/
-      prepared/     train/ validation/ test/ (Parquet), items.parquet, users.parquet,
-                    feature_state.json, manifest.json           <- jobs.prepare
+      prepared/     train/ validation/ test/ (Parquet), sequences/ (training windows),
+                    items.parquet, users.parquet, feature_state.json, manifest.json
+                                                                  <- jobs.prepare
       train/        Ray Train storage (checkpoints)               <- jobs.train
       plain/best/   the plain loop's best checkpoint              <- jobs.train --no-ray
       mlruns/       the default MLflow file store
@@ -42,6 +43,7 @@ from pipeline.io import table_to_numpy
 from pipeline.state import FeatureStateSet
 
 SPLITS = ("train", "validation", "test")
+SEQUENCES = "sequences"  # under prepared/: the training split cut into windows per user
 MODEL_FILE, OPTIM_FILE, META_FILE = "model.pt", "optimizer.pt", "meta.json"
 MANIFEST = "manifest.json"
 FEATURE_STATE = "feature_state.json"
@@ -65,9 +67,9 @@ class RunDir:
         return self.root / "prepared"
 
     def split(self, name: str) -> Path:
-        """``prepared/{train,validation,test}/``."""
-        if name not in SPLITS:
-            raise ValueError(f"split {name!r} is not one of {SPLITS}")
+        """``prepared/{train,validation,test}/`` or ``prepared/sequences/``."""
+        if name not in (*SPLITS, SEQUENCES):
+            raise ValueError(f"split {name!r} is not one of {(*SPLITS, SEQUENCES)}")
         return self.prepared / name
 
     def table(self, tower: str) -> Path:
@@ -265,7 +267,9 @@ def read_split(run: RunDir, name: str, columns: list[str] | None = None) -> pa.T
     """One split folder of the prepared data (all its files, in path order)."""
     path = run.split(name)
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run `python -m jobs.prepare` first")
+        why = (" with one user sequence feature (sequence.feature names it when there are "
+               "several)") if name == SEQUENCES else ""
+        raise FileNotFoundError(f"{path} is missing: run `python -m jobs.prepare`{why} first")
     return pads.dataset(str(path), format="parquet").to_table(columns=columns)
 
 

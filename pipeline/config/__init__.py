@@ -4,9 +4,10 @@ One module per section, each a strict pydantic model: ``data`` and ``prepare``
 (:mod:`~pipeline.config.data`: where the three Parquet tables are, their key columns, how
 the split is made), ``features`` (:mod:`~pipeline.config.features`: one typed entry per
 tower input), ``model``, ``loss``, ``train``, ``index`` and ``serve``. :class:`Config` holds
-them all and cross-checks the model against the features. Every model forbids unknown
-keys, so a typo is an error that names the key; ``tests/test_config_keys.py`` checks that
-code reads every key.
+them all and cross-checks the model against the features; ``sequence``
+(:mod:`~pipeline.config.sequence`) turns on training at every position of each sequence.
+Every model forbids unknown keys, so a typo is an error that names the key;
+``tests/test_config_keys.py`` checks that code reads every key.
 
 Overrides use dotted paths, e.g. ``--set data.root=/data/ml100k``, ``--set
 features.user.0.min_count=5``, and are applied to the raw mapping before validation.
@@ -39,14 +40,16 @@ from pipeline.config.features import (
 from pipeline.config.index import IndexConfig
 from pipeline.config.loss import LossConfig
 from pipeline.config.model import ModelConfig, TowerConfig, TowerType
+from pipeline.config.sequence import Candidates, Objective, SequenceConfig
 from pipeline.config.serve import ServeConfig
 from pipeline.config.train import TrainConfig
 
 __all__ = [
-    "CategoricalFeature", "Config", "DataConfig", "DenseVectorFeature", "Feature",
+    "Candidates", "CategoricalFeature", "Config", "DataConfig", "DenseVectorFeature", "Feature",
     "FeaturesConfig", "IndexConfig", "LossConfig", "ModelConfig", "MultiHotFeature",
     "NullFill", "NumericFeature", "NumericTransform", "Pooling", "PrepareConfig",
-    "SequenceFeature", "ServeConfig", "StrictModel", "TextFeature", "TowerConfig",
+    "Objective", "SequenceConfig", "SequenceFeature", "ServeConfig", "StrictModel",
+    "TextFeature", "TowerConfig",
     "TrainConfig", "apply_overrides", "load_config", "parse_config",
 ]
 
@@ -59,6 +62,7 @@ class Config(StrictModel):
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
+    sequence: SequenceConfig = Field(default_factory=SequenceConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
@@ -70,10 +74,17 @@ class Config(StrictModel):
         user_used, _ = _check_tower("model.user", self.model.user, user, self.data.user_id)
         _, item_id = _check_tower("model.item", self.model.item, item, self.data.item_id)
         item_dim = item[item_id].embedding_dim if item_id is not None else None
-        for name in user_used:
-            if isinstance(user[name], SequenceFeature):
-                checks.tie_sequence(self.model.tie_sequence_embedding, name,
-                                    user[name].embedding_dim, item_id, item_dim)
+        sequences = [n for n in user_used if isinstance(user[n], SequenceFeature)]
+        for name in sequences:
+            checks.tie_sequence(self.model.tie_sequence_embedding, name,
+                                user[name].embedding_dim, item_id, item_dim)
+        checks.sequence_mode(self.sequence.objective, self.sequence.feature, self.model.user,
+                             sequences)
+        if self.sequence.enabled and self.loss.impressions_column is not None:
+            raise ValueError(f"loss.impressions_column={self.loss.impressions_column!r} gives "
+                             "each interaction row its own negatives, which the sequence "
+                             f"mode (sequence.objective={self.sequence.objective.value}) does "
+                             "not train on; remove it or set sequence.objective to null")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from pipeline.config.model import Aggregation, TowerConfig, TowerType
+from pipeline.config.model import Aggregation, Norm, SequencePooling, TowerConfig, TowerType
+from pipeline.config.sequence import Objective
 from pipeline.state import FeatureKind
 
 SEQUENCE_TYPES = (TowerType.TRANSFORMER, TowerType.CNN)  # bodies that run over one sequence
@@ -168,3 +169,67 @@ def tie_sequence(flag: bool | None, sequence: str, sequence_dim: int, item_id: s
                 f"embedding_dim={item_dim}; accepted otherwise: null, false")
         return False
     return True
+
+
+def window_feature(feature: str | None, sequences: Sequence[str]) -> str | None:
+    """The user sequence that training windows are cut from: named, or the only one.
+
+    Args:
+        feature: ``sequence.feature`` (None: not named).
+        sequences: the user sequence features.
+
+    Returns:
+        Its name, or None when it is not among ``sequences`` or none is named and there is
+        not exactly one.
+    """
+    if feature is not None:
+        return feature if feature in sequences else None
+    return sequences[0] if len(sequences) == 1 else None
+
+
+def sequence_mode(objective: Objective | None, feature: str | None, cfg: TowerConfig,
+                  sequences: Sequence[str], where: str = "model.user") -> str | None:
+    """The user sequence trained at every position, checked against the user tower's body.
+
+    Args:
+        objective: ``sequence.objective`` (None: the interaction mode, nothing to check).
+        feature: ``sequence.feature`` (None: the tower's only sequence feature).
+        cfg: the user tower's config.
+        sequences: the user tower's selected sequence features.
+        where: config path of the user tower.
+
+    Returns:
+        The sequence feature's name (None in the interaction mode).
+
+    Raises:
+        ValueError: naming the setting, why the combination cannot train, and the fix.
+    """
+    if objective is None:
+        return None
+    mode = f"sequence.objective={objective.value}"
+    if cfg.type not in SEQUENCE_TYPES:
+        raise ValueError(f"{mode} trains one user state per position, but {where}.type="
+                         f"{cfg.type.value} pools the history into one vector; set {where}.type "
+                         "to transformer (or cnn with objective clm)")
+    if len(sequences) != 1 or window_feature(feature, sequences) is None:
+        raise ValueError(f"{mode} needs exactly one user sequence feature to cut windows from "
+                         f"(sequence.feature={feature!r}); {where} selects {list(sequences)}: "
+                         f"keep one (a second history would show each position items after it)")
+    section = cfg.type.value
+    body = getattr(cfg, section)
+    if objective is Objective.CLM and cfg.type is TowerType.TRANSFORMER and not body.causal:
+        raise ValueError(f"{mode} predicts item t + 1 at position t, but {where}.transformer."
+                         "causal=false lets position t attend to t + 1, its own target; set "
+                         f"{where}.transformer.causal=true (or objective mlm)")
+    if objective is Objective.MLM and (cfg.type is TowerType.CNN or body.causal):
+        setting = "type=cnn" if cfg.type is TowerType.CNN else "transformer.causal=true"
+        raise ValueError(f"{mode} predicts masked items from both sides, but {where}."
+                         f"{setting} only looks back; set {where}.type=transformer with "
+                         "transformer.causal=false (or objective clm)")
+    if body.pooling is not SequencePooling.LAST:
+        raise ValueError(f"{mode}: the user embedding is the last position's output, but "
+                         f"{where}.{section}.pooling={body.pooling.value}; set it to last")
+    if cfg.mlp.norm is Norm.BATCH:
+        raise ValueError(f"{mode}: {where}.mlp.norm=batch would mix positions and padding in "
+                         "its statistics; set it to layer or none")
+    return sequences[0]

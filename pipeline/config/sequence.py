@@ -1,0 +1,73 @@
+"""The ``sequence`` section: train the user tower at every position of each user's sequence.
+
+Without an ``objective`` training is one row per interaction (the history pooled into one
+user vector for one target). With one, prepare also writes each user's training items as
+windows (``prepared/sequences/``) and the loss is computed at every position of every
+window in one forward pass (Transformers4Rec's objectives):
+
+- ``clm`` (causal): position t sees items up to t and predicts item t + 1;
+- ``mlm`` (masked, BERT4Rec): a fraction of positions is replaced by a mask token and
+  predicted from both sides; at inference a mask token is appended after the last item.
+
+Candidates are the whole catalogue embedded by the item tower (full softmax) when it has
+at most ``full_softmax_max_items`` items, else every position's positive (gathered from all
+workers) plus ``loss.extra_negatives`` shared sampled negatives (sampled softmax with log-Q
+correction and accidental-hit masking, the ``loss`` section's settings).
+"""
+
+from __future__ import annotations
+
+import enum
+
+from pydantic import Field
+
+from pipeline.config.base import StrictModel
+
+
+class Objective(str, enum.Enum):
+    """What each position of a training sequence predicts."""
+
+    CLM = "clm"  # causal: the next item
+    MLM = "mlm"  # masked: the masked item, from both sides
+
+
+class Candidates(str, enum.Enum):
+    """Which items each position is scored against."""
+
+    AUTO = "auto"  # full below full_softmax_max_items, else sampled
+    FULL = "full"  # the whole catalogue through the item tower, every step
+    SAMPLED = "sampled"  # in-batch positives + loss.extra_negatives shared negatives
+
+
+class SequenceConfig(StrictModel):
+    """The sequence training mode (absent ``objective``: one row per interaction)."""
+
+    objective: Objective | None = Field(
+        default=None, description="clm or mlm: train at every position of each user's "
+        "sequence; null: one row per interaction (MLP towers, data without order)."
+    )
+    feature: str | None = Field(
+        default=None, description="The user sequence feature the windows are cut from and "
+        "the body runs over; default: the user tower's only sequence feature."
+    )
+    mask_probability: float = Field(
+        default=0.2, gt=0.0, lt=1.0, description="mlm: fraction of positions masked."
+    )
+    candidates: Candidates = Field(
+        default=Candidates.AUTO, description="auto, full (whole catalogue) or sampled."
+    )
+    full_softmax_max_items: int = Field(
+        default=50_000, ge=1, description="auto: full softmax up to this many catalogue "
+        "items, sampled softmax above."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """True when training runs over sequences (an objective is set)."""
+        return self.objective is not None
+
+    def full_softmax(self, num_items: int) -> bool:
+        """Whether a catalogue of ``num_items`` is scored in full (the one home of the rule)."""
+        if self.candidates is Candidates.AUTO:
+            return num_items <= self.full_softmax_max_items
+        return self.candidates is Candidates.FULL
