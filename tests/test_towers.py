@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -312,3 +314,19 @@ def test_model_version_is_a_deterministic_content_hash():
     with torch.no_grad():
         b.item_tower.output.bias[0] += 1e-3
     assert model_version(a) != model_version(b)
+
+
+def test_gating_aggregation_hand_worked_and_per_position():
+    # a = [1, 0], b = [0, 3] (width 2 each, no projection); gate logits = [sum(a,b), 0] = [4, 0]
+    # weights = softmax([4, 0]) = [0.982014, 0.017986] -> 0.982014 a + 0.017986 b
+    agg = Aggregator(Aggregation.GATING, {"a": 2, "b": 2}, None, None, "model.user")
+    with torch.no_grad():
+        agg.gate.weight.copy_(torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]))
+        agg.gate.bias.zero_()
+    a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 3.0]])
+    w = 1 / (1 + math.exp(-4))
+    torch.testing.assert_close(agg({"a": a, "b": b}), torch.tensor([[w, 3 * (1 - w)]]))
+    # [B, L, E] inputs: the same rule at every position
+    seq = agg({"a": a[:, None].expand(1, 3, 2), "b": b[:, None].expand(1, 3, 2)})
+    assert seq.shape == (1, 3, 2)
+    torch.testing.assert_close(seq[:, 1], agg({"a": a, "b": b}))

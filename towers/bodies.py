@@ -156,7 +156,10 @@ class SequenceTransformer(nn.Module):
     """Self-attention over a history: input projection, learned positions, blocks, pooling.
 
     Real positions attend to real positions (earlier ones only when causal); every
-    position may attend to itself, so no query row is fully masked.
+    position may attend to itself, so no query row is fully masked. With a mask token
+    (:meth:`add_mask_token`, the mlm objective) training replaces the masked positions'
+    inputs by it, and inference appends it after the most recent item (the oldest one
+    drops out of the window) so that the last position predicts what comes next.
     """
 
     def __init__(self, width: int, length: int, cfg: TransformerConfig):
@@ -167,13 +170,32 @@ class SequenceTransformer(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
         self.pool = SequencePool(cfg.dim, cfg.pooling)
         self.causal, self.width = cfg.causal, cfg.dim
+        self.mask_token: nn.Parameter | None = None
+
+    def add_mask_token(self) -> None:
+        """Learn a mask token of the input width (the mlm objective)."""
+        self.mask_token = nn.Parameter(torch.randn(self.input.in_features) * 0.02)
 
     def output_dim(self) -> int:
         """The transformer width ``dim``."""
         return self.width
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        """Encode a history: x [B, L, E], mask [B, L] -> [B, dim]."""
+    def states(self, x: Tensor, mask: Tensor, masked: Tensor | None = None
+               ) -> tuple[Tensor, Tensor]:
+        """Every position's state.
+
+        Args:
+            x: [B, L, E] embedded history.
+            mask: [B, L] bool, True at real positions.
+            masked: [B, L] bool, True where the input is replaced by the mask token
+                (training with the mlm objective), or None.
+
+        Returns:
+            [B, L, dim] states and the [B, L] mask of positions that count as real.
+        """
+        if masked is not None:
+            x = torch.where(masked.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+            mask = mask | masked
         mask = attendable(mask)
         n = x.shape[1]
         eye = torch.eye(n, dtype=torch.bool, device=x.device)
@@ -184,7 +206,15 @@ class SequenceTransformer(nn.Module):
         h = self.input(x) + self.position
         for block in self.blocks:
             h = block(h, allowed)
-        return self.pool(self.norm(h), mask)
+        return self.norm(h), mask
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Encode a history: x [B, L, E], mask [B, L] -> [B, dim]."""
+        if self.mask_token is not None:  # predict the next item from a mask after the last
+            token = self.mask_token.to(x.dtype).expand(x.shape[0], 1, -1)  # [B, 1, E]
+            x = torch.cat([x[:, 1:], token], 1)
+            mask = torch.cat([mask[:, 1:], torch.ones_like(mask[:, :1])], 1)
+        return self.pool(*self.states(x, mask))
 
 
 class SequenceCNN(nn.Module):
@@ -208,14 +238,24 @@ class SequenceCNN(nn.Module):
         """Channels of the last convolution (the input width when there is none)."""
         return self.width
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        """Encode a history: x [B, L, E], mask [B, L] -> [B, C]."""
+    def states(self, x: Tensor, mask: Tensor, masked: Tensor | None = None
+               ) -> tuple[Tensor, Tensor]:
+        """Every position's state: x [B, L, E], mask [B, L] -> ([B, L, C], [B, L] mask).
+
+        ``masked`` must be None: a causal convolution has no mask token.
+        """
+        if masked is not None:
+            raise ValueError("a CNN body looks back only and has no mask token (objective mlm)")
         mask = attendable(mask)
         keep = mask.unsqueeze(-1).to(x.dtype)  # [B, L, 1]
         h = x * keep
         for conv in self.convs:
             h = self.act(conv(F.pad(h.transpose(1, 2), (self.left, 0)))).transpose(1, 2) * keep
-        return self.pool(h, mask)
+        return h, mask
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Encode a history: x [B, L, E], mask [B, L] -> [B, C]."""
+        return self.pool(*self.states(x, mask))
 
 
 def pooled_vectors(encoded: Encoded) -> dict[str, Tensor]:
@@ -294,6 +334,26 @@ class SequenceBody(TowerBody):
         vectors = pooled_vectors(encoded)
         vectors[self.sequence] = self.sequence_encoder(encoded.sequences[self.sequence],
                                                      encoded.masks[self.sequence])
+        return self.mlp(self.aggregate(vectors))
+
+    def positions(self, encoded: Encoded, masked: Tensor | None = None) -> Tensor:
+        """Every position's output (the sequence training mode): -> [B, L, H].
+
+        Each position's state joins the other features (the same vector at every
+        position) through the same aggregation and MLP as :meth:`forward`, so with
+        ``pooling=last`` the last position's output equals :meth:`forward`'s (without a
+        mask token; with one, forward appends it).
+
+        Args:
+            encoded: the embedded features.
+            masked: [B, L] bool positions replaced by the mask token (mlm), or None.
+        """
+        h, _ = self.sequence_encoder.states(encoded.sequences[self.sequence],
+                                            encoded.masks[self.sequence], masked)  # [B, L, S]
+        length = h.shape[1]
+        vectors = {n: v.unsqueeze(1).expand(-1, length, -1)
+                   for n, v in pooled_vectors(encoded).items() if n != self.sequence}
+        vectors[self.sequence] = h
         return self.mlp(self.aggregate(vectors))
 
 

@@ -372,11 +372,14 @@ class FeatureEncoder(nn.Module):
 
 
 class Aggregator(nn.Module):
-    """Combines feature vectors into one (Transformers4Rec's three modes).
+    """Combines feature vectors into one (Transformers4Rec's three modes, plus gating).
 
     ``concat`` joins them; ``sum`` projects each vector whose width is not ``dim`` (default:
     the largest width) and adds them; ``sum_item_multiply`` adds the others the same way
-    and multiplies the sum element-wise by the (projected) id feature's embedding.
+    and multiplies the sum element-wise by the (projected) id feature's embedding;
+    ``gating`` projects them the same way and adds them weighted by a softmax gate that a
+    linear layer computes from all of them (per row, or per position of a sequence).
+    Vectors may carry extra leading dims (``[B, L, E]``): every mode works on the last.
 
     Args:
         mode: the aggregation.
@@ -398,17 +401,23 @@ class Aggregator(nn.Module):
             dim or max(widths.values()))
         self.project = nn.ModuleDict({} if mode is Aggregation.CONCAT else {
             n: nn.Linear(w, self.width) for n, w in widths.items() if w != self.width})
+        self.gate = (nn.Linear(len(widths) * self.width, len(widths))
+                     if mode is Aggregation.GATING else None)
 
     def output_dim(self) -> int:
         """Width of the aggregated vector."""
         return self.width
 
     def forward(self, vectors: dict[str, Tensor]) -> Tensor:
-        """{name: [B, E_name]} -> [B, output_dim]."""
+        """{name: [..., E_name]} -> [..., output_dim]."""
         if self.mode is Aggregation.CONCAT:
             return torch.cat([vectors[n] for n in self.names], -1)
         xs = {n: self.project[n](vectors[n]) if n in self.project else vectors[n]
               for n in self.names}
+        if self.gate is not None:
+            stacked = torch.stack(list(xs.values()), -2)  # [..., F, W]
+            weights = torch.softmax(self.gate(stacked.flatten(-2)), -1)  # [..., F]
+            return (weights.unsqueeze(-1) * stacked).sum(-2)
         if self.id_name is None:
             return torch.stack(list(xs.values())).sum(0)
         others = torch.stack([x for n, x in xs.items() if n != self.id_name]).sum(0)

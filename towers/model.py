@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from pipeline.config import checks
 from pipeline.config.model import ModelConfig, TowerConfig
+from pipeline.config.sequence import Objective, SequenceConfig
 from pipeline.run_dir import MODEL_FILE, ModelMeta, RunDir, load_fitted, read_model_meta
 from pipeline.state import FeatureKind, FeatureState, FeatureStateSet, TowerState
 from towers import bodies
@@ -76,7 +77,31 @@ class Tower(nn.Module):
         Returns:
             [B, D] embeddings (unit norm when the similarity is cosine).
         """
-        emb = self.output(self.body(self.encoder(features)))
+        return self._project(self.body(self.encoder(features)))
+
+    def positions(self, features: dict[str, Tensor], masked: Tensor | None = None) -> Tensor:
+        """Embed every position of each history (the sequence training mode).
+
+        Args:
+            features: the tower's inputs, each [B, ...] (the history [B, L]).
+            masked: [B, L] bool positions whose input is the mask token (mlm), or None.
+
+        Returns:
+            [B, L, D] embeddings; the last position's is :meth:`forward`'s (clm).
+
+        Raises:
+            ValueError: the body pools its history (it has no per-position output).
+        """
+        positions = getattr(self.body, "positions", None)
+        if positions is None:
+            raise ValueError(f"model.{self.name}.type={type(self.body).__name__} has no "
+                             "per-position output; the sequence mode needs a transformer or "
+                             "cnn body")
+        return self._project(positions(self.encoder(features), masked))
+
+    def _project(self, hidden: Tensor) -> Tensor:
+        """Body output [..., H] -> [..., D] (L2-normalised for cosine)."""
+        emb = self.output(hidden)
         return F.normalize(emb, dim=-1) if self.normalize else emb
 
 
@@ -116,6 +141,11 @@ class TwoTowerModel(nn.Module):
     def encode_item(self, features: dict[str, Tensor]) -> Tensor:
         """Item-tower inputs -> [N, D]."""
         return self.item_tower(features)
+
+    def encode_user_positions(self, features: dict[str, Tensor],
+                              masked: Tensor | None = None) -> Tensor:
+        """User-tower inputs -> [B, L, D], one embedding per history position."""
+        return self.user_tower.positions(features, masked)
 
     def temperature(self) -> Tensor:
         """Scalar temperature (the fixed value, or the learned one clamped)."""
@@ -162,11 +192,14 @@ def shared_tables(model_cfg: ModelConfig, fitted: FeatureStateSet,
     return out
 
 
-def build_two_tower(model_cfg: ModelConfig, fitted: FeatureStateSet) -> TwoTowerModel:
+def build_two_tower(model_cfg: ModelConfig, fitted: FeatureStateSet,
+                    sequence: SequenceConfig | None = None) -> TwoTowerModel:
     """Build both towers from the model config and the fitted feature state.
 
     The item tower comes first; user histories tied to it (``tie_sequence_embedding`` true,
-    or null with equal widths) share its id and item-feature tables.
+    or null with equal widths) share its id and item-feature tables. With
+    ``sequence.objective=mlm`` the user tower's transformer learns a mask token, which its
+    forward appends after the last history item.
 
     Raises:
         ValueError: for a combination the config and state cannot build, naming the field.
@@ -175,7 +208,25 @@ def build_two_tower(model_cfg: ModelConfig, fitted: FeatureStateSet) -> TwoTower
     user = Tower("user", fitted.user, model_cfg.user, model_cfg, fitted.user_id,
                  item_states=fitted.item.features,
                  shared=shared_tables(model_cfg, fitted, item))
-    return TwoTowerModel(user, item, model_cfg.temperature, model_cfg.learnable_temperature)
+    sequence = sequence or SequenceConfig()
+    checks.sequence_mode(sequence.objective, sequence.feature, model_cfg.user,
+                         user.encoder.sequence_names)
+    if sequence.objective is Objective.MLM:
+        user.body.sequence_encoder.add_mask_token()
+    model = TwoTowerModel(user, item, model_cfg.temperature, model_cfg.learnable_temperature)
+    if model_cfg.embedding_init_std is not None:
+        init_embeddings(model, model_cfg.embedding_init_std)
+    return model
+
+
+def init_embeddings(model: nn.Module, std: float) -> None:
+    """Draw every embedding table N(0, std^2), padding rows kept at zero (shared tables once)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, std)
+                if module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
 
 
 def model_version(model: nn.Module) -> str:
@@ -205,7 +256,7 @@ def load_trained(run: RunDir, device: str | torch.device = "cpu",
     model_dir = Path(model_dir or run.model)
     meta = read_model_meta(model_dir)
     fitted = load_fitted(run, meta)
-    model = build_two_tower(meta.config.model, fitted)
+    model = build_two_tower(meta.config.model, fitted, meta.config.sequence)
     weights = torch.load(model_dir / MODEL_FILE, map_location="cpu", weights_only=True)
     model.load_state_dict(weights)
     return model.to(device).eval(), meta, fitted

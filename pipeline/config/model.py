@@ -39,6 +39,7 @@ class Aggregation(str, enum.Enum):
     CONCAT = "concat"
     SUM = "sum"  # element-wise sum of projections to one width
     SUM_ITEM_MULTIPLY = "sum_item_multiply"  # sum of the others, times the item-id embedding
+    GATING = "gating"  # softmax-gated sum of projections to one width (gate from all of them)
 
 
 class Activation(str, enum.Enum):
@@ -138,7 +139,8 @@ class TowerConfig(StrictModel):
     )
     aggregation: Aggregation = Field(default=Aggregation.CONCAT, description="Aggregation.")
     aggregation_dim: int | None = Field(
-        default=None, ge=1, description="Common width for sum aggregations; default: largest."
+        default=None, ge=1, description="Common width for sum and gating aggregations; "
+        "default: the largest feature width."
     )
     numeric_projection_dim: int | None = Field(
         default=None, ge=1, description="Project numeric inputs to this width; default: as-is."
@@ -170,6 +172,11 @@ class ModelConfig(StrictModel):
         default=None,
         description="History item ids share the item tower's id embedding; default (null): "
         "tied when the two embedding widths are equal.",
+    )
+    embedding_init_std: float | None = Field(
+        default=None, gt=0, description="Initialise every embedding table N(0, std^2) (the "
+        "padding row stays zero); null keeps PyTorch's N(0, 1). Small tables (0.02, as "
+        "BERT and RecBole do) let few optimiser steps move the embeddings."
     )
     user: TowerConfig = Field(default_factory=TowerConfig, description="User tower.")
     item: TowerConfig = Field(default_factory=TowerConfig, description="Item tower.")
