@@ -13,6 +13,8 @@ from pipeline.config.loss import LossConfig
 from training.losses import (
     accidental_hit_mask,
     apply_temperature,
+    gbce_beta,
+    generalized_bce,
     hard_negative_mask,
     logq_correction,
     mask_accidental_hits,
@@ -359,3 +361,28 @@ def test_sampler_is_seeded_and_rejects_bad_counts():
         NegativeSampler(np.array([]), cfg)
     with pytest.raises(ValueError, match="m=0"):
         NegativeSampler(np.arange(3), cfg).sample(0)
+
+
+def test_gbce_hand_worked():
+    # logits [2, 0, -1], positive 0, catalogue of 5 items: 2 negatives -> alpha = 2 / 4 = 0.5
+    # t = 0.75: beta = 0.5 * (0.75 * (1 - 2) + 2) = 0.625
+    # loss = -0.625 log sigmoid(2) - log(1 - sigmoid(0)) - log(1 - sigmoid(-1))
+    #      = 0.625 * 0.126928 + 0.693147 + 0.313262 = 1.085739
+    beta = gbce_beta(torch.tensor([2]), num_items=5, t=0.75)
+    assert beta.item() == pytest.approx(0.625)
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    got = generalized_bce(logits, torch.tensor([0]), beta)
+    assert got.item() == pytest.approx(0.625 * L1P + math.log(2) + math.log1p(math.exp(-1)),
+                                       rel=1e-6)
+    # t = 0: beta 1, plain BCE summed over the row; t = 1: beta = alpha
+    assert gbce_beta(torch.tensor([2]), 5, 0.0).item() == pytest.approx(1.0)
+    assert gbce_beta(torch.tensor([2]), 5, 1.0).item() == pytest.approx(0.5)
+    # through retrieval_loss: a masked column is not a negative (alpha = 1 / 4)
+    cfg = LossConfig(kind="gbce", logq_correction=False, mask_accidental_hits=True)
+    q, cand = torch.eye(3)[:1] * 2.0, torch.eye(3)
+    loss = retrieval_loss(q, cand, torch.tensor([0]), torch.tensor([7, 7, 8]), cfg, 1.0,
+                          num_items=5)
+    beta = 0.25 * (0.75 * (1 - 4) + 4)  # 0.4375; columns: 2 (positive), 0 masked (id 7), 0
+    assert loss.item() == pytest.approx(beta * L1P + math.log(2), rel=1e-5)
+    with pytest.raises(ValueError, match="num_items"):
+        retrieval_loss(q, cand, torch.tensor([0]), torch.tensor([7, 7, 8]), cfg, 1.0)

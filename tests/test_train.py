@@ -90,7 +90,7 @@ def test_loss_matches_single_process_on_the_same_batch(demo_prepared, demo_data)
     from indexing.batches import iterate_batches, to_tensors
     from training.data import train_columns
 
-    batch = next(iterate_batches(train_columns(RunDir(demo_prepared)), 64))
+    batch = next(iterate_batches(train_columns(RunDir(demo_prepared), cfg), 64))
     loss, parts = s.task.loss(s.module, to_tensors(batch))
     loss.backward()
     assert torch.isfinite(loss) and parts["loss"] > 0

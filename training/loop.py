@@ -21,13 +21,13 @@ from torch import nn
 from indexing.batches import iterate_batches, to_tensors
 from indexing.eval_set import EvalSet, load_eval_set
 from indexing.evaluate import evaluate
-from pipeline.columns import ITEM_INDEX
 from pipeline.config import Config
 from pipeline.run_dir import ModelMeta, RunDir, read_catalogue, read_prepare_manifest
 from pipeline.state import FeatureStateSet
 from towers.model import build_two_tower, model_version
 from training import checkpoint as ckpt
-from training.data import item_counts, train_columns
+from training.data import item_counts, train_columns, training_split
+from training.sequence import SequenceTask, SequenceTrainModule, history_keys
 from training.step import make_optimizer, make_scheduler, train_epoch
 from training.task import RetrievalTask, TrainModule
 from training.tracking import Tracker
@@ -44,7 +44,7 @@ class Setup:
     fitted: FeatureStateSet
     model: nn.Module  # the bare TwoTowerModel (what is saved)
     module: nn.Module  # what is stepped: TrainModule, DDP-wrapped under Ray
-    task: RetrievalTask
+    task: RetrievalTask  # or SequenceTask (the sequence mode)
     opt: torch.optim.Optimizer
     scheduler: Any
     device: torch.device
@@ -60,13 +60,22 @@ def setup(cfg: Config, run_dir: Path, device: torch.device, world_size: int, ran
     run = RunDir(run_dir)
     run.require_prepared()
     fitted = FeatureStateSet.load(run.feature_state)
-    model = build_two_tower(cfg.model, fitted).to(device)
-    module = wrap(TrainModule(model))
+    model = build_two_tower(cfg.model, fitted, cfg.sequence).to(device)
     catalogue = read_catalogue(run)
     num_items = len(next(iter(catalogue.values())))
-    task = RetrievalTask(cfg.loss, item_counts(run, num_items), to_tensors(catalogue),
-                         seed=cfg.train.seed, weighted=cfg.data.weight is not None)
-    train_rows = read_prepare_manifest(run).rows["train"]
+    counts = item_counts(run, num_items)
+    if cfg.sequence.enabled:
+        module = wrap(SequenceTrainModule(model))
+        task = SequenceTask(cfg, counts, to_tensors(catalogue), history_keys(model),
+                            seed=cfg.train.seed)
+    else:
+        module = wrap(TrainModule(model))
+        task = RetrievalTask(cfg.loss, counts, to_tensors(catalogue), seed=cfg.train.seed,
+                             weighted=cfg.data.weight is not None)
+    train_rows = read_prepare_manifest(run).rows.get(training_split(cfg), 0)
+    if not train_rows:
+        raise ValueError(f"{run.prepared} has no {training_split(cfg)} rows to train on: "
+                         "re-run `python -m jobs.prepare` with this config")
     steps = max(1, train_rows // max(1, world_size) // cfg.train.batch_size)
     opt = make_optimizer(module, cfg.train)
     scheduler = make_scheduler(opt, cfg.train, steps * cfg.train.epochs)
@@ -127,12 +136,12 @@ def run_plain(cfg: Config, run_dir: Path, log: Log = print,
     """
     device = torch.device(device)
     s = setup(cfg, run_dir, device, world_size=1, rank=0)
-    columns = train_columns(s.run)
+    columns = train_columns(s.run, cfg)
     state, best_dir = ckpt.TrainState(), s.run.plain_best
     rng = np.random.default_rng(cfg.train.seed)
     tracker = Tracker(cfg, run_dir)
     while True:
-        order = rng.permutation(len(columns[ITEM_INDEX]))
+        order = rng.permutation(len(next(iter(columns.values()))))
         batches = (to_tensors(b) for b in iterate_batches(
             columns, cfg.train.batch_size, order, drop_last=True))
         stats = train_epoch(s.module, s.task, batches, s.opt, s.scheduler, cfg.train, device)

@@ -5,7 +5,7 @@ in the order of TFRS ``tasks/retrieval.py``:
 
     scores = query @ candidates.T (+ per-row negatives as extra columns)   [B, N (+ M)]
     -> temperature -> log-Q correction (shared columns only)
-    -> accidental-hit masking -> hard-negative mining -> softmax CE or pointwise BCE [B]
+    -> accidental-hit masking -> hard-negative mining -> softmax CE, pointwise BCE or gBCE [B]
     -> weighted mean over rows, sum_i w_i * loss_i / sum_i w_i (plain mean without weights)
 
 Temperature comes before log-Q on purpose: the sampled-softmax estimator corrects the
@@ -201,6 +201,51 @@ def pointwise_bce(
     return torch.where(valid_mask, bce, 0.0).sum(dim=1) / valid_mask.sum(dim=1)
 
 
+def gbce_beta(negatives: torch.Tensor, num_items: int, t: float) -> torch.Tensor:
+    """The power of the positive term in gSASRec: ``alpha * (t * (1 - 1 / alpha) + 1 / alpha)``.
+
+    ``alpha = negatives / (num_items - 1)`` is the share of the catalogue's negatives a row
+    sees. ``t = 1`` calibrates the sigmoid to the full-softmax probabilities; ``t = 0``
+    gives ``beta = 1``, plain BCE.
+
+    Args:
+        negatives: [B] number of negatives each row is scored against.
+        num_items: catalogue size I >= 2.
+        t: calibration in [0, 1].
+
+    Returns:
+        [B] beta.
+    """
+    alpha = negatives.clamp(min=1).to(torch.float32) / max(1, num_items - 1)
+    return alpha * (t * (1.0 - 1.0 / alpha) + 1.0 / alpha)
+
+
+def generalized_bce(
+    logits: torch.Tensor, positive_index: torch.Tensor, beta: torch.Tensor,
+    valid_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-row gBCE: ``-beta * log sigmoid(s+) - sum over negatives of log(1 - sigmoid(s-))``.
+
+    Args:
+        logits: [B, N] logits.
+        positive_index: [B] column of each row's positive.
+        beta: [B] power of the positive's probability (:func:`gbce_beta`).
+        valid_mask: [B, N] bool, True where the column takes part; default all.
+
+    Returns:
+        [B] loss per row (summed over its negatives, as in the paper).
+    """
+    rows = torch.arange(len(positive_index), device=logits.device)
+    positive = logits[rows, positive_index]  # [B]
+    negative = F.logsigmoid(-logits)  # [B, N]: log(1 - sigmoid(s))
+    is_negative = torch.ones_like(logits, dtype=torch.bool)
+    is_negative[rows, positive_index] = False
+    if valid_mask is not None:
+        is_negative &= valid_mask
+    return -beta.to(logits.dtype) * F.logsigmoid(positive) - torch.where(
+        is_negative, negative, 0.0).sum(dim=1)
+
+
 def weighted_mean(
     losses: torch.Tensor, weights: torch.Tensor | None = None,
     total: torch.Tensor | float | None = None,
@@ -280,8 +325,9 @@ def retrieval_loss(
     row_negative_ids: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
     weight_total: torch.Tensor | float | None = None,
+    num_items: int | None = None,
 ) -> torch.Tensor:
-    """The retrieval loss of a batch: (weighted) mean over rows of softmax CE or pointwise BCE.
+    """The retrieval loss of a batch: (weighted) mean over rows of softmax CE, BCE or gBCE.
 
     With ``weights`` the batch loss is ``sum_i w_i * loss_i / sum_i w_i`` (:func:`weighted_mean`;
     under DDP ``weight_total`` carries the global normaliser), without it the plain mean.
@@ -305,6 +351,7 @@ def retrieval_loss(
         row_negative_ids: [B, M] their item ids, -1 for padding.
         weights: [B] per-row loss weights (``data.weight``), finite and >= 0.
         weight_total: the weights' normaliser; default ``weights.sum()``.
+        num_items: catalogue size; required by ``kind=gbce`` (its beta).
 
     Returns:
         Scalar (weighted) mean loss.
@@ -331,6 +378,11 @@ def retrieval_loss(
         scores = mask_scores(scores, drop)
     if cfg.kind is LossKind.BCE:
         per_row = pointwise_bce(scores, positive_index, ~drop)
+    elif cfg.kind is LossKind.GBCE:
+        if num_items is None:
+            raise ValueError("loss.kind=gbce needs num_items (the catalogue size) for its beta")
+        beta = gbce_beta((~drop).sum(dim=1) - 1, num_items, cfg.gbce_t)
+        per_row = generalized_bce(scores, positive_index, beta, ~drop)
     else:
         per_row = softmax_cross_entropy(scores, positive_index, cfg.label_smoothing, ~drop)
     return weighted_mean(per_row, weights, weight_total)

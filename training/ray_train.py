@@ -26,6 +26,7 @@ from pipeline.columns import model_columns
 from pipeline.config import Config, parse_config
 from pipeline.run_dir import RunDir
 from training import checkpoint as ckpt
+from training.data import training_split
 from training.loop import Log, checkpoint_meta, describe, finish_epoch, setup
 from training.step import train_epoch
 from training.tracking import Tracker
@@ -110,7 +111,7 @@ def fit(cfg: Config, run_dir: Path, log: Log = print, fail_once: dict | None = N
 
     run = RunDir(run_dir)
     run.require_prepared()
-    ds = ray.data.read_parquet(str(run.split("train")))
+    ds = ray.data.read_parquet(str(run.split(training_split(cfg))))
     ds = ds.select_columns(model_columns(ds.schema().names)).materialize()
     metric = f"val/{cfg.train.early_stopping_metric}"
     trainer = TorchTrainer(

@@ -15,7 +15,6 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from pipeline.columns import ITEM_INDEX
 from pipeline.config.train import LRSchedule, Precision, TrainConfig
 from training.task import RetrievalTask
 
@@ -58,7 +57,11 @@ def autocast_for(device: torch.device, precision: Precision):
 def train_epoch(module: nn.Module, task: RetrievalTask,
                 batches: Iterable[Mapping[str, torch.Tensor]], opt: torch.optim.Optimizer,
                 scheduler, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
-    """One pass over ``batches``; returns mean loss, rows seen and samples/s."""
+    """One pass over ``batches``; returns mean loss, samples seen and samples/s.
+
+    A sample is what the task trains on (:meth:`~training.task.RetrievalTask.samples`): an
+    interaction row, or a trained position of a sequence window.
+    """
     module.train()
     total, rows, steps = 0.0, 0, 0
     start = time.perf_counter()
@@ -73,7 +76,7 @@ def train_epoch(module: nn.Module, task: RetrievalTask,
         opt.step()
         scheduler.step()
         total += parts["loss"]
-        rows += len(batch[ITEM_INDEX])
+        rows += task.samples(batch)
         steps += 1
     seconds = time.perf_counter() - start
     if steps == 0:

@@ -82,13 +82,6 @@ class RetrievalTask:
         rows = rows.cpu()
         return tower_inputs({k: v[rows].to(device) for k, v in self.catalogue.items()}, ITEM)
 
-    def _extra_negatives(self, device) -> tuple[dict | None, torch.Tensor | None,
-                                                torch.Tensor | None]:
-        if not self.cfg.extra_negatives:
-            return None, None, None
-        ids, log_q = self.sampler.sample(self.cfg.extra_negatives)
-        return self._catalogue_rows(ids, device), ids.to(device), log_q.to(device)
-
     def _impressions(self, batch: Mapping[str, torch.Tensor]
                      ) -> tuple[dict | None, torch.Tensor | None]:
         """Item inputs of each row's impressions ([B * L, ...]) and their ids [B, L] (-1 = pad).
@@ -105,47 +98,88 @@ class RetrievalTask:
         ids = batch[IMPRESSIONS].long()  # [B, L]
         return self._catalogue_rows(ids.clamp(min=0).reshape(-1), ids.device), ids
 
+    def extra_negatives(self, device) -> tuple[dict | None, torch.Tensor | None,
+                                               torch.Tensor | None]:
+        """Item inputs [M, ...], ids [M] and log-Q [M] of the batch's shared sampled negatives.
+
+        (None, None, None) without ``loss.extra_negatives``. They are embedded inside the
+        module's forward, so DDP sees the item tower used once per step.
+        """
+        if not self.cfg.extra_negatives:
+            return None, None, None
+        ids, log_q = self.sampler.sample(self.cfg.extra_negatives)
+        return self._catalogue_rows(ids, device), ids.to(device), log_q.to(device)
+
     def _weights(self, batch: Mapping[str, torch.Tensor]
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Row weights [B] and their normaliser: the global sum over the world size.
-
-        DDP averages the per-rank losses, so ``sum_local w * l / (sum_global w / W)`` on
-        every rank averages to ``sum_global w * l / sum_global w``, exactly the weighted
-        mean over the global batch, also when local batches differ in size.
-        """
+        """Row weights [B] (``data.weight``) and their global normaliser, or (None, None)."""
         if not self.weighted:
             return None, None
-        weights = batch[WEIGHT].float()  # [B]
-        _, world = world_info()
-        return weights, gather_no_grad(weights.sum()[None]).sum() / world
+        return global_normaliser(batch[WEIGHT].float())
 
-    def loss(self, module: nn.Module, batch: Mapping[str, torch.Tensor]
-             ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Scalar training loss of one batch and its parts (as floats, for logging)."""
-        device = batch[ITEM_INDEX].device
-        extra, extra_ids, extra_log_q = self._extra_negatives(device)
-        row_items, row_ids = self._impressions(batch)
-        out = module(tower_inputs(batch, USER), tower_inputs(batch, ITEM), extra, row_items)
+    def candidates(self, item: torch.Tensor, item_ids: torch.Tensor,
+                   extra: torch.Tensor | None = None, extra_ids: torch.Tensor | None = None,
+                   extra_log_q: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The global candidate set: every rank's positives, then the shared sampled negatives.
+
+        Args:
+            item: [B, D] embeddings of this rank's positives (gathered with gradient).
+            item_ids: [B] their catalogue rows.
+            extra: [M, D] embeddings of the shared negatives (:meth:`extra_negatives`).
+            extra_ids: [M] their catalogue rows.
+            extra_log_q: [M] their log sampling probabilities.
+
+        Returns:
+            ``(candidates [N, D], candidate ids [N], positive column of each local row [B],
+            log-Q [N] or None)`` with N = the global batch (+ ``loss.extra_negatives``).
+        """
+        device = item.device
         rank, _ = world_info()
-        candidates = gather_with_grad(out["item"])  # [W*B, D]: the global batch
-        cand_ids = gather_no_grad(batch[ITEM_INDEX])  # [W*B]
-        b = out["user"].shape[0]
+        candidates = gather_with_grad(item)  # [W*B, D]: the global batch
+        cand_ids = gather_no_grad(item_ids)  # [W*B]
+        b = item.shape[0]
         sizes = gather_no_grad(torch.tensor([b], device=device))  # [W] rows per rank
         positive = sizes[:rank].sum() + torch.arange(b, device=device)
         log_q = None
         if self.cfg.logq_correction:
             log_q = self.sampler.in_batch_log_q(cand_ids.cpu(), len(cand_ids)).to(device)
         if extra is not None:
-            candidates = torch.cat([candidates, out["extra"]])
+            candidates = torch.cat([candidates, extra])
             cand_ids = torch.cat([cand_ids, extra_ids])
             if log_q is not None:
                 log_q = torch.cat([log_q, extra_log_q])
+        return candidates, cand_ids, positive, log_q
+
+    def loss(self, module: nn.Module, batch: Mapping[str, torch.Tensor]
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Scalar training loss of one batch and its parts (as floats, for logging)."""
+        extra, extra_ids, extra_log_q = self.extra_negatives(batch[ITEM_INDEX].device)
+        row_items, row_ids = self._impressions(batch)
+        out = module(tower_inputs(batch, USER), tower_inputs(batch, ITEM), extra, row_items)
+        candidates, cand_ids, positive, log_q = self.candidates(
+            out["item"], batch[ITEM_INDEX], out["extra"], extra_ids, extra_log_q)
         row_neg = None if row_ids is None else out["row"].view(*row_ids.shape, -1)  # [B, L, D]
         weights, weight_total = self._weights(batch)
         main = retrieval_loss(out["user"], candidates, positive, cand_ids, self.cfg,
                               out["temperature"], candidate_log_q=log_q, row_negatives=row_neg,
                               row_negative_ids=row_ids, weights=weights,
-                              weight_total=weight_total)
+                              weight_total=weight_total, num_items=self.sampler.num_items)
         total = main + self.cfg.variational_dropout_weight * out["reg"]
         return total, {"loss": float(main.detach()), "reg": float(out["reg"].detach()),
                        "temperature": float(out["temperature"].detach())}
+
+    def samples(self, batch: Mapping[str, torch.Tensor]) -> int:
+        """Training examples in a batch: its interaction rows."""
+        return len(batch[ITEM_INDEX])
+
+
+def global_normaliser(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights [B] and their normaliser: the global sum over the world size.
+
+    DDP averages the per-rank losses, so ``sum_local w * l / (sum_global w / W)`` on
+    every rank averages to ``sum_global w * l / sum_global w``, exactly the weighted
+    mean over the global batch, also when local batches differ in size.
+    """
+    _, world = world_info()
+    return weights, gather_no_grad(weights.sum()[None]).sum() / world

@@ -14,6 +14,7 @@ class LossKind(str, enum.Enum):
 
     SOFTMAX = "softmax"  # in-batch (+ shared negatives) sampled softmax
     BCE = "bce"  # pointwise: positives vs every negative in the candidate set
+    GBCE = "gbce"  # generalised BCE (gSASRec): the positive's term raised to the power beta
 
 
 class NegativeSampling(str, enum.Enum):
@@ -52,16 +53,21 @@ class LossConfig(StrictModel):
         "prepared [L] column is padded with -1."
     )
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0, description="Softmax only.")
+    gbce_t: float = Field(
+        default=0.75, ge=0.0, le=1.0, description="kind=gbce: calibration t of gSASRec "
+        "(Petrov & Macdonald, 2023); beta = alpha * (t * (1 - 1 / alpha) + 1 / alpha) with "
+        "alpha the sampled share of the catalogue. 1 is fully calibrated, 0 is plain BCE."
+    )
     variational_dropout_weight: float = Field(
         default=1e-4, ge=0.0, description="Weight of the variational dropout penalty."
     )
 
     @model_validator(mode="after")
     def _combinations(self) -> LossConfig:
-        if self.kind is LossKind.BCE and self.label_smoothing:
+        if self.kind is not LossKind.SOFTMAX and self.label_smoothing:
             raise ValueError(f"label_smoothing={self.label_smoothing} applies to kind=softmax, "
-                             "not kind=bce")
-        if self.kind is LossKind.BCE and self.logq_correction:
+                             f"not kind={self.kind.value}")
+        if self.kind is not LossKind.SOFTMAX and self.logq_correction:
             raise ValueError("logq_correction=true corrects a sampled softmax; set it false "
-                             "with kind=bce")
+                             f"with kind={self.kind.value}")
         return self
