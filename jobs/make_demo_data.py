@@ -1,11 +1,13 @@
 """Make demo data: sizes and a seed -> the three synthetic Parquet tables configs/demo.yaml reads.
 
-Inputs: ``--users``, ``--items``, ``--interactions``, ``--seed``.
+Inputs: ``--regime`` (default, long, sparse: see :mod:`pipeline.sources.demo`), and
+``--users``, ``--items``, ``--interactions`` (default: the regime's sizes), ``--seed``.
 Outputs: ``OUT/users/``, ``OUT/items/``, ``OUT/interactions/`` (see :mod:`pipeline.sources.demo`
 for the columns and the planted structure); progress is printed to stderr per chunk.
 
     python -m jobs.make_demo_data --out data/demo --users 5000 --items 2000 \
         --interactions 300000
+    python -m jobs.make_demo_data --out data/sparse --regime sparse
     ray job submit --working-dir . -- python -m jobs.make_demo_data \
         --out /shared/data/demo --users 200000 --items 50000 --interactions 10000000
 """
@@ -16,17 +18,21 @@ import argparse
 import sys
 
 from jobs.cli import user_errors
-from pipeline.sources.demo import generate_demo_data
+from pipeline.sources.demo import REGIMES, generate_demo_data
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The job's flags."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="Output folder (its tables must be empty).")
-    parser.add_argument("--users", type=int, default=5000, help="Number of users.")
-    parser.add_argument("--items", type=int, default=2000, help="Number of items.")
-    parser.add_argument("--interactions", type=int, default=300_000,
-                        help="Total interactions (at least 5 per user).")
+    parser.add_argument("--regime", choices=sorted(REGIMES), default="default",
+                        help="Shape of the data: default, long (MovieLens-like histories) or "
+                        "sparse (e-commerce: short histories, day-level time, no user "
+                        "features).")
+    parser.add_argument("--users", type=int, help="Number of users (default: the regime's).")
+    parser.add_argument("--items", type=int, help="Number of items (default: the regime's).")
+    parser.add_argument("--interactions", type=int,
+                        help="Total interactions, at least 5 per user (default: the regime's).")
     parser.add_argument("--seed", type=int, default=0, help="Random seed.")
     return parser.parse_args(argv)
 
@@ -36,6 +42,7 @@ def run(args: argparse.Namespace) -> dict[str, int]:
     return generate_demo_data(
         args.out, n_users=args.users, n_items=args.items, n_interactions=args.interactions,
         seed=args.seed, log=lambda m: print(m, file=sys.stderr, flush=True),
+        regime=args.regime,
     )
 
 

@@ -14,6 +14,7 @@ from pipeline.config import load_config
 from pipeline.sources.demo import (
     EMBEDDING_DIM,
     MIN_PER_USER,
+    REGIMES,
     _sample_rows,
     chunk_bounds,
     generate_demo_data,
@@ -189,3 +190,27 @@ def test_user_features_carry_taste(small):
     odd_vs_even = 0.5 * np.abs(share(uid % 2 == 0) - share(uid % 2 == 1)).sum()
     # total variation between category mixes: seed 0 gives 0.58 by age, 0.04 by id parity
     assert young_vs_old > 0.3 and odd_vs_even < 0.1
+
+
+@pytest.mark.parametrize(("regime", "median", "user_columns"), [
+    ("long", (50, 75), {"user_id", "age", "gender", "country", "signup_days"}),
+    ("sparse", (15, 20), {"user_id"}),
+])
+def test_regimes_shape_histories_time_and_user_features(tmp_path, regime, median,
+                                                        user_columns):
+    counts = generate_demo_data(str(tmp_path / regime), regime=regime, seed=0)
+    shape = REGIMES[regime]
+    assert counts == {"users": shape.users, "items": shape.items,
+                      "interactions": shape.interactions}
+    inter = read(tmp_path / regime, "interactions")
+    per_user = np.bincount(inter["user_id"].to_numpy())[1:]
+    assert median[0] <= np.median(per_user) <= median[1]
+    assert set(read(tmp_path / regime, "users").column_names) == user_columns
+    ts, users = inter["timestamp"].to_numpy(), inter["user_id"].to_numpy()
+    assert (ts % shape.time_step == 0).all()
+    same_user = users[1:] == users[:-1]
+    ties = (ts[1:] == ts[:-1])[same_user].mean()
+    assert ties > 0.5 if regime == "sparse" else ties < 0.01
+    assert (np.diff(ts)[same_user] >= 0).all()  # still in time order per user
+    with pytest.raises(ValueError, match="regime 'huge' is not one of"):
+        generate_demo_data(str(tmp_path / "x"), regime="huge")

@@ -23,9 +23,21 @@ Interaction counts per user are log-normal, at least :data:`MIN_PER_USER`. Each
 interaction also shows :data:`N_SHOWN` items drawn from the same topic's popularity; the
 clicked one and repeats are left out of its ``impressions``.
 
+Regimes (:data:`REGIMES`, ``--regime``) set the default sizes and the shape of the data,
+so that defaults can be checked beyond one kind of data set:
+
+* ``default``: 5,000 users, 2,000 items, 300,000 interactions (median 35 per user), user
+  features, second-level timestamps;
+* ``long``: MovieLens-like long histories: 1,000 users, 1,700 items, 100,000 interactions
+  (median about 60 per user);
+* ``sparse``: e-commerce-like: 12,000 users, 3,000 items, 270,000 interactions (median
+  about 17 per user), item side features only (the user table holds ``user_id`` alone), and
+  day-level timestamps, so many interactions of a user tie (the split then orders them by
+  file row, which is the order they happened in).
+
 Users are generated in chunks of about ``chunk_rows`` interactions, one users file and one
 interactions file per chunk, so 10^7 interactions never sit in memory at once. The output
-is a function of ``(seed, chunk_rows)`` and the sizes.
+is a function of ``(seed, chunk_rows)``, the regime and the sizes.
 """
 
 from __future__ import annotations
@@ -73,6 +85,24 @@ Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
+class Regime:
+    """The shape of a generated data set (see the module docstring)."""
+
+    users: int  # default sizes
+    items: int
+    interactions: int
+    user_features: bool  # False: the user table holds user_id only
+    time_step: int  # timestamps are rounded down to a multiple of this many seconds
+
+
+REGIMES: dict[str, Regime] = {
+    "default": Regime(5000, 2000, 300_000, user_features=True, time_step=1),
+    "long": Regime(1000, 1700, 100_000, user_features=True, time_step=1),
+    "sparse": Regime(12_000, 3000, 270_000, user_features=False, time_step=86400),
+}
+
+
+@dataclass(frozen=True)
 class World:
     """The latent structure every chunk of interactions is drawn from.
 
@@ -94,19 +124,23 @@ class World:
 
 
 def generate_demo_data(
-    out: str, n_users: int, n_items: int, n_interactions: int, seed: int = 0,
-    log: Log | None = None, chunk_rows: int = 1_000_000,
+    out: str, n_users: int | None = None, n_items: int | None = None,
+    n_interactions: int | None = None, seed: int = 0, log: Log | None = None,
+    chunk_rows: int = 1_000_000, regime: str = "default",
 ) -> dict[str, int]:
     """Write the three demo tables under ``out``.
 
     Args:
         out: Output folder; created if missing. Its table folders must hold no Parquet files.
-        n_users: U, users (each gets at least :data:`MIN_PER_USER` interactions).
-        n_items: I, catalogue size.
-        n_interactions: N, total interactions (at least ``MIN_PER_USER * n_users``).
+        n_users: U, users (each gets at least :data:`MIN_PER_USER` interactions); default:
+            the regime's.
+        n_items: I, catalogue size; default: the regime's.
+        n_interactions: N, total interactions (at least ``MIN_PER_USER * n_users``);
+            default: the regime's.
         seed: Random seed; the same seed gives byte-identical files.
         log: Called with one progress line per chunk (``None``: silent).
         chunk_rows: Interactions per chunk (about; a user is never split).
+        regime: a key of :data:`REGIMES`.
 
     Returns:
         Row counts per table: ``{"users": U, "items": I, "interactions": N}``.
@@ -114,18 +148,27 @@ def generate_demo_data(
     Raises:
         ValueError: sizes out of range, or an output table folder already holds Parquet files.
     """
+    if regime not in REGIMES:
+        raise ValueError(f"regime {regime!r} is not one of {sorted(REGIMES)}")
+    shape = REGIMES[regime]
+    n_users = shape.users if n_users is None else n_users
+    n_items = shape.items if n_items is None else n_items
+    n_interactions = shape.interactions if n_interactions is None else n_interactions
     _check_sizes(n_users, n_items, n_interactions, chunk_rows)
     out_dir = Path(out)
     _check_output(out_dir)
     rng = np.random.default_rng([seed, 0])
     items, mixture = make_items(rng, n_items)
     users, taste = make_users(rng, n_users)
+    if not shape.user_features:
+        users = users.select(["user_id"])
     world = make_world(rng, mixture, taste, n_interactions)
     _write(items, out_dir / "items", 0)
     bounds = chunk_bounds(world.counts, chunk_rows)
     t0 = time.perf_counter()
     for index, (lo, hi) in enumerate(bounds):
-        inter = make_interactions(np.random.default_rng([seed, 1, index]), world, lo, hi)
+        inter = make_interactions(np.random.default_rng([seed, 1, index]), world, lo, hi,
+                                  shape.time_step)
         _write(users.slice(lo, hi - lo), out_dir / "users", index)
         _write(inter, out_dir / "interactions", index)
         if log is not None:
@@ -298,8 +341,13 @@ def chunk_bounds(counts: np.ndarray, chunk_rows: int) -> list[tuple[int, int]]:
 # ----------------------------------------------------------------------------- interactions
 
 
-def make_interactions(rng: np.random.Generator, world: World, lo: int, hi: int) -> pa.Table:
-    """The interactions of users ``lo..hi-1``, each user's rows in time order."""
+def make_interactions(rng: np.random.Generator, world: World, lo: int, hi: int,
+                      time_step: int = 1) -> pa.Table:
+    """The interactions of users ``lo..hi-1``, each user's rows in time order.
+
+    Timestamps are rounded down to a multiple of ``time_step`` seconds (86400: day-level,
+    with ties inside a day; the rows stay in the order they happened).
+    """
     counts = world.counts[lo:hi]
     n = int(counts.sum())
     user = np.repeat(np.arange(hi - lo), counts)  # [n] user index within the chunk
@@ -316,10 +364,11 @@ def make_interactions(rng: np.random.Generator, world: World, lo: int, hi: int) 
     gap[pos == 0] = 0
     elapsed = np.cumsum(gap)
     weight = (1 + rng.poisson(0.3, n)).astype(np.float32)
+    timestamp = world.start[lo:hi][user] + elapsed - elapsed[first]
     return pa.table({
         "user_id": (user + lo + 1).astype(np.int64),
         "item_id": (items + 1).astype(np.int64),
-        "timestamp": world.start[lo:hi][user] + elapsed - elapsed[first],
+        "timestamp": timestamp - timestamp % time_step,
         "weight": weight,
         "impressions": _impressions(rng, world.item_cdf, topics, items),
     })

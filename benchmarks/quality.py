@@ -1,0 +1,164 @@
+"""Retrieval quality: the whole pipeline per seed, next to tuned EASE and ALS on the same split.
+
+Each seed runs, in a fresh subprocess and timed as a whole, exactly what a user runs:
+``python -m jobs.pipeline --config CONFIG`` (prepare -> Ray Train -> build_index ->
+evaluate) on the data set's tables written to a temporary folder (never inside the
+repository). Tuned EASE and tuned implicit ALS (:mod:`benchmarks.baselines`) are fitted on
+the first run's ``prepared/`` split, so every row ranks the same targets with the same
+metric code (test targets, masked, exact, as ``../shared/EVALUATION.md`` defines them).
+
+Data sets (``--data``):
+
+- ``ml100k``: ``../shared/data/ml-100k`` converted, ``configs/ml100k.yaml``; the reference
+  rows of EVALUATION.md (RecBole's SASRec included) are printed too;
+- ``demo-long``: generated MovieLens-like long histories (``--regime long``),
+  ``configs/demo.yaml``;
+- ``demo-sparse``: generated e-commerce-like short histories, day-level time, no user
+  features (``--regime sparse``), ``configs/demo_sparse.yaml``.
+
+    python -m benchmarks.quality --data demo-sparse          # seeds 0 1 2
+    python -m benchmarks.quality --data ml100k --seeds 0     # one seed
+    python -m benchmarks.quality --tiny                      # tiny demo data (tests)
+
+Writes ``benchmarks/results/quality-DATA.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ML100K = ROOT.parent / "shared" / "data" / "ml-100k"
+METRICS = ("HR@10", "HR@50", "HR@100", "NDCG@10")
+# EVALUATION.md, ML-100K test targets, masked (HR@10, HR@50, HR@100, NDCG@10).
+REFERENCES = {
+    "RecBole 1.2.1 SASRec": (0.210, 0.499, 0.675, 0.110),
+    "plain-PyTorch causal transformer": (0.221, 0.503, None, 0.113),
+    "implicit ALS, tuned": (0.144, 0.380, 0.528, 0.076),
+    "EASE, tuned": (0.143, 0.391, 0.557, 0.073),
+    "most popular items": (0.086, 0.199, 0.319, 0.045),
+}
+DATASETS = {  # name -> (config, demo regime or None for MovieLens)
+    "ml100k": ("ml100k.yaml", None),
+    "demo-long": ("demo.yaml", "long"),
+    "demo-sparse": ("demo_sparse.yaml", "sparse"),
+}
+TINY_OVERRIDES = ["train.epochs=2", "train.batch_size=64", "model.output_dim=16",
+                  "train.mlflow.enabled=false", "index.recall_users=50"]
+
+
+def make_data(name: str, work: Path, tiny: bool) -> tuple[Path, Path]:
+    """Input tables and config of a data set; returns (config, data root)."""
+    data = work / "data"
+    config, regime = DATASETS[name]
+    if tiny or regime is not None:
+        from pipeline.sources.demo import generate_demo_data
+
+        sizes = {"n_users": 200, "n_items": 80, "n_interactions": 5000} if tiny else {}
+        generate_demo_data(str(data), seed=1, regime=regime or "default", **sizes)
+        return ROOT / "configs" / ("demo.yaml" if tiny else config), data
+    from pipeline.sources.movielens import convert_movielens
+
+    if not ML100K.exists():
+        raise SystemExit(f"MovieLens-100K not found at {ML100K}")
+    convert_movielens(str(ML100K), str(data))
+    return ROOT / "configs" / config, data
+
+
+def run_seed(config: Path, data: Path, run_dir: Path, seed: int, extra: list[str]) -> dict:
+    """One full pipeline run in a subprocess; returns its metrics and wall time."""
+    sets = [f"data.root={data}", f"train.seed={seed}", *extra]
+    cmd = [sys.executable, "-m", "jobs.pipeline", "--config", str(config),
+           "--output-dir", str(run_dir), *[a for s in sets for a in ("--set", s)]]
+    env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"seed {seed} failed:\n{proc.stderr[-3000:]}")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {"seed": seed, "wall_s": round(seconds, 1), "test": metrics["test"],
+            "validation": metrics["validation"], "index_recall": metrics["index_recall"]}
+
+
+def summarise(runs: list[dict], split: str = "test") -> dict:
+    """Mean and standard deviation of each masked exact metric over seeds."""
+    out = {}
+    for m in METRICS:
+        values = [r[split]["exact"][m] for r in runs]
+        out[m] = {"mean": statistics.fmean(values),
+                  "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                  "min": min(values), "max": max(values)}
+    out["wall_s"] = {"mean": statistics.fmean(r["wall_s"] for r in runs),
+                     "max": max(r["wall_s"] for r in runs)}
+    return out
+
+
+def _cells(values) -> str:
+    return " | ".join("" if v is None else f"{v:.4f}" for v in values)
+
+
+def print_table(runs: list[dict], summary: dict, baselines: list[dict],
+                references: dict | None) -> None:
+    """Per-seed rows, mean +- std, the baselines on the same split, and references."""
+    print("| model (test, masked, exact) | " + " | ".join(METRICS) + " | wall s |")
+    print("|---|" + "---|" * (len(METRICS) + 1))
+    for r in runs:
+        t = r["test"]["exact"]
+        print(f"| Towerline seed {r['seed']} | {_cells(t[m] for m in METRICS)} "
+              f"| {r['wall_s']:.0f} |")
+    print("| **Towerline mean +- std** | " + " | ".join(
+        f"{summary[m]['mean']:.4f} +- {summary[m]['std']:.4f}" for m in METRICS)
+        + f" | {summary['wall_s']['mean']:.0f} |")
+    for b in baselines:
+        print(f"| {b['model']} {b['params']} (same split) | "
+              f"{_cells(b['test'][m] for m in METRICS)} | {b['seconds']:.0f} |")
+    for name, ref in (references or {}).items():
+        print(f"| {name} (EVALUATION.md) | {_cells(ref)} | |")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the seeds and the baselines, print the table, write the JSON."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", choices=sorted(DATASETS), default="ml100k")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--tiny", action="store_true", help="Tiny demo data, one seed, 2 epochs.")
+    p.add_argument("--no-baselines", action="store_true", help="Skip EASE and ALS.")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   help="Extra config overrides for every seed.")
+    p.add_argument("--output", help="JSON path (default benchmarks/results/quality-DATA.json).")
+    args = p.parse_args(argv)
+    seeds = args.seeds[:1] if args.tiny else args.seeds
+    extra = (TINY_OVERRIDES if args.tiny else []) + args.overrides
+    with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
+        config, data = make_data(args.data, Path(tmp), args.tiny)
+        runs = [run_seed(config, data, Path(tmp) / f"run-{s}", s, extra) for s in seeds]
+        baselines = []
+        if not args.no_baselines:
+            from benchmarks.baselines import run_baselines
+
+            baselines = run_baselines(Path(tmp) / f"run-{seeds[0]}")
+    summary = summarise(runs)
+    references = REFERENCES if args.data == "ml100k" and not args.tiny else None
+    print_table(runs, summary, baselines, references)
+    dataset = "tiny-demo" if args.tiny else args.data
+    result = {"dataset": dataset, "config": str(config), "overrides": extra, "runs": runs,
+              "summary": summary, "validation_summary": summarise(runs, "validation"),
+              "baselines": baselines}
+    out = Path(args.output or ROOT / "benchmarks" / "results" / f"quality-{dataset}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
