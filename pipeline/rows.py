@@ -10,6 +10,7 @@ the object store.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -323,13 +324,14 @@ def write_splits(ctx: RowContext, inter: Interactions, out: Path, cfg: C.Config,
     ctx_ref = ray.put(ctx)
     counts = {}
     for name, rows, build in outputs(ctx, inter, cfg):
+        start = time.perf_counter()
         counts[name] = int(len(rows))
         blocks = max(1, -(-len(rows) // cfg.prepare.rows_per_file))
         ds = ray.data.range(len(rows), override_num_blocks=blocks).map_batches(
             _RowBuilder(ctx_ref, ray.put(rows), build), batch_format="numpy",
             batch_size=min(cfg.prepare.rows_per_file, 200_000), num_cpus=cfg.prepare.num_cpus)
         ds.write_parquet(str(out / name), min_rows_per_file=cfg.prepare.rows_per_file)
-        log(f"[prepare] wrote {name}: {len(rows):,} rows")
+        log(f"[prepare] wrote {name}: {len(rows):,} rows ({time.perf_counter() - start:.1f}s)")
     return counts
 
 
@@ -339,12 +341,13 @@ def write_local(ctx: RowContext, inter: Interactions, out: Path, cfg: C.Config,
     counts = {}
     step = cfg.prepare.rows_per_file
     for name, rows, build in outputs(ctx, inter, cfg):
+        start = time.perf_counter()
         counts[name] = int(len(rows))
         (out / name).mkdir(parents=True, exist_ok=True)
         for i in range(0, max(1, len(rows)), step):
             table = io.to_arrow_table(build(rows[i:i + step], ctx))
             pq.write_table(table, out / name / f"part-{i // step:05d}.parquet")
-        log(f"[prepare] wrote {name}: {len(rows):,} rows")
+        log(f"[prepare] wrote {name}: {len(rows):,} rows ({time.perf_counter() - start:.1f}s)")
     return counts
 
 

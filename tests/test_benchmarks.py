@@ -98,3 +98,20 @@ def test_ml100k_quality_tiny(tmp_path):
     summary = results["summary"]
     assert summary["HR@50"]["mean"] == run["test"]["exact"]["HR@50"]
     assert summary["HR@50"]["std"] == 0.0 and run["wall_s"] > 0
+    # tuned EASE and ALS on the same prepared split, each chosen on validation only
+    assert [b["model"] for b in results["baselines"]] == ["EASE, tuned", "implicit ALS, tuned"]
+    for b in results["baselines"]:
+        assert set(b["test"]) == {"HR@10", "HR@50", "HR@100", "NDCG@10"}
+        assert all(0 <= v <= 1 for v in b["test"].values())
+        assert b["validation"]["NDCG@10"] == max(t["NDCG@10"] for t in b["tried"])
+
+
+def test_sequence_candidates_tiny(tmp_path):
+    results = run_benchmark("sequence_candidates", tmp_path / "cand.json", 300)
+    assert [r["items"] for r in results["rows"]] == [500, 3000]
+    for row in results["rows"]:
+        for side in ("full", "sampled"):
+            assert row[side]["full"] is (side == "full")
+            assert_positive(row[side], ["step_s", "positions_per_s", "peak_rss_mib"])
+        assert row["full_over_sampled"] == pytest.approx(
+            row["full"]["step_s"] / row["sampled"]["step_s"], rel=1e-2)
