@@ -64,10 +64,10 @@ def als(x: np.ndarray, params: dict) -> tuple[np.ndarray, np.ndarray]:
     from implicit.cpu.als import AlternatingLeastSquares
     from threadpoolctl import threadpool_limits
 
-    model = AlternatingLeastSquares(factors=params["factors"], alpha=params["alpha"],
-                                    regularization=params["regularization"], iterations=15,
-                                    random_state=0, num_threads=2)
-    with threadpool_limits(1, "blas"):
+    with threadpool_limits(1, "blas"):  # implicit checks it when the model is made
+        model = AlternatingLeastSquares(factors=params["factors"], alpha=params["alpha"],
+                                        regularization=params["regularization"], iterations=15,
+                                        random_state=0, num_threads=2)
         model.fit(sp.csr_matrix(x), show_progress=False)
     return np.asarray(model.user_factors), np.asarray(model.item_factors)
 
