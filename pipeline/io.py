@@ -237,9 +237,9 @@ def locate_error(err: TableError, files: dict[str, TableFiles]) -> ValueError:
     """
     tf = files.get(err.table or "")
     if tf is None:
-        return ValueError(err.message)
-    if err.row is None:
-        return ValueError(f"{tf.describe()}: {err.message}")
+        return ValueError(str(err))
+    if err.row is None or not tf.rows:  # no row, or row counts unknown (not validated)
+        return ValueError(f"{tf.describe()}: {err}")
     path, row = locate(tf, err.row)
     return ValueError(f"{tf.name} table, file {path}, row {row}: {err.message}")
 
