@@ -1,8 +1,11 @@
 """Test and validation metrics, exact and through the index (EVALUATION.md's protocol).
 
 Exact figures rank the whole catalogue by brute force; index figures rank what the index
-returns for the user's top ``max(ks)`` (a target it does not return counts as a miss).
-Masked figures remove the user's history items, unmasked ones keep them.
+returns for the user's top ``max(ks)``, by the same rule: the target's rank is the number
+of returned items scoring strictly higher than it, exact scores both sides (a tie counts in
+the target's favour). The target is reached when the index returns it or an item tying
+it (the index broke the tie by row order); otherwise it counts as a miss. Masked figures
+remove the user's history items, unmasked ones keep them.
 """
 
 from __future__ import annotations
@@ -18,7 +21,14 @@ import torch
 from indexing.batches import embed
 from indexing.build import load_index, recall_at_k
 from indexing.eval_set import EvalSet, load_eval_set
-from indexing.metrics import DEFAULT_KS, metrics_from_ranks, retrieval_metrics
+from indexing.metrics import (
+    DEFAULT_KS,
+    check_finite,
+    exact_scores,
+    metrics_from_ranks,
+    retrieval_metrics,
+    target_scores,
+)
 from indexing.topk import TopK, build_topk
 from pipeline.columns import ITEM, USER
 from pipeline.run_dir import RunDir, read_catalogue, write_json
@@ -42,25 +52,50 @@ def evaluate(model: torch.nn.Module, eval_set: EvalSet, catalogue: Mapping[str, 
                              eval_set.history_items)
 
 
-def index_ranks(index: TopK, user_emb: np.ndarray, eval_set: EvalSet, k: int,
-                masked: bool) -> np.ndarray:
-    """[U] 0-based rank of each target in the index's answer (``MISS`` when absent)."""
+def index_ranks(index: TopK, user_emb: torch.Tensor, item_emb: torch.Tensor,
+                eval_set: EvalSet, k: int, masked: bool) -> np.ndarray:
+    """[U] 0-based rank of each target through the index (``MISS`` when not reached).
+
+    The index returns its ``k`` best catalogue rows per user; they are re-scored exactly
+    (:func:`~indexing.metrics.exact_scores`, the exact metrics' numbers). The rank is how
+    many of them score strictly higher than the target, so ties go to the target as in
+    the exact metrics. A target the index neither returns nor ties is a miss.
+
+    Args:
+        index: top-k over the catalogue; its ids are catalogue rows.
+        user_emb: [U, D] user embeddings.
+        item_emb: [I, D] catalogue embeddings (row = item_index).
+        eval_set: targets and histories.
+        k: results asked of the index.
+        masked: remove each user's history items (never the target) first.
+    """
     off, hist = eval_set.history_offsets, eval_set.history_items
     exclude = None
     if masked:
         exclude = [np.setdiff1d(hist[off[u]:off[u + 1]], [t])
                    for u, t in enumerate(eval_set.targets)]
-    _, ids = index.search(user_emb, k, exclude=exclude)
-    hit = ids == eval_set.targets[:, None]  # [U, k]
-    return np.where(hit.any(1), hit.argmax(1), MISS)
+    _, ids = index.search(user_emb.numpy(), k, exclude=exclude)  # [U, k], -1 padded
+    targets = torch.as_tensor(eval_set.targets)
+    ranks = np.empty(len(targets), np.int64)
+    for rows, scores in exact_scores(user_emb, item_emb):  # [u, I]
+        got = torch.as_tensor(ids[rows])  # [u, k]
+        target = target_scores(scores, targets[rows])[:, None]  # [u, 1]
+        returned = torch.where(got >= 0, scores.gather(1, got.clamp(min=0)),
+                               torch.tensor(-torch.inf))  # [u, k]
+        reached = (got == targets[rows, None]).any(1) | (returned == target).any(1)
+        above = (returned > target).sum(1)
+        ranks[rows] = torch.where(reached, above, MISS).numpy()
+    return ranks
 
 
-def index_metrics(index: TopK, user_emb: np.ndarray, eval_set: EvalSet,
-                  ks=DEFAULT_KS) -> dict[str, dict[str, float]]:
-    """Masked and unmasked HR@K / NDCG@10 through the index."""
+def index_metrics(index: TopK, user_emb: torch.Tensor, item_emb: torch.Tensor,
+                  eval_set: EvalSet, ks=DEFAULT_KS) -> dict[str, dict[str, float]]:
+    """Masked and unmasked HR@K / NDCG@10 through the index (embeddings as in ``index_ranks``)."""
+    check_finite(user_emb, "user embeddings")
+    check_finite(item_emb, "item embeddings")
     k = max(ks)
     return {name: metrics_from_ranks(torch.as_tensor(
-        index_ranks(index, user_emb, eval_set, k, masked)), ks)
+        index_ranks(index, user_emb, item_emb, eval_set, k, masked)), ks)
         for name, masked in (("masked", True), ("unmasked", False))}
 
 
@@ -76,7 +111,7 @@ def split_metrics(user_emb: torch.Tensor, item_emb: torch.Tensor, index: TopK,
     """
     exact = retrieval_metrics(user_emb, item_emb, eval_set.targets, eval_set.history_offsets,
                               eval_set.history_items)
-    through = index_metrics(index, user_emb.numpy(), eval_set)
+    through = index_metrics(index, user_emb, item_emb, eval_set)
     return {"exact": exact["masked"], "index": through["masked"],
             "unmasked": {"exact": exact["unmasked"], "index": through["unmasked"]},
             "users": len(eval_set)}

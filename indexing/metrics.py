@@ -5,14 +5,66 @@ items scoring strictly higher (a tie counts in the target's favour). "Masked" fi
 remove the user's history items from the ranking first (the target itself is never
 removed); "unmasked" keep them. HR@K = mean(rank < K); NDCG@10 = mean(1 / log2(rank + 2))
 over targets ranked in the top 10.
+
+Embeddings must be finite and a target's score a number: a NaN compares false with
+everything, so it would rank first and count as a hit. Both are errors here.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 DEFAULT_KS = (10, 50, 100)
+
+
+def check_finite(x: torch.Tensor | np.ndarray, name: str) -> None:
+    """Raise unless every value of an ``[N, D]`` embedding matrix is finite.
+
+    Raises:
+        ValueError: naming the matrix, how many rows hold NaN or infinity, and the first.
+    """
+    t = torch.as_tensor(x)
+    if not t.numel():
+        return
+    bad = ~torch.isfinite(t).reshape(len(t), -1).all(dim=1)  # [N]
+    if bad.any():
+        first = int(torch.nonzero(bad)[0])
+        raise ValueError(f"{name}: {int(bad.sum())} of {len(t)} rows hold NaN or infinite "
+                         f"values (the first: row {first}); metrics need finite embeddings: "
+                         "a diverged model (check the training loss, lower train.lr) or a "
+                         "non-finite input feature")
+
+
+def exact_scores(user_emb: torch.Tensor, item_emb: torch.Tensor, chunk: int = 1024
+                 ) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``(rows, [u, I] float32 scores)`` per chunk of users: the one exact scoring.
+
+    Exact metrics and metrics through an index rank with these same numbers, so a tie in
+    one is a tie in the other.
+    """
+    items = item_emb.float().T  # [D, I]
+    for s in range(0, len(user_emb), chunk):
+        rows = slice(s, min(s + chunk, len(user_emb)))
+        yield rows, user_emb[rows].float() @ items
+
+
+def target_scores(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[U] score of each user's target in ``scores`` [U, I].
+
+    Raises:
+        ValueError: a target score is NaN (it would rank first: a false hit).
+    """
+    picked = scores.gather(1, targets[:, None])[:, 0]  # [U]
+    nan = torch.isnan(picked)
+    if nan.any():
+        first = int(torch.nonzero(nan)[0])
+        raise ValueError(f"the target score of {int(nan.sum())} of {len(picked)} users is NaN "
+                         f"(the first: row {first}, target item {int(targets[first])}); a NaN "
+                         "cannot be ranked (it would count as a hit): the embeddings overflow")
+    return picked
 
 
 def target_ranks(
@@ -27,9 +79,11 @@ def target_ranks(
 
     Returns:
         [U] int64 ranks.
+
+    Raises:
+        ValueError: a target score is NaN.
     """
-    target_scores = scores.gather(1, targets[:, None])  # [U, 1]
-    above = scores > target_scores
+    above = scores > target_scores(scores, targets)[:, None]
     if mask is not None:
         above &= ~mask
     return above.sum(dim=1)
@@ -79,13 +133,16 @@ def retrieval_metrics(
 
     Returns:
         ``{"masked": {...}, "unmasked": {...}}`` with HR@K and NDCG@10.
+
+    Raises:
+        ValueError: an embedding is not finite, or a target score is NaN.
     """
+    check_finite(user_emb, "user embeddings")
+    check_finite(item_emb, "item embeddings")
     t = torch.as_tensor(np.asarray(targets, dtype=np.int64))
     masked, unmasked = [], []
     with torch.no_grad():
-        for s in range(0, len(t), chunk):
-            rows = slice(s, min(s + chunk, len(t)))
-            scores = user_emb[rows].float() @ item_emb.float().T  # [u, I]
+        for rows, scores in exact_scores(user_emb, item_emb, chunk):  # [u, I]
             mask = history_mask(history_offsets, history_items, rows, len(item_emb), t[rows])
             masked.append(target_ranks(scores, t[rows], mask))
             unmasked.append(target_ranks(scores, t[rows]))

@@ -40,6 +40,11 @@ def load_job_config(args: argparse.Namespace) -> Config:
 
 
 def parse_job_args(description: str, argv: list[str] | None = None) -> tuple[Config, Path]:
-    """Parse the common flags and load the config (exit code 2 on a config error)."""
+    """Parse the common flags and load the config (exit code 2 on a config or flag error)."""
     args = job_parser(description).parse_args(argv)
-    return load_job_config(args), Path(args.output_dir)
+    out = Path(args.output_dir)
+    with user_errors(code=2):
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--output-dir {args.output_dir}: is a file; accepted: a run "
+                             "directory (a folder, created when missing)")
+    return load_job_config(args), out

@@ -2,6 +2,8 @@
 
 Inputs: the ``data`` and ``features`` sections of the config.
 Outputs: ``RUN_DIR/prepared/`` (see :mod:`pipeline.prepare` for the layout).
+Errors: one ``error: ...`` line naming the file (and row), the column and what is
+accepted; exit code 2 for the config and flags, 1 for the data; RUN_DIR is left as it was.
 
     python -m jobs.prepare --config configs/demo.yaml --output-dir runs/demo
     ray job submit --working-dir . -- python -m jobs.prepare \

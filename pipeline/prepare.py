@@ -22,6 +22,7 @@ no partial ``prepared/``.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,10 +33,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import config as C
-from pipeline import io, split
+from pipeline import data_checks, io, split
+from pipeline.errors import TableError, in_table
 from pipeline.features import spec_of
 from pipeline.features.sequence import fit_history
 from pipeline.rows import (
+    Histories,
     Interactions,
     SplitWriter,
     build_context,
@@ -72,12 +75,15 @@ def run_prepare(cfg: C.Config, run_dir: str | Path, log: Log = print,
     """
     t0 = time.perf_counter()
     files = files or validate_inputs(cfg)
-    users, items, raw = read_tables(files, cfg, log, ray_data=ray_data)
     inputs = {t.name: t.paths for t in files.values()}
     run = RunDir(run_dir)
-    with atomic_dir(run.prepared) as tmp:
-        manifest = prepare_tables(cfg, users, items, raw, tmp,
-                                  write_splits if ray_data else write_local, log, inputs, t0)
+    try:
+        users, items, raw = read_tables(files, cfg, log, ray_data=ray_data)
+        with atomic_dir(run.prepared) as tmp:
+            manifest = prepare_tables(cfg, users, items, raw, tmp,
+                                      write_splits if ray_data else write_local, log, inputs, t0)
+    except TableError as err:  # a bad value found in the data: name its file
+        raise io.locate_error(err, files) from None
     log(f"[prepare] wrote {run.prepared} in {manifest.seconds}s: {manifest.rows}")
     return manifest
 
@@ -110,14 +116,42 @@ def prepare_tables(cfg: C.Config, users: pa.Table, items: pa.Table, raw: pa.Tabl
 
 
 def validate_inputs(cfg: C.Config) -> dict[str, io.TableFiles]:
-    """Resolve and check the three tables' files; raises before anything is read."""
+    """Resolve and check the three tables' files from their footers; nothing is read yet.
+
+    Raises:
+        ValueError / FileNotFoundError: naming the file, the column and what is accepted:
+            no Parquet file, an unreadable file, a missing or mistyped column, one column
+            with two types across files, key columns of different kinds across tables, or
+            an interactions or items table without rows.
+    """
     needed = io.required_columns(cfg)
     files = {}
     for name in ("interactions", "users", "items"):
         tf = io.resolve_files(name, cfg.data.resolve(getattr(cfg.data, name)))
-        io.validate_table(tf, needed[name])
-        files[name] = tf
+        files[name] = io.validate_table(tf, needed[name])
+    d = cfg.data
+    io.check_empty(files["interactions"], f"interactions with columns {d.user_id!r}, "
+                   f"{d.item_id!r}, {d.timestamp!r}, at least prepare.min_user_interactions="
+                   f"{cfg.prepare.min_user_interactions} per user")
+    io.check_empty(files["items"], f"a catalogue of at least one item, one row per "
+                   f"{d.item_id!r}")
+    for key, table in ((d.user_id, "users"), (d.item_id, "items")):
+        _check_key_kinds(files["interactions"], files[table], key)
     return files
+
+
+def _check_key_kinds(inter: io.TableFiles, table: io.TableFiles, key: str) -> None:
+    """Raise unless a key column is integer in both tables or string in both."""
+    kinds = []
+    for tf in (inter, table):
+        schema = io.read_footer(tf, tf.paths[0]).schema.to_arrow_schema()
+        kinds.append(io.key_kind(schema.field(key).type))
+    if kinds[0] != kinds[1]:
+        raise ValueError(
+            f"{table.name} table, file {table.paths[0]}: column {key!r} holds {kinds[1]} keys "
+            f"but the interactions table (file {inter.paths[0]}) holds {kinds[0]} keys; "
+            f"accepted: {key!r} of one kind in every table (all integer or all string), cast "
+            "one of them")
 
 
 def read_tables(files: dict[str, io.TableFiles], cfg: C.Config, log: Log,
@@ -125,24 +159,67 @@ def read_tables(files: dict[str, io.TableFiles], cfg: C.Config, log: Log,
     """Read users, items and interactions (file order kept), checked, as Arrow tables.
 
     ``ray_data``: through Ray Data on the running Ray; otherwise pyarrow in this process.
+
+    Raises:
+        ValueError: naming the file a read failed on (a corrupt page behind a good footer).
+        TableError: a bad value (null key or time, duplicate key, bad weight) at a row.
     """
     needed = io.required_columns(cfg)
     read = _read_ray if ray_data else _read_local
     out = []
     for name in ("users", "items", "interactions"):
         tf = files[name]
-        table = read(tf, list(needed[name]))
+        columns = list(needed[name])
+        try:
+            table = read(tf, columns) if sum(tf.rows) else _empty_table(tf, columns)
+        except (pa.ArrowException, OSError) as err:
+            raise _read_error(tf, columns, err) from None
         log(f"[prepare] read {name}: {table.num_rows:,} rows from {len(tf.paths)} file(s)")
-        out.append(table.combine_chunks())
-    return checked_tables(*out, cfg, files)
+        out.append(checked_table(name, table.combine_chunks(), cfg))  # before the next read
+    users, items, inter = out
+    return users, items, inter
+
+
+def _empty_table(tf: io.TableFiles, columns: list[str]) -> pa.Table:
+    """A table whose files hold no row, with the columns of its first footer."""
+    schema = io.read_footer(tf, tf.paths[0]).schema.to_arrow_schema()
+    return schema.empty_table().select(columns)
+
+
+def _read_error(tf: io.TableFiles, columns: list[str], err: Exception) -> Exception:
+    """The file a failed read fails on, read alone here (the error path only)."""
+    for path in tf.paths:
+        try:
+            pq.read_table(path, columns=columns, filesystem=tf.filesystem)
+        except (pa.ArrowException, OSError) as file_err:
+            return ValueError(f"{tf.name} table, file {path}: cannot be read "
+                              f"({io.one_line(file_err)}); accepted: complete, uncorrupted "
+                              f"Parquet files only under data.{tf.name} (rewrite this file "
+                              "or move it away)")
+    return err
+
+
+# Ray Data logs a failed read task's whole traceback from these loggers before it raises;
+# read_tables names the bad file itself (or re-raises, traceback and all), so they stay
+# quiet during the read.
+_RAY_DATA_ERROR_LOGGERS = ("ray.data.exceptions",
+                           "ray.data._internal.execution.streaming_executor_state")
 
 
 def _read_ray(tf: io.TableFiles, columns: list[str]) -> pa.Table:
     import ray
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # ties
-    ds = ray.data.read_parquet(tf.paths, filesystem=tf.filesystem).select_columns(columns)
-    return pa.concat_tables(ray.get(list(ds.to_arrow_refs())), promote_options="default")
+    loggers = [logging.getLogger(name) for name in _RAY_DATA_ERROR_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        ds = ray.data.read_parquet(tf.paths, filesystem=tf.filesystem).select_columns(columns)
+        return pa.concat_tables(ray.get(list(ds.to_arrow_refs())), promote_options="default")
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _read_local(tf: io.TableFiles, columns: list[str]) -> pa.Table:
@@ -152,60 +229,46 @@ def _read_local(tf: io.TableFiles, columns: list[str]) -> pa.Table:
         columns=columns)
 
 
-def checked_tables(users: pa.Table, items: pa.Table, inter: pa.Table, cfg: C.Config,
-                   files: dict[str, io.TableFiles]) -> tuple[pa.Table, pa.Table, pa.Table]:
-    """The three read tables, with unique non-null keys in users and items, valid weights."""
-    d = cfg.data
-    for name, table, key in (("users", users, d.user_id), ("items", items, d.item_id)):
-        _check_unique(name, table[key])
-    if d.weight and _bad_weights(inter[d.weight]).any():
-        _raise_bad_weight(files["interactions"], d.weight)
-    return users, items, inter
+def checked_table(name: str, table: pa.Table, cfg: C.Config) -> pa.Table:
+    """A read table, checked before the next table is read.
 
-
-def _bad_weights(values: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """[N] bool, True where a weight is null, NaN, infinite or negative."""
-    w = pc.cast(values, pa.float64())
-    ok = pc.and_(pc.is_finite(w), pc.greater_equal(w, 0.0)).fill_null(False)
-    return ~ok.to_numpy(zero_copy_only=False)
-
-
-def _raise_bad_weight(files: io.TableFiles, column: str) -> None:
-    """Find the first file holding an invalid weight (read only on this error path) and say so.
+    Users and items: unique non-null keys. Interactions: non-null times, valid weights.
 
     Raises:
-        ValueError: naming the file, the column, the value and what is accepted.
+        TableError: at the first bad row (the caller names its file).
     """
-    for path in files.paths:
-        values = pq.read_table(path, columns=[column], filesystem=files.filesystem)[column]
-        bad = np.flatnonzero(_bad_weights(values))
-        if len(bad):
-            raise ValueError(
-                f"{files.name} table, file {path}: column {column!r} (data.weight) has "
-                f"{len(bad)} invalid weight(s), the first {values[int(bad[0])].as_py()!r} at "
-                f"row {int(bad[0])}; a weight must be a finite number >= 0 (no null, NaN "
-                "or negative values)")
-    raise ValueError(f"{files.name} table: column {column!r} (data.weight) has a null, NaN "
-                     "or negative weight; a weight must be a finite number >= 0")
-
-
-def _check_unique(name: str, keys: pa.ChunkedArray) -> None:
-    counts = pc.value_counts(keys)
-    dup = counts.filter(pc.greater(counts.field("counts"), 1))
-    if len(dup):
-        raise ValueError(f"{name} table: key {dup[0]['values'].as_py()!r} appears "
-                         f"{dup[0]['counts'].as_py()} times; keys must be unique")
-    if keys.null_count:
-        raise ValueError(f"{name} table: {keys.null_count} rows have a null key")
+    d = cfg.data
+    with in_table(name):
+        if name == "interactions":
+            data_checks.check_no_null(table[d.timestamp], d.timestamp, "time",
+                                      "integer unix time or a timestamp, never null (drop or "
+                                      "fill those rows)")
+            if d.weight:
+                data_checks.check_weights(table[d.weight], d.weight)
+        else:
+            key = d.user_id if name == "users" else d.item_id
+            data_checks.check_unique(table[key], key, name.rstrip("s"))
+    return table
 
 
 def order_interactions(raw: pa.Table, items: pa.Table, cfg: C.Config, log: Log) -> Interactions:
-    """Drop interactions with unknown items or null keys, then split per user by time."""
+    """Drop interactions with unknown items or null keys, then split per user by time.
+
+    Users with fewer than ``prepare.min_user_interactions`` interactions are left out of the
+    splits; their interactions are kept aside (``Interactions.dropped``) for the serving
+    table's history and seen items.
+
+    Raises:
+        TableError: no interaction is usable, no user has enough interactions, or the split
+            leaves no training row.
+    """
     d = cfg.data
     item_index = pc.index_in(raw[d.item_id], value_set=items[d.item_id]).to_numpy(
         zero_copy_only=False)
-    ok = ~np.isnan(item_index.astype(float)) & ~raw[d.user_id].is_null().to_numpy(
-        zero_copy_only=False)
+    known = ~np.isnan(item_index.astype(float))
+    ok = known & ~raw[d.user_id].is_null().to_numpy(zero_copy_only=False)
+    with in_table("interactions"):
+        data_checks.check_usable(raw, items, known, ok, d)
     if (~ok).sum():
         log(f"[prepare] dropping {int((~ok).sum()):,} interactions with a null user or an "
             "item missing from the item table")
@@ -217,6 +280,8 @@ def order_interactions(raw: pa.Table, items: pa.Table, cfg: C.Config, log: Log) 
     ts = ts.to_numpy().astype(np.int64)
     codes = pc.dictionary_encode(raw[d.user_id]).combine_chunks().indices.to_numpy()
     sp = split.leave_last_out(codes, ts, cfg.prepare.min_user_interactions)
+    with in_table("interactions"):
+        data_checks.check_split(sp, np.bincount(codes), cfg, log)
     o = sp.order
     weight = (raw[d.weight].to_numpy().astype(np.float32)[o] if d.weight
               else np.ones(len(o), np.float32))
@@ -226,7 +291,35 @@ def order_interactions(raw: pa.Table, items: pa.Table, cfg: C.Config, log: Log) 
     return Interactions(user_id=raw[d.user_id].take(o).combine_chunks(),
                         item_id=raw[d.item_id].take(o).combine_chunks(),
                         timestamp=ts[o], weight=weight, item_index=item_index[o], split=sp,
-                        impressions=imp)
+                        impressions=imp,
+                        dropped=dropped_histories(raw, d, codes, ts, item_index, sp.order))
+
+
+def dropped_histories(raw: pa.Table, d: C.DataConfig, codes: np.ndarray, ts: np.ndarray,
+                      item_index: np.ndarray, kept: np.ndarray) -> Histories | None:
+    """The interactions of users left out of the splits, sorted by (user, time, row).
+
+    Args:
+        raw: [N] usable interactions.
+        d: the data section (key column names).
+        codes: [N] user codes.
+        ts: [N] int64 times.
+        item_index: [N] catalogue rows.
+        kept: the input rows the split kept (``Split.order``).
+
+    Returns:
+        None when every user was kept.
+    """
+    rest = np.ones(len(codes), bool)
+    rest[kept] = False
+    if not rest.any():
+        return None
+    rows = np.flatnonzero(rest)
+    sp = split.leave_last_out(codes[rows], ts[rows], 1)
+    o = pa.array(rows[sp.order])
+    return Histories(user_id=raw[d.user_id].take(o).combine_chunks(),
+                     item_id=raw[d.item_id].take(o).combine_chunks(),
+                     item_index=item_index[rows[sp.order]], group_start=sp.group_start)
 
 
 def fit_state(cfg: C.Config, inter: Interactions, users: pa.Table,
@@ -246,8 +339,10 @@ def fit_state(cfg: C.Config, inter: Interactions, users: pa.Table,
                 fitted[f.name] = spec.fit_column(f, col)
         return TowerState(fitted)
 
-    item_tower = fit_tower(cfg.features.item, items, d.item_id, train_items)
-    user_tower = fit_tower(cfg.features.user, users, d.user_id, train_users)
+    with in_table("items"):
+        item_tower = fit_tower(cfg.features.item, items, d.item_id, train_items)
+    with in_table("users"):
+        user_tower = fit_tower(cfg.features.user, users, d.user_id, train_users)
     feats = dict(user_tower.features)
     for f in cfg.features.user:
         if isinstance(f, C.SequenceFeature):

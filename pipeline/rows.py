@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -39,6 +39,7 @@ from pipeline.columns import (
     prefixed,
 )
 from pipeline.config import checks
+from pipeline.errors import TableError, in_table
 from pipeline.run_dir import SEQUENCES, TABLES
 from pipeline.state import FeatureKind, FeatureStateSet, TowerState
 from pipeline.transforms import encode_feature, lookup, transform_tower
@@ -53,6 +54,20 @@ class Impressions:
 
 
 @dataclass
+class Histories:
+    """Interactions of the users left out of the splits, sorted by (user, time, input row).
+
+    A user with fewer than ``prepare.min_user_interactions`` interactions gets no training,
+    validation or test row, but serving still needs what they consumed (history, seen set).
+    """
+
+    user_id: pa.Array  # [D]
+    item_id: pa.Array  # [D]
+    item_index: np.ndarray  # [D] catalogue rows
+    group_start: np.ndarray  # [D] position of the user's first row
+
+
+@dataclass
 class Interactions:
     """Interactions sorted by (user, time, input row), restricted to catalogue items."""
 
@@ -63,6 +78,7 @@ class Interactions:
     item_index: np.ndarray  # [N'] catalogue row of each interaction
     split: split.Split
     impressions: Impressions | None = None  # with loss.impressions_column
+    dropped: Histories | None = None  # users below prepare.min_user_interactions
 
 
 Columns = dict[str, np.ndarray]  # column or input key -> [N, ...]
@@ -153,10 +169,12 @@ def build_context(cfg: C.Config, fitted: FeatureStateSet, inter: Interactions,
     """Encode the tables and the per-interaction id / history columns."""
     d = cfg.data
     id_names = id_feature_names(fitted.user, d.user_id)
-    encoded = encode_table(users, fitted.user, skip=id_names)
+    with in_table("users"):
+        encoded = encode_table(users, fitted.user, skip=id_names)
     absent = absent_row(fitted.user, skip=id_names)  # the last row: users not in the table
     user_feats = {k: np.concatenate([v, absent[k]]) for k, v in encoded.items()}
-    item_feats = encode_table(items, fitted.item)
+    with in_table("items"):
+        item_feats = encode_table(items, fitted.item)
     pos = pa.compute.index_in(inter.user_id, value_set=users[d.user_id]).fill_null(len(users))
     id_feats = id_columns(fitted.user, d.user_id, inter.user_id)
     seq_ids, specs = {}, {}
@@ -184,15 +202,16 @@ def impression_rows(lists: pa.Array, catalogue_keys: pa.Array, column: str) -> I
         column: the column's name, for the error message.
 
     Raises:
-        ValueError: naming the column when its ids cannot be compared with the item keys.
+        TableError: naming the column when its ids cannot be compared with the item keys.
     """
     lengths = pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False)
     try:
         flat = pc.cast(pc.list_flatten(lists), catalogue_keys.type)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
-        raise ValueError(f"interactions column {column!r} (loss.impressions_column) holds ids "
-                         f"of type {lists.type.value_type} that do not convert to the item key "
-                         f"type {catalogue_keys.type}: {err}") from err
+        raise TableError(f"column {column!r} (loss.impressions_column) holds ids of type "
+                         f"{lists.type.value_type} that do not convert to the item key type "
+                         f"{catalogue_keys.type} ({io.one_line(err)}); accepted: item ids of the "
+                         "items table's key type", table="interactions") from err
     index = pc.index_in(flat, value_set=catalogue_keys)  # null: not in the catalogue
     known = index.is_valid().to_numpy(zero_copy_only=False)
     parent = np.repeat(np.arange(len(lengths)), lengths)  # [K'] interaction of each id
@@ -364,12 +383,16 @@ def write_tables(ctx: RowContext, inter: Interactions, users: pa.Table, items: p
 
 def user_table(ctx: RowContext, inter: Interactions, users: pa.Table,
                fitted: FeatureStateSet) -> pa.Table:
-    """Every known user: encoded features, latest history, and all seen catalogue rows."""
-    sp = inter.split
-    starts = np.flatnonzero(np.r_[True, sp.group_start[1:] != sp.group_start[:-1]]) \
-        if len(sp.group_start) else np.zeros(0, np.int64)
-    ends = np.r_[starts[1:], len(sp.group_start)].astype(np.int64)
-    inter_ids = inter.user_id.take(pa.array(starts))
+    """Every known user: encoded features, latest history, and all seen catalogue rows.
+
+    Users left out of the splits (below ``prepare.min_user_interactions``) are here too,
+    with the history and seen items of all their interactions.
+    """
+    inter_user, group_start, ctx = _all_histories(ctx, inter)
+    starts = np.flatnonzero(np.r_[True, group_start[1:] != group_start[:-1]]) \
+        if len(group_start) else np.zeros(0, np.int64)
+    ends = np.r_[starts[1:], len(group_start)].astype(np.int64)
+    inter_ids = inter_user.take(pa.array(starts))
     table_ids = users[fitted.user_id].combine_chunks()
     extra = inter_ids.filter(pa.compute.invert(pa.compute.is_in(inter_ids, value_set=table_ids)))
     ids = pa.concat_arrays([table_ids.cast(inter_ids.type), extra]) if len(extra) else table_ids
@@ -390,3 +413,24 @@ def user_table(ctx: RowContext, inter: Interactions, users: pa.Table,
     table = io.to_arrow_table(out)
     return table.append_column(SEEN, pa.ListArray.from_arrays(
         pa.array(seen_offsets), pa.array(seen, pa.int64())))
+
+
+def _all_histories(ctx: RowContext, inter: Interactions
+                   ) -> tuple[pa.Array, np.ndarray, RowContext]:
+    """The split users' interactions followed by the left-out users' ones.
+
+    Returns:
+        ``(user_id [N''], group_start [N''], ctx)``: the row context with ``item_index``
+        and ``seq_ids`` extended to the same N'' positions.
+    """
+    rest = inter.dropped
+    if rest is None:
+        return inter.user_id, inter.split.group_start, ctx
+    n = len(inter.split.group_start)
+    seq_ids = {name: np.concatenate([ids, lookup(rest.item_id, ctx.user_tower.features[name]
+                                                 .vocab_array())])
+               for name, ids in ctx.seq_ids.items()}
+    wider = replace(ctx, item_index=np.concatenate([ctx.item_index, rest.item_index]),
+                    seq_ids=seq_ids)
+    user_id = pa.concat_arrays([inter.user_id, rest.user_id.cast(inter.user_id.type)])
+    return user_id, np.concatenate([inter.split.group_start, rest.group_start + n]), wider

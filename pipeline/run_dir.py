@@ -144,16 +144,23 @@ class RunDir:
 def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``final``; on success it replaces ``final``.
 
-    On an error the temporary folder is removed and ``final`` is left as it was.
+    On an error the temporary folder is removed, and so are the parent folders this call
+    created (when still empty): ``final`` and its surroundings are left as they were.
     """
     final = Path(final)
     tmp = final.with_name(f".{final.name}.tmp")
+    created = [d for d in (tmp.parent, *tmp.parent.parents) if not d.exists()]  # deepest first
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (someone else wrote there) or already gone
+                break
         raise
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)

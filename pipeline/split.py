@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 TRAIN, VALIDATION, TEST = 0, 1, 2
+MIN_WITH_TRAINING = 3  # a user with fewer interactions has no training row (test, validation)
 SPLIT_NAMES = {TRAIN: "train", VALIDATION: "validation", TEST: "test"}
 
 
@@ -55,7 +56,7 @@ def leave_last_out(user_codes: np.ndarray, timestamps: np.ndarray, min_interacti
     keep = np.repeat(counts >= min_interactions, counts)
     counts = counts[counts >= min_interactions]
     order = order[keep]
-    new_starts = np.r_[0, np.cumsum(counts)[:-1]].astype(np.int64)
+    new_starts = (np.cumsum(counts) - counts).astype(np.int64)  # empty when none is kept
     group_start = np.repeat(new_starts, counts)
     from_end = np.repeat(new_starts + counts, counts) - 1 - np.arange(len(order))
     split = np.select([from_end == 0, from_end == 1], [TEST, VALIDATION], TRAIN).astype(np.int8)

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.errors import TableError
 from pipeline.state import FeatureState, NumericTransform, TowerState
 
 PAD = 0
@@ -167,17 +168,21 @@ def encode_numeric(values: Any, state: FeatureState) -> tuple[np.ndarray, np.nda
 
 
 def encode_dense(values: Any, state: FeatureState, name: str) -> np.ndarray:
-    """Fixed-length vector column -> [B, dim] float32 (null rows -> zeros)."""
+    """Fixed-length vector column -> [B, dim] float32 (null rows -> zeros).
+
+    Raises:
+        TableError: at the first row of another length (a ``ValueError``).
+    """
     arr = as_arrow(values)
     flat, offsets = _list_parts(arr)
     lengths = np.diff(offsets)
     nulls = arr.is_null().to_numpy(zero_copy_only=False)
     bad = np.flatnonzero((lengths != state.dim) & ~nulls)
     if len(bad):
-        raise ValueError(
-            f"dense_vector {name!r}: row {int(bad[0])} has {int(lengths[bad[0]])} values, "
-            f"expected dim={state.dim}"
-        )
+        raise TableError(
+            f"column {state.source!r} (dense_vector {name!r}) has {len(bad)} row(s) of the "
+            f"wrong length, this one {int(lengths[bad[0]])} values; accepted: a list of "
+            f"exactly dim={state.dim} numbers, or null", row=int(bad[0]))
     out = np.zeros((len(arr), state.dim), dtype=np.float32)
     vals = pc.cast(flat, pa.float32()).fill_null(0.0).to_numpy(zero_copy_only=False)
     out[~nulls] = vals.reshape(-1, state.dim)

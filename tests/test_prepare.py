@@ -98,18 +98,60 @@ def test_wrong_type_names_file_and_column(ray_session, tiny_data, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("bad", [-1.0, float("nan"), None], ids=["negative", "nan", "null"])
-def test_bad_weight_names_file_column_and_what_is_accepted(ray_session, tiny_data, tmp_path,
-                                                           bad):
+def test_null_weight_names_file_row_column_and_what_is_accepted(ray_session, tiny_data,
+                                                                tmp_path):
+    # negative and NaN weights go through jobs.prepare in tests/test_prepare_errors.py
     part = tiny_data / "interactions" / "part-1.parquet"
     t = pq.read_table(part)
-    t = t.set_column(3, "weight", pa.array([1.0, 1.0, bad, 1.0, 1.0], pa.float64()))
+    t = t.set_column(3, "weight", pa.array([1.0, 1.0, None, 1.0, 1.0], pa.float64()))
     pq.write_table(t, part)
-    with pytest.raises(ValueError, match=r"part-1.parquet: column 'weight' \(data.weight\) "
-                                         r"has 1 invalid weight.*at row 2; a weight must be "
-                                         r"a finite number >= 0"):
+    with pytest.raises(ValueError, match=r"part-1.parquet, row 2: column 'weight' \(data.weight\) "
+                                         r"has 1 invalid weight\(s\), the first None; a weight "
+                                         r"must be a finite number >= 0"):
         run_prepare(tiny_cfg(tiny_data), tmp_path / "run", log=lambda m: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_users_below_the_minimum_keep_their_history_for_serving(ray_session, tiny_data,
+                                                                 tmp_path):
+    # keep u1 whole (4), u2 only (14, t3) -> 1 interaction, u3 only (11, t7) (13, t7) -> 2
+    parts = [tiny_data / "interactions" / f"part-{i}.parquet" for i in (0, 1)]
+    for part, keep in ((parts[0], [True] * 4 + [False, False]),
+                       (parts[1], [True, False, True, True, False])):
+        pq.write_table(pq.read_table(part).filter(pa.array(keep)), part)
+    logs = []
+    manifest = run_prepare(tiny_cfg(tiny_data, min_user_interactions=2), tmp_path / "run",
+                           log=logs.append)
+    # u2 is left out of the splits; u3 is kept with a validation and a test row only
+    assert manifest.rows == {"train": 2, "validation": 2, "test": 2}
+    assert [m for m in logs if "warning" in m] == [
+        "[prepare] warning: 1 of 2 users kept have fewer than 3 interactions "
+        "(prepare.min_user_interactions=2): they get no training row, only validation / test "
+        "targets with one or no item of history; set prepare.min_user_interactions: 3 to "
+        "leave them out"]
+    users = {u["user_id"]: u for u in
+             pq.read_table(tmp_path / "run" / "prepared" / "users.parquet").to_pylist()}
+    # u2 consumed item 14 (catalogue row 4): serving's exclude_seen must know it; its history
+    # id is OOV (1: only u1's training items 11, 12 are in the vocabulary), its category 'z'
+    assert users[2]["seen_item_index"] == [4]
+    assert users[2]["user__history"] == [0, 0, 1]
+    state = json.loads((tmp_path / "run" / "prepared" / "feature_state.json").read_text())
+    z = state["item"]["features"]["category"]["vocab"].index("z") + 2
+    assert users[2]["user__history__category"] == [0, 0, z]
+    assert users[3]["seen_item_index"] == [1, 3]  # 11, 13 (u3 is not in the user table)
+    assert users[4]["seen_item_index"] == []  # in the user table, no interaction
+
+
+def test_an_empty_user_table_gives_every_user_null_features(ray_session, tiny_data, tmp_path):
+    users = pq.read_table(tiny_data / "users.parquet")
+    pq.write_table(users.slice(0, 0).drop_columns(["age"]), tiny_data / "users.parquet")
+    raw = copy.deepcopy(TINY_CONFIG)
+    raw["data"]["root"] = str(tiny_data)
+    raw["features"]["user"] = [f for f in raw["features"]["user"] if f["name"] != "age"]
+    manifest = run_prepare(parse_config(raw), tmp_path / "run", log=lambda m: None)
+    assert manifest.rows == {"train": 4, "validation": 3, "test": 3}
+    test = read_split(tmp_path / "run", "test")
+    assert [r["user__gender"] for r in test] == [0, 0, 0]  # null: no user row
 
 
 def test_impressions_written_as_catalogue_rows_padded(ray_session, tiny_data, tmp_path):
@@ -132,3 +174,40 @@ def test_impressions_written_as_catalogue_rows_padded(ray_session, tiny_data, tm
                    "test": [[2, 4], [-1, -1], [0, -1]]}
     schema = pq.read_schema(next((tmp_path / "run" / "prepared" / "test").glob("*.parquet")))
     assert schema.field("impressions").type == pa.list_(pa.int64(), 2)
+
+
+def test_a_failed_atomic_write_leaves_no_folder_it_created(tmp_path):
+    from pipeline.run_dir import atomic_dir
+
+    kept = tmp_path / "existing"
+    kept.mkdir()
+    with pytest.raises(ValueError, match="boom"):
+        with atomic_dir(kept / "new" / "run" / "prepared") as tmp:
+            (tmp / "part.parquet").write_bytes(b"x")
+            raise ValueError("boom")
+    assert [p.name for p in tmp_path.rglob("*")] == ["existing"]
+    with pytest.raises(ValueError, match="boom"):
+        with atomic_dir(kept / "prepared") as tmp:
+            raise ValueError("boom")
+    assert list(kept.iterdir()) == []  # the folder that was there stays, emptied of the tmp
+
+
+def test_a_table_row_is_located_to_its_file_past_empty_files():
+    import pyarrow.fs as pafs
+
+    from pipeline import io
+    from pipeline.errors import TableError
+
+    # files of 2, 0 and 3 rows: table rows 0-1 are a's, 2-4 are c's (b is empty)
+    tf = io.TableFiles("items", "/d", pafs.LocalFileSystem(),
+                       ["/d/a.parquet", "/d/b.parquet", "/d/c.parquet"], (2, 0, 3))
+    assert [io.locate(tf, r) for r in range(5)] == [
+        ("/d/a.parquet", 0), ("/d/a.parquet", 1), ("/d/c.parquet", 0), ("/d/c.parquet", 1),
+        ("/d/c.parquet", 2)]
+    with pytest.raises(IndexError, match="row 5 is beyond the 5 rows"):
+        io.locate(tf, 5)
+    files = {"items": tf}
+    assert str(io.locate_error(TableError("bad", "items", 3), files)) == \
+        "items table, file /d/c.parquet, row 1: bad"
+    assert str(io.locate_error(TableError("bad", "items"), files)) == \
+        "items table at '/d' (3 file(s)): bad"

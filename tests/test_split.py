@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import numpy as np
 
 from pipeline.split import TEST, TRAIN, VALIDATION, history_windows, leave_last_out
@@ -28,20 +30,38 @@ def _ml100k_split(ml100k_dir):
     return users, items, ts, leave_last_out(users, ts, min_interactions=3)
 
 
+def test_every_user_below_the_minimum_gives_an_empty_split():
+    sp = leave_last_out(np.array([5, 5, 9]), np.array([1, 2, 3]), min_interactions=3)
+    assert (sp.order.tolist(), sp.split.tolist(), sp.group_start.tolist()) == ([], [], [])
+
+
+def _oracle_split(users: np.ndarray, ts: np.ndarray, min_interactions: int) -> dict[int, list]:
+    """Plain Python: per user, input rows sorted by (timestamp, row number)."""
+    by_user: dict[int, list] = defaultdict(list)
+    for row, (u, t) in enumerate(zip(users.tolist(), ts.tolist(), strict=True)):
+        by_user[u].append((t, row))
+    return {u: [row for _, row in sorted(rows)] for u, rows in by_user.items()
+            if len(rows) >= min_interactions}
+
+
 def test_ml100k_split_counts_and_no_leakage(ml100k_dir):
     users, items, ts, sp = _ml100k_split(ml100k_dir)
     counts = np.bincount(sp.split, minlength=3)
     assert counts.tolist() == [98_114, 943, 943]
-    # every held-out target is the user's latest (ties: the later line), and no train row is
-    # after it: check with a per-user python oracle
-    sorted_users = users[sp.order]
-    for pos in np.flatnonzero(sp.split != TRAIN)[:200]:
-        u = sorted_users[pos]
-        rows = np.flatnonzero(users == u)
-        oracle = sorted(rows, key=lambda r: (ts[r], r))
-        want = oracle[-1] if sp.split[pos] == TEST else oracle[-2]
-        assert sp.order[pos] == want
+    # every row of every user against the oracle: same time order, the last row the test
+    # target, the one before it the validation target (ties: the later line), the rest train
+    oracle = _oracle_split(users, ts, 3)
+    want = {}
+    for rows in oracle.values():
+        want.update({r: TRAIN for r in rows[:-2]})
+        want.update({rows[-2]: VALIDATION, rows[-1]: TEST})
+    assert dict(zip(sp.order.tolist(), sp.split.tolist(), strict=True)) == want
+    starts = np.flatnonzero(np.r_[True, np.diff(sp.group_start) != 0])
+    got_groups = np.split(sp.order, starts[1:])
+    assert {int(users[g[0]]): g.tolist() for g in got_groups} == oracle
+    assert (sp.group_start == np.repeat(starts, np.diff(np.r_[starts, len(sp.order)]))).all()
     # histories contain only strictly earlier positions of the same user
+    sorted_users = users[sp.order]
     target_pos = np.flatnonzero(sp.split != TRAIN)
     win = history_windows(target_pos, sp.group_start, 50)
     assert (win < target_pos[:, None]).all()

@@ -97,7 +97,9 @@ def test_dense_vector_shape_nulls_and_length_error():
     out = T.encode_dense(pa.array([[1.0, 2.0], None, [0.5, 0.25]], pa.list_(pa.float32())),
                          st, "e")
     np.testing.assert_array_equal(out, [[1, 2], [0, 0], [0.5, 0.25]])
-    with pytest.raises(ValueError, match=r"'e': row 1 has 3 values, expected dim=2"):
+    with pytest.raises(ValueError, match=r"row 1: column 'e' \(dense_vector 'e'\) has 1 row\(s\) "
+                                         r"of the wrong length, this one 3 values; accepted: a "
+                                         r"list of exactly dim=2 numbers, or null"):
         T.encode_dense([[1.0, 2.0], [1.0, 2.0, 3.0]], st, "e")
 
 

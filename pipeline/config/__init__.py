@@ -16,10 +16,10 @@ features.user.0.min_count=5``, and are applied to the raw mapping before validat
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, get_args, get_origin
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from pipeline.config import checks
 from pipeline.config.base import StrictModel
@@ -43,6 +43,7 @@ from pipeline.config.model import ModelConfig, TowerConfig, TowerType
 from pipeline.config.sequence import Candidates, Objective, SequenceConfig
 from pipeline.config.serve import ServeConfig
 from pipeline.config.train import TrainConfig
+from pipeline.features.base import REGISTRY, FeatureConfig
 
 __all__ = [
     "Candidates", "CategoricalFeature", "Config", "DataConfig", "DenseVectorFeature", "Feature",
@@ -123,7 +124,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         for i, part in enumerate(parts[:-1]):
             node = _child(node, part, ".".join(parts[: i + 1]), create=True)
         last = parts[-1]
-        value = yaml.safe_load(text)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"override {item!r}: the value is not valid YAML "
+                             f"({' '.join(str(err).split())})") from None
         if isinstance(node, list):
             node[_index(node, last, key)] = value
         else:
@@ -154,7 +159,11 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         ValueError: naming the file and every invalid key with what is accepted.
     """
     with open(path, encoding="utf-8") as fh:
-        raw = yaml.safe_load(fh) or {}
+        try:
+            raw = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML ({' '.join(str(err).split())}); accepted: "
+                             "a YAML mapping of sections (data, features, ...)") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: the top level must be a mapping of sections")
     raw = apply_overrides(raw, overrides or [])
@@ -162,12 +171,57 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 
 def parse_config(raw: dict[str, Any], source: str = "<config>") -> Config:
-    """Validate a raw mapping; errors name each key path and the problem."""
+    """Validate a raw mapping; the one-line error names each key path and the problem.
+
+    An unknown key's message lists the keys its section accepts.
+    """
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
-        lines = []
+        problems = []
         for e in err.errors():
             loc = ".".join(str(p) for p in e["loc"])
-            lines.append(f"  {loc or '<top>'}: {e['msg']}")
-        raise ValueError(f"{source}: invalid config\n" + "\n".join(lines)) from None
+            msg = e["msg"]
+            if e["type"] == "extra_forbidden":
+                keys = _accepted_keys(e["loc"][:-1])
+                msg += f" (accepted here: {', '.join(keys)})" if keys else ""
+            problems.append(f"{loc or '<top>'}: {msg}")
+        raise ValueError(f"{source}: invalid config: " + "; ".join(problems)) from None
+
+
+def _accepted_keys(loc: tuple) -> list[str]:
+    """The field names of the config model at ``loc`` (empty when it cannot be told)."""
+    tp: Any = Config
+    for part in loc:
+        tp = _step(tp, part)
+        if tp is None:
+            return []
+    model = _model_of(tp)
+    return sorted(model.model_fields) if model else []
+
+
+def _model_of(tp: Any) -> type[BaseModel] | None:
+    """The pydantic model a field type stands for (Optional / Annotated unwrapped)."""
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    for arg in get_args(tp):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _step(tp: Any, part: Any) -> Any:
+    """The type one ``loc`` part further down: a field, a list element, a feature's kind."""
+    if isinstance(part, int) or get_origin(tp) is dict:
+        args = [a for a in get_args(tp) if a is not type(None)]
+        return args[-1] if args else None
+    model = _model_of(tp)
+    if model is None:
+        return None
+    if part in model.model_fields:
+        return model.model_fields[part].annotation
+    if issubclass(model, FeatureConfig):  # a feature entry: the loc names its kind
+        spec = REGISTRY.get(part)
+        return spec.config if spec else None
+    return None

@@ -40,7 +40,9 @@ class PrepareConfig(StrictModel):
     """How the prepare job splits and writes."""
 
     min_user_interactions: int = Field(
-        default=3, ge=1, description="Users with fewer interactions are dropped entirely."
+        default=3, ge=1, description="Users with fewer interactions are left out of the splits "
+        "(users.parquet keeps their history and seen items); below 3, some kept users get no "
+        "training row (prepare warns)."
     )
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs per Ray Data transform task.")
     rows_per_file: int = Field(default=1_000_000, ge=1000, description="Output file size.")

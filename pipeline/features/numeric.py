@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from pipeline.columns import MISSING, input_key
+from pipeline.errors import TableError
 from pipeline.features.base import Encoded, FeatureConfig, InputForm, KindSpec, one_row
 from pipeline.state import FeatureKind, FeatureState, NumericTransform
 from pipeline.transforms import encode_numeric
@@ -54,7 +55,9 @@ def _fit(feat: NumericFeature, values: pa.Array) -> FeatureState:
     x = pc.cast(values, pa.float64()).drop_null().to_numpy(zero_copy_only=False)
     x = x[np.isfinite(x)]
     if len(x) == 0:
-        raise ValueError(f"numeric feature {feat.name!r}: column {feat.source!r} has no values")
+        raise TableError(f"column {feat.source!r} (numeric feature {feat.name!r}) has no "
+                         "value: every row is null or not finite; accepted: at least one "
+                         "finite number to fit its statistics")
     fill = {NullFill.MEAN: float(np.mean(x)), NullFill.MEDIAN: float(np.median(x)),
             NullFill.ZERO: 0.0}[feat.fill]
     filled = np.concatenate([x, np.full(len(values) - len(x), fill)])

@@ -1,0 +1,105 @@
+"""Checks on the read tables: each raises a :class:`TableError` at the first bad row.
+
+The prepare step reads the three tables as one Arrow table each (files in path order) and
+calls these before it splits or fits anything; :func:`pipeline.io.locate_error` then names
+the file and the row within it. Each message says what is wrong and what is accepted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import config as C
+from pipeline import split
+from pipeline.errors import TableError
+
+Log = Callable[[str], None]
+
+
+def bad_weights(values: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """[N] bool, True where a weight is null, NaN, infinite or negative."""
+    w = pc.cast(values, pa.float64())
+    ok = pc.and_(pc.is_finite(w), pc.greater_equal(w, 0.0)).fill_null(False)
+    return ~ok.to_numpy(zero_copy_only=False)
+
+
+def check_weights(values: pa.ChunkedArray, column: str) -> None:
+    """Raise at the first null, NaN, infinite or negative weight."""
+    bad = np.flatnonzero(bad_weights(values))
+    if len(bad):
+        raise TableError(
+            f"column {column!r} (data.weight) has {len(bad)} invalid weight(s), the first "
+            f"{values[int(bad[0])].as_py()!r}; a weight must be a finite number >= 0 (no "
+            "null, NaN, infinite or negative values)", row=int(bad[0]))
+
+
+def check_no_null(values: pa.ChunkedArray, column: str, what: str, accepted: str) -> None:
+    """Raise at the first null of a column every row needs."""
+    if values.null_count:
+        first = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
+        raise TableError(f"column {column!r} has {values.null_count} null value(s) (this is "
+                         f"the first); every row needs a {what}: {accepted}", row=first)
+
+
+def check_unique(keys: pa.ChunkedArray, column: str, what: str) -> None:
+    """Raise at the first null key, or at the first row of the first repeated key."""
+    check_no_null(keys, column, "key", f"one non-null {what} id per row")
+    counts = pc.value_counts(keys)
+    dup = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(dup):
+        value = dup[0]["values"]
+        first = int(np.flatnonzero(pc.equal(keys, value).to_numpy(zero_copy_only=False))[0])
+        raise TableError(f"column {column!r}: key {value.as_py()!r} appears "
+                         f"{dup[0]['counts'].as_py()} times (this is the first); keys must be "
+                         f"unique: one row per {what}", row=first)
+
+
+def check_usable(raw: pa.Table, items: pa.Table, known: np.ndarray, ok: np.ndarray,
+                 d: C.DataConfig) -> None:
+    """Raise when no interaction has both a user and an item of the catalogue."""
+    if ok.any():
+        return
+    unknown = raw[d.item_id].filter(pa.array(~known)).drop_null().unique()[:3].to_pylist()
+    catalogue = items[d.item_id][:3].to_pylist()
+    raise TableError(
+        f"none of the {raw.num_rows:,} interactions can be used: "
+        f"{raw[d.user_id].null_count:,} have a null {d.user_id!r} and {int((~known).sum()):,} "
+        f"an {d.item_id!r} missing from the items table (e.g. {unknown}; the catalogue's "
+        f"{d.item_id!r} are e.g. {catalogue}); accepted: interactions whose {d.item_id!r} is "
+        f"a key of the items table and whose {d.user_id!r} is not null")
+
+
+def check_split(sp: split.Split, per_user: np.ndarray, cfg: C.Config, log: Log) -> None:
+    """Raise when the split keeps no user or no training row; warn about users without one.
+
+    Args:
+        sp: the split.
+        per_user: [U] interactions of each user (before ``min_user_interactions``).
+        cfg: the config (``prepare.min_user_interactions``, ``data.user_id``).
+        log: where the warning goes.
+    """
+    k, col = cfg.prepare.min_user_interactions, cfg.data.user_id
+    if not len(sp.order):
+        raise TableError(
+            f"column {col!r}: no user has prepare.min_user_interactions={k} interactions or "
+            f"more (the most any of the {len(per_user):,} users has is {per_user.max()}); "
+            f"accepted: at least one user with {k} or more; lower "
+            f"prepare.min_user_interactions to {per_user.max()} or less, or add interactions")
+    short = int(((per_user >= k) & (per_user < split.MIN_WITH_TRAINING)).sum())
+    if not (sp.split == split.TRAIN).any():
+        raise TableError(
+            f"column {col!r}: no training rows: each of the {short:,} users kept has fewer "
+            f"than {split.MIN_WITH_TRAINING} interactions, and leave-last-out puts a user's "
+            "last interaction in test and the one before in validation; accepted: users "
+            f"with {split.MIN_WITH_TRAINING} or more interactions; set "
+            f"prepare.min_user_interactions: {split.MIN_WITH_TRAINING} (now {k})")
+    if short:
+        log(f"[prepare] warning: {short:,} of {int((per_user >= k).sum()):,} users kept have "
+            f"fewer than {split.MIN_WITH_TRAINING} interactions "
+            f"(prepare.min_user_interactions={k}): they get no training row, only "
+            "validation / test targets with one or no item of history; set "
+            f"prepare.min_user_interactions: {split.MIN_WITH_TRAINING} to leave them out")
