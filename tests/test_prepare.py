@@ -25,7 +25,9 @@ def tiny_cfg(root, loss=None, **prepare):
 
 def read_split(run_dir, name):
     table = pads.dataset(run_dir / "prepared" / name).to_table()
-    return table.sort_by([("user_id", "ascending"), ("timestamp", "ascending")]).to_pylist()
+    order = [("user_id", "ascending")] + ([("timestamp", "ascending")]
+                                          if "timestamp" in table.column_names else [])
+    return table.sort_by(order).to_pylist()
 
 
 @pytest.fixture
@@ -38,7 +40,8 @@ def prepared(ray_session, tiny_data, tmp_path):
 def test_rows_histories_and_features(prepared):
     run_dir, manifest = prepared
     # u1: 11,12 train, 13 val, 10 test; u2: 10 train, 12 val, 14 test; u3: 11 / 11 / 13
-    assert manifest.rows == {"train": 4, "validation": 3, "test": 3}
+    # sequences: one window of max_length + 1 = 4 for u1, the only user with 2 train items
+    assert manifest.rows == {"train": 4, "validation": 3, "test": 3, "sequences": 1}
     state = json.loads((run_dir / "prepared" / "feature_state.json").read_text())
     # item ids fitted on training interactions only: 11 x2, 10 x1, 12 x1 (13, 14 are targets)
     assert state["item"]["features"]["item_id"]["vocab"] == [11, 10, 12]
@@ -48,6 +51,14 @@ def test_rows_histories_and_features(prepared):
     # u1 test history = 11, 12, 13 -> [2, 4, oov 1]; categories y, x, null -> [3, 2, 0]
     assert test[0]["user__history"] == [2, 4, 1]
     assert test[0]["user__history__category"] == [3, 2, 0]
+    # u1's window: 11, 12 pre-padded -> catalogue rows [-1, -1, 1, 2], history ids
+    # [0, 0, 2, 4], categories y, x -> [0, 0, 3, 2]; the static features as of the newest item
+    (window,) = read_split(run_dir, "sequences")
+    assert window["sequence_item_index"] == [-1, -1, 1, 2]
+    assert window["user__history"] == [0, 0, 2, 4]
+    assert window["user__history__category"] == [0, 0, 3, 2]
+    assert window["sequence_weight"] == [0.0, 0.0, 1.0, 1.0]
+    assert (window["user_id"], window["user__gender"]) == (1, test[0]["user__gender"])
     val = read_split(run_dir, "validation")
     assert val[0]["user__history"] == [0, 2, 4]  # training items only
     assert val[2]["user__history"] == [0, 0, 2]  # u3: first 11 only (tie broken by row)
@@ -123,7 +134,7 @@ def test_users_below_the_minimum_keep_their_history_for_serving(ray_session, tin
     manifest = run_prepare(tiny_cfg(tiny_data, min_user_interactions=2), tmp_path / "run",
                            log=logs.append)
     # u2 is left out of the splits; u3 is kept with a validation and a test row only
-    assert manifest.rows == {"train": 2, "validation": 2, "test": 2}
+    assert manifest.rows == {"train": 2, "validation": 2, "test": 2, "sequences": 1}
     assert [m for m in logs if "warning" in m] == [
         "[prepare] warning: 1 of 2 users kept have fewer than 3 interactions "
         "(prepare.min_user_interactions=2): they get no training row, only validation / test "
@@ -149,7 +160,7 @@ def test_an_empty_user_table_gives_every_user_null_features(ray_session, tiny_da
     raw["data"]["root"] = str(tiny_data)
     raw["features"]["user"] = [f for f in raw["features"]["user"] if f["name"] != "age"]
     manifest = run_prepare(parse_config(raw), tmp_path / "run", log=lambda m: None)
-    assert manifest.rows == {"train": 4, "validation": 3, "test": 3}
+    assert manifest.rows == {"train": 4, "validation": 3, "test": 3, "sequences": 1}
     test = read_split(tmp_path / "run", "test")
     assert [r["user__gender"] for r in test] == [0, 0, 0]  # null: no user row
 
