@@ -249,8 +249,8 @@ def test_weighted_positions_use_each_targets_weight(demo_prepared, demo_data, tm
     catalogue = s.task._catalogue_rows(torch.arange(s.task.sampler.num_items), "cpu")
     query = s.model.encode_user_positions(p.inputs)[b, t]
     scores = s.model.encode_item(catalogue) @ query / s.model.temperature()
-    assert float(loss) == pytest.approx(float(F.cross_entropy(scores[None],
-                                                              p.targets[b, t][None])), rel=1e-4)
+    assert loss.item() == pytest.approx(F.cross_entropy(scores[None],
+                                                              p.targets[b, t][None]).item(), rel=1e-4)
 
 
 # -- training, export and the served embedding -------------------------------------------

@@ -28,7 +28,7 @@ from torch import nn
 
 from pipeline.columns import SEQUENCE_ITEMS, SEQUENCE_WEIGHTS, USER, tower_inputs
 from pipeline.config import Config
-from pipeline.config.sequence import Objective
+from pipeline.config.sequence import Candidates, Objective, SequenceConfig
 from training.distributed import world_info
 from training.losses import retrieval_loss
 from training.task import RetrievalTask, global_normaliser
@@ -114,6 +114,13 @@ def positions_of(batch: Mapping[str, torch.Tensor], history_keys: frozenset[str]
     return Positions(inputs, masked, targets, masked, weights[:, 1:])
 
 
+def scores_full_catalogue(cfg: SequenceConfig, num_items: int) -> bool:
+    """Whether a catalogue of ``num_items`` is scored in full (the one home of the rule)."""
+    if cfg.candidates is Candidates.AUTO:
+        return num_items <= cfg.full_softmax_max_items
+    return cfg.candidates is Candidates.FULL
+
+
 class SequenceTask(RetrievalTask):
     """Batch of windows -> loss at every trained position (full or sampled softmax, BCE, gBCE).
 
@@ -133,7 +140,7 @@ class SequenceTask(RetrievalTask):
         rank, _ = world_info()
         self.objective = cfg.sequence.objective
         self.mask_probability = cfg.sequence.mask_probability
-        self.full = cfg.sequence.full_softmax(self.sampler.num_items)
+        self.full = scores_full_catalogue(cfg.sequence, self.sampler.num_items)
         self.history_keys = history_keys
         self.generator = torch.Generator().manual_seed(seed * 1000 + rank)
         # Every catalogue item is a candidate once: no sampling to correct, no duplicate.

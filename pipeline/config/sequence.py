@@ -65,9 +65,3 @@ class SequenceConfig(StrictModel):
     def enabled(self) -> bool:
         """True when training runs over sequences (an objective is set)."""
         return self.objective is not None
-
-    def full_softmax(self, num_items: int) -> bool:
-        """Whether a catalogue of ``num_items`` is scored in full (the one home of the rule)."""
-        if self.candidates is Candidates.AUTO:
-            return num_items <= self.full_softmax_max_items
-        return self.candidates is Candidates.FULL
