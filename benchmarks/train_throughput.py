@@ -8,19 +8,20 @@ and MLflow is off on every side. The plain side is ``training.loop.run_plain`` (
 ``train.num_workers`` 1 and 2 (``train.cpus_per_worker`` from the config).
 
 Samples/s is the training rows processed by all workers together divided by the time
-spent in the training epochs (rank 0's ``train/rows`` x world size over the sum of its
-``train/seconds``: DDP steps in lock-step, so rank 0's epoch time is the group's).
-Everything else in the call (Ray Data materialisation, worker-group start, setup,
-checkpoint writes, teardown; for plain: setup, reading the split, checkpoint writes) is
-``startup_s``; validation is ``val_s``; ``ray.init`` is ``ray_init_s``; ``wall_s`` is the
-side's subprocess from start to exit. Peak memory as in :mod:`benchmarks._measure`.
+spent in the training epochs (each epoch's ``train/rows`` is already the sum over workers,
+its ``train/seconds`` the slowest worker's). Everything else in the call (worker-group
+start, setup and reading the shards, checkpoint writes, teardown; for plain: setup,
+reading the split, checkpoint writes) is ``startup_s``; validation is ``val_s``;
+``ray.init`` is ``ray_init_s``; ``wall_s`` is the side's subprocess from start to exit.
+Peak memory as in :mod:`benchmarks._measure`.
 
-Threads: by default each side runs as the jobs do: plain torch uses every core, and Ray
-sets ``OMP_NUM_THREADS=1`` in a worker holding less than one CPU (``cpus_per_worker`` is
-0.5). ``--threads N`` exports ``OMP_NUM_THREADS=N`` to every side (Ray workers inherit
-it); each side records its ``torch_threads``.
+Threads: by default each side runs as the jobs do: plain torch uses every core, and each
+Ray Train worker takes the node's CPUs shared among its workers (``threads`` column).
+``--threads N`` sets ``OMP_NUM_THREADS=N`` and ``train.threads_per_worker=N`` on every
+side.
 
     python -m benchmarks.train_throughput                 # ML-100K, configs/ml100k.yaml
+    python -m benchmarks.train_throughput --demo --epochs 2   # 10^6 generated interactions
     python -m benchmarks.train_throughput --epochs 3      # fewer epochs
     python -m benchmarks.train_throughput --threads 1     # one torch thread everywhere
     python -m benchmarks.train_throughput --tiny          # seconds; run by the tests
@@ -32,8 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import shutil
 import subprocess
 import sys
@@ -45,8 +44,12 @@ from benchmarks._measure import run_watched, side_env
 
 ROOT = Path(__file__).resolve().parents[1]
 ML100K = ROOT.parent / "shared" / "data" / "ml-100k"
-CONFIGS = {"ml100k": ROOT / "configs" / "ml100k.yaml", "tiny": ROOT / "configs" / "demo.yaml"}
-TINY_DATA = {"n_users": 300, "n_items": 120, "n_interactions": 9000}
+CONFIGS = {"ml100k": ROOT / "configs" / "ml100k.yaml", "demo1m": ROOT / "configs" / "demo.yaml",
+           "tiny": ROOT / "configs" / "demo.yaml"}
+DEMO_DATA = {  # generated demo sets: the 10^6-interaction one and the tests' tiny one
+    "demo1m": {"n_users": 20_000, "n_items": 5_000, "n_interactions": 1_000_000},
+    "tiny": {"n_users": 300, "n_items": 120, "n_interactions": 9000},
+}
 TINY_OVERRIDES = [  # the test suite's tiny demo model (tests/conftest.py)
     "features.user.0.embedding_dim=16", "features.user.5.embedding_dim=16",
     "features.item.0.embedding_dim=16", "model.output_dim=16", "model.user.mlp.hidden=[32]",
@@ -66,7 +69,7 @@ def make_data(name: str, work: Path) -> Path:
     else:
         from pipeline.sources.demo import generate_demo_data
 
-        generate_demo_data(str(data), seed=0, **TINY_DATA)
+        generate_demo_data(str(data), seed=0, **DEMO_DATA[name])
     return data
 
 
@@ -89,7 +92,10 @@ def run_side(side: str, config: Path, overrides: list[str], prepared: Path,
     cmd = [sys.executable, "-m", "benchmarks.train_throughput", "--side", side,
            "--config", str(config), "--prepared", str(prepared), "--run-dir",
            str(work / side), "--result", str(result), *_set_flags(overrides)]
-    env = side_env() if threads is None else dict(side_env(), OMP_NUM_THREADS=str(threads))
+    env = side_env()
+    if threads is not None:
+        env = dict(env, OMP_NUM_THREADS=str(threads))
+        cmd += ["--set", f"train.threads_per_worker={threads}"]
     watched = run_watched(cmd, env)
     if watched.returncode != 0:
         raise RuntimeError(f"{side} side failed with exit code {watched.returncode}")
@@ -122,28 +128,19 @@ def side_main(side: str, config: Path, overrides: list[str], prepared: Path,
         start = time.perf_counter()
         out = run_plain(cfg, run_dir, log=_log)
     fit_s = time.perf_counter() - start
-    figures = epoch_figures(out["history"], max(1, workers), fit_s)
+    figures = epoch_figures(out["history"], fit_s)
     figures.update(side=side, workers=workers, ray_init_s=round(ray_init_s, 3),
-                   torch_threads=torch_threads(workers, cfg.train.cpus_per_worker))
+                   torch_threads=int(out["history"][-1]["train/threads"]))
     result.write_text(json.dumps(figures))
-
-
-def torch_threads(workers: int, cpus_per_worker: float) -> int:
-    """Torch threads of each worker (Ray's rule in ray/_private/utils.py) or of this process."""
-    import torch
-
-    if not workers:
-        return torch.get_num_threads()
-    return int(os.environ.get("OMP_NUM_THREADS") or max(1, math.floor(cpus_per_worker)))
 
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def epoch_figures(history: list[dict], world: int, fit_s: float) -> dict:
+def epoch_figures(history: list[dict], fit_s: float) -> dict:
     """Samples/s over the training epochs only, and where the rest of the call went."""
-    rows = sum(int(m["train/rows"]) for m in history) * world
+    rows = sum(int(m["train/rows"]) for m in history)
     train_s = sum(m["train/seconds"] for m in history)
     val_s = sum(m["val/seconds"] for m in history)
     return {"epochs": len(history), "rows": rows, "train_s": round(train_s, 3),
@@ -179,6 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark (or one side of it, when --side is given)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="A tiny generated demo set instead.")
+    p.add_argument("--demo", action="store_true",
+                   help="The generated 10^6-interaction demo set (configs/demo.yaml) instead.")
     p.add_argument("--epochs", type=int, help="Epochs on every side (default: the config's).")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every side.")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" /
@@ -195,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
         side_main(args.side, Path(args.config), args.overrides, Path(args.prepared),
                   Path(args.run_dir), Path(args.result))
         return {}
-    name = "tiny" if args.tiny else "ml100k"
+    name = "tiny" if args.tiny else "demo1m" if args.demo else "ml100k"
     results = {name: bench(name, args.epochs, args.threads)}
     print_table(name, results[name])
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -10,18 +10,19 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from indexing.batches import embed
-from indexing.build import load_index, recall_at_k
 from indexing.eval_set import EvalSet, load_eval_set
 from indexing.metrics import DEFAULT_KS, metrics_from_ranks, retrieval_metrics
-from indexing.topk import TopK, build_topk
 from pipeline.columns import ITEM, USER
 from pipeline.run_dir import RunDir, read_catalogue, write_json
+
+if TYPE_CHECKING:  # faiss loads only where an index is used: training imports evaluate()
+    from indexing.topk import TopK
 
 MISS = 1 << 30  # the rank of a target the index did not return
 
@@ -84,6 +85,8 @@ def split_metrics(user_emb: torch.Tensor, item_emb: torch.Tensor, index: TopK,
 
 def evaluate_run(run_dir: Path) -> dict[str, Any]:
     """All of ``metrics.json`` for a run directory with a model and an index."""
+    from indexing.build import load_index, recall_at_k
+    from indexing.topk import build_topk
     from towers.model import load_trained
 
     t0 = time.perf_counter()

@@ -16,7 +16,13 @@ from torch import nn
 
 from pipeline.columns import IMPRESSIONS, ITEM, ITEM_INDEX, USER, WEIGHT, tower_inputs
 from pipeline.config.loss import LossConfig
-from training.distributed import gather_no_grad, gather_with_grad, world_info
+from training.distributed import (
+    gather_no_grad,
+    gather_with_grad,
+    rank_sizes,
+    sum_over_ranks,
+    world_info,
+)
 from training.losses import retrieval_loss
 from training.negatives import NegativeSampler
 
@@ -117,7 +123,11 @@ class RetrievalTask:
             return None, None
         weights = batch[WEIGHT].float()  # [B]
         _, world = world_info()
-        return weights, gather_no_grad(weights.sum()[None]).sum() / world
+        return weights, sum_over_ranks(weights.sum()) / world
+
+    def samples(self, batch: Mapping[str, torch.Tensor]) -> int:
+        """Training samples in a batch: one per interaction row."""
+        return len(batch[ITEM_INDEX])
 
     def loss(self, module: nn.Module, batch: Mapping[str, torch.Tensor]
              ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -127,11 +137,11 @@ class RetrievalTask:
         row_items, row_ids = self._impressions(batch)
         out = module(tower_inputs(batch, USER), tower_inputs(batch, ITEM), extra, row_items)
         rank, _ = world_info()
-        candidates = gather_with_grad(out["item"])  # [W*B, D]: the global batch
-        cand_ids = gather_no_grad(batch[ITEM_INDEX])  # [W*B]
         b = out["user"].shape[0]
-        sizes = gather_no_grad(torch.tensor([b], device=device))  # [W] rows per rank
-        positive = sizes[:rank].sum() + torch.arange(b, device=device)
+        sizes = rank_sizes(b, device)  # [W] rows per rank: one exchange for every gather
+        candidates = gather_with_grad(out["item"], sizes)  # [W*B, D]: the global batch
+        cand_ids = gather_no_grad(batch[ITEM_INDEX], sizes)  # [W*B]
+        positive = sum(sizes[:rank]) + torch.arange(b, device=device)
         log_q = None
         if self.cfg.logq_correction:
             log_q = self.sampler.in_batch_log_q(cand_ids.cpu(), len(cand_ids)).to(device)
