@@ -41,13 +41,14 @@ from pipeline.config.loss import LossConfig
 from pipeline.config.model import ModelConfig, TowerConfig, TowerType
 from pipeline.config.serve import ServeConfig
 from pipeline.config.train import TrainConfig
+from pipeline.config.tune import TuneConfig
 
 __all__ = [
     "CategoricalFeature", "Config", "DataConfig", "DenseVectorFeature", "Feature",
     "FeaturesConfig", "IndexConfig", "LossConfig", "ModelConfig", "MultiHotFeature",
     "NullFill", "NumericFeature", "NumericTransform", "Pooling", "PrepareConfig",
     "SequenceFeature", "ServeConfig", "StrictModel", "TextFeature", "TowerConfig",
-    "TrainConfig", "apply_overrides", "load_config", "parse_config",
+    "TrainConfig", "TuneConfig", "apply_overrides", "load_config", "parse_config",
 ]
 
 
@@ -62,6 +63,7 @@ class Config(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
     @model_validator(mode="after")
     def _model_matches_features(self) -> Config:
@@ -74,6 +76,16 @@ class Config(StrictModel):
             if isinstance(user[name], SequenceFeature):
                 checks.tie_sequence(self.model.tie_sequence_embedding, name,
                                     user[name].embedding_dim, item_id, item_dim)
+        return self
+
+    @model_validator(mode="after")
+    def _tune_space_paths(self) -> Config:
+        raw = self.model_dump(mode="json")
+        for path in self.tune.space:
+            try:
+                _resolve(raw, path)
+            except ValueError as err:
+                raise ValueError(f"tune.space key {path!r}: {err}") from None
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,6 +146,18 @@ def _child(node: Any, part: str, path: str, create: bool) -> Any:
     if part not in node and create:
         node[part] = {}
     return node[part]
+
+
+def _resolve(raw: dict[str, Any], path: str) -> Any:
+    """The value at a dotted path of a config mapping; an unknown step names what exists."""
+    node: Any = raw
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        where = ".".join(parts[:i]) or "the config"
+        if isinstance(node, dict) and part not in node:
+            raise ValueError(f"{where} has no field {part!r} (it has {sorted(node)})")
+        node = _child(node, part, ".".join(parts[: i + 1]), create=False)
+    return node
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
