@@ -10,10 +10,11 @@ Ray's own console output is set through Ray's settings, so that a job log reads 
 line per Ray Data stage and one per training epoch:
 
 - Ray Data: no "Starting execution"/"Execution plan" lines
-  (``DataContext.print_on_execution_start``) and no 10-second progress blocks on a
-  non-terminal stdout (the ``ray.data._internal.progress`` logger at WARNING); each
-  stage's "execution finished in N seconds" line stays, and Ray Data's full log is kept
-  in the session's ``logs/ray-data``.
+  (``DataContext.print_on_execution_start``), no 10-second progress blocks on a
+  non-terminal stdout and no "Data sink ... finished" line after a write (the
+  ``ray.data._internal.progress`` and ``ray.data.dataset`` loggers at WARNING); each
+  stage's "execution finished in N seconds" line stays, warnings stay, and Ray Data's
+  full log is kept in the session's ``logs/ray-data``.
 - Ray Train's PlacementGroupCleaner asks the State API every second whether the
   training controller is alive, and without a reachable dashboard it logs a warning
   each time (hundreds per run) or dies with a traceback. A local start therefore runs
@@ -70,7 +71,8 @@ def quiet_ray_data() -> None:
     import ray.data
 
     ray.data.DataContext.get_current().print_on_execution_start = False
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.WARNING)
+    for name in ("ray.data._internal.progress", "ray.data.dataset"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _free_port() -> int:

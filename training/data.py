@@ -26,20 +26,14 @@ import pyarrow.parquet as pq
 import torch
 
 from indexing.batches import to_tensors
-from pipeline.columns import ITEM_INDEX, model_columns
-from pipeline.io import column_to_numpy, table_to_numpy
-from pipeline.run_dir import RunDir, read_split
+from pipeline.columns import model_columns
+from pipeline.io import table_to_numpy
+from pipeline.run_dir import RunDir
 
 
 def train_table(run: RunDir) -> Path:
     """The folder of Parquet training examples one epoch walks: ``prepared/train/``."""
     return run.split("train")
-
-
-def item_counts(run: RunDir, num_items: int) -> np.ndarray:
-    """[I] training interactions per catalogue item (for log-Q and popularity sampling)."""
-    idx = column_to_numpy(read_split(run, "train", [ITEM_INDEX])[ITEM_INDEX])
-    return np.bincount(idx.astype(np.int64), minlength=num_items).astype(np.float64)
 
 
 def parquet_files(folder: Path) -> list[Path]:

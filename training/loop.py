@@ -23,14 +23,14 @@ import torch
 from torch import nn
 
 from indexing.batches import to_tensors
-from indexing.eval_set import EvalSet, load_eval_set
+from indexing.eval_set import EvalSet, load_eval_set, train_item_counts
 from indexing.evaluate import evaluate
 from pipeline.config import Config
 from pipeline.run_dir import ModelMeta, RunDir, read_catalogue
 from pipeline.state import FeatureStateSet
 from towers.model import build_two_tower, model_version
 from training import checkpoint as ckpt
-from training.data import epoch_batches, item_counts, load_shard, shard_rows, train_table
+from training.data import epoch_batches, load_shard, shard_rows, train_table
 from training.distributed import epoch_stats_over_ranks
 from training.step import Task, make_optimizer, make_scheduler, train_epoch
 from training.task import RetrievalTask, TrainModule
@@ -61,7 +61,7 @@ class Setup:
 def make_task(cfg: Config, run: RunDir, catalogue: dict[str, np.ndarray]) -> Task:
     """The training task of this config (the one place a task is chosen)."""
     num_items = len(next(iter(catalogue.values())))
-    return RetrievalTask(cfg.loss, item_counts(run, num_items), to_tensors(catalogue),
+    return RetrievalTask(cfg.loss, train_item_counts(run, num_items), to_tensors(catalogue),
                          seed=cfg.train.seed, weighted=cfg.data.weight is not None)
 
 
