@@ -89,17 +89,24 @@ def test_a_trial_is_the_base_config_with_the_sample_at_its_paths(demo_data):
     assert trial.model.item == cfg.model.item  # the rest as it was
 
 
-@pytest.mark.parametrize("overrides,cpus,expected", [
-    (["tune.cpus_per_trial=1"], 2.0, 2),  # plain trials: 1 CPU each on 2 CPUs
-    (["tune.cpus_per_trial=1", "tune.max_concurrent=1"], 2.0, 1),
-    (["tune.trainer=ray_train", "train.num_workers=2", "train.cpus_per_worker=0.5"], 2.0, 2),
-    (["tune.trainer=ray_train", "train.num_workers=2", "train.cpus_per_worker=1"], 5.0, 2),
+@pytest.mark.parametrize("overrides,cluster,expected", [
+    (["tune.cpus_per_trial=1"], {"CPU": 2.0}, 2),  # plain trials: 1 CPU each on 2 CPUs
+    (["tune.cpus_per_trial=1", "tune.max_concurrent=1"], {"CPU": 2.0}, 1),
+    # a Ray Train trial holds all its workers: 2 x 0.5 CPU -> two trials on 2 CPUs
+    (["tune.trainer=ray_train", "train.num_workers=2", "train.cpus_per_worker=0.5"],
+     {"CPU": 2.0}, 2),
+    (["tune.trainer=ray_train", "train.num_workers=2", "train.cpus_per_worker=1"],
+     {"CPU": 5.0}, 2),
+    # GPU trials: 16 CPUs but 3 GPUs hold three plain trials, one Ray Train trial of 2
+    (["train.use_gpu=true"], {"CPU": 16.0, "GPU": 3.0}, 3),
+    (["train.use_gpu=true", "tune.trainer=ray_train", "train.num_workers=2"],
+     {"CPU": 16.0, "GPU": 3.0}, 1),
 ])
-def test_trials_are_packed_to_the_cluster(demo_data, overrides, cpus, expected):
-    assert concurrency(demo_config(demo_data, *overrides), cpus) == expected
+def test_trials_are_packed_to_the_cluster(demo_data, overrides, cluster, expected):
+    assert concurrency(demo_config(demo_data, *overrides), cluster) == expected
 
 
 def test_a_trial_larger_than_the_cluster_is_an_error(demo_data):
     cfg = demo_config(demo_data, "tune.cpus_per_trial=4")
-    with pytest.raises(ValueError, match="one trial needs 4.0 CPUs"):
-        concurrency(cfg, 2.0)
+    with pytest.raises(ValueError, match="one trial needs {'CPU': 4.0}"):
+        concurrency(cfg, {"CPU": 2.0})

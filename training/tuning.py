@@ -103,20 +103,32 @@ def validation_view(run: RunDir, out: Path) -> Path:
     return out
 
 
-def trial_cpus(cfg: Config) -> float:
-    """CPUs one trial holds: a plain trial's, or all workers of a Ray Train trial."""
+def trial_resources(cfg: Config) -> dict[str, float]:
+    """What one trial holds.
+
+    A plain trial: ``tune.cpus_per_trial`` CPUs and, with ``train.use_gpu``, one GPU; a
+    Ray Train trial: all of its workers' CPUs and GPUs.
+    """
+    gpu = 1.0 if cfg.train.use_gpu else 0.0
     if cfg.tune.trainer is TrialKind.PLAIN:
-        return cfg.tune.cpus_per_trial
-    return max(1, cfg.train.num_workers) * cfg.train.cpus_per_worker
+        return {"CPU": cfg.tune.cpus_per_trial, "GPU": gpu}
+    workers = max(1, cfg.train.num_workers)
+    return {"CPU": workers * cfg.train.cpus_per_worker, "GPU": workers * gpu}
 
 
-def concurrency(cfg: Config, cluster_cpus: float) -> int:
-    """Trials at once: ``tune.max_concurrent`` or as many as the cluster's CPUs hold."""
-    fits = math.floor(cluster_cpus / trial_cpus(cfg) + 1e-9)
+def concurrency(cfg: Config, cluster: Mapping[str, float]) -> int:
+    """Trials at once: ``tune.max_concurrent`` or as many as the cluster's resources hold.
+
+    Args:
+        cfg: the config (trial kind and sizes).
+        cluster: the cluster's resources, e.g. ``ray.cluster_resources()``.
+    """
+    need = {k: v for k, v in trial_resources(cfg).items() if v > 0}
+    fits = min(math.floor(cluster.get(k, 0.0) / v + 1e-9) for k, v in need.items())
     if fits < 1:
-        raise ValueError(f"one trial needs {trial_cpus(cfg)} CPUs (tune.trainer="
-                         f"{cfg.tune.trainer.value}) but the cluster has {cluster_cpus}: lower "
-                         "tune.cpus_per_trial or train.num_workers / train.cpus_per_worker")
+        raise ValueError(f"one trial needs {need} (tune.trainer={cfg.tune.trainer.value}) but "
+                         f"the cluster has {dict(cluster)}: lower tune.cpus_per_trial or "
+                         "train.num_workers / train.cpus_per_worker")
     return min(fits, cfg.tune.max_concurrent or fits)
 
 
@@ -152,7 +164,8 @@ def plain_trial(sample: dict, base: dict, view: str) -> None:
     torch.set_num_threads(max(1, int(cfg.tune.cpus_per_trial)))
     run_dir = _trial_run_dir(Path(view))
     name = tune.get_context().get_trial_name()
-    s = setup(cfg, run_dir, torch.device("cpu"), world_size=1, rank=0)
+    device = torch.device("cuda" if cfg.train.use_gpu else "cpu")  # Tune set its GPU
+    s = setup(cfg, run_dir, device, world_size=1, rank=0)
     state, tracker = ckpt.TrainState(), Tracker(cfg, run_dir)
     for metrics, _ in epochs(s, state):
         _say(f"[{name}] {describe(metrics, cfg, state)}")
@@ -197,15 +210,17 @@ def run_search(cfg: Config, run_dir: Path, log: Log = _say) -> dict[str, Any]:
         base = trial_config(cfg, {"train.mlflow.tracking_uri": uri})
         create_experiment(base, run.root)
     metric, tc = metric_name(cfg), cfg.tune
-    at_once = concurrency(cfg, ray.cluster_resources().get("CPU", 0.0))
+    at_once = concurrency(cfg, ray.cluster_resources())
     plain = tc.trainer is TrialKind.PLAIN
     trainable = tune.with_parameters(plain_trial if plain else ray_train_trial,
                                      base=base.to_dict(), view=str(view))
+    held = {k: v for k, v in trial_resources(cfg).items() if v > 0}
     log(f"[tune] {tc.num_samples} {tc.trainer.value} trials, {at_once} at a time "
-        f"({trial_cpus(cfg)} CPUs each), ASHA on {metric} over {cfg.train.epochs} epochs; "
+        f"({held} each), ASHA on {metric} over {cfg.train.epochs} epochs; "
         f"results in {out}")
     tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": trial_cpus(cfg) if plain else 0}),
+        tune.with_resources(trainable, ({k.lower(): v for k, v in held.items()} if plain
+                                        else {"cpu": 0})),  # Ray Train holds the workers
         param_space=search_space(tc.space),
         tune_config=tune.TuneConfig(
             metric=metric, mode="max", num_samples=tc.num_samples,
