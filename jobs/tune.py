@@ -36,8 +36,10 @@ def run(cfg: Config, run_dir: Path) -> dict:
 
     run_dir = Path(run_dir)
     # Tune's new console output prints an experiment box even at verbose=0; the classic
-    # one stays silent and the search logs one line per trial (training.tuning).
+    # one stays silent and the search logs one line per trial (training.tuning). Ray's log
+    # de-duplication would fold the trials' epoch lines into one (they differ in numbers).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     t0 = time.perf_counter()
     if not RunDir(run_dir).feature_state.exists():
         _log(f"[tune] {run_dir}/prepared is missing: preparing it first")

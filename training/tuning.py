@@ -33,6 +33,9 @@ from pipeline.run_dir import RunDir, write_json
 
 Log = Callable[[str], None]
 SEARCH_NAME = "search"  # Tune's experiment folder under RUN_DIR/tune/
+# A ray_train trial's own actor only drives its Ray Train run, which places the workers:
+# it holds no CPU, and a sliver of memory because Tune refuses a placement without resources.
+RAY_TRAIN_DRIVER = {"cpu": 0, "memory": 256 * 2**20}
 
 
 def tune_dir(run: RunDir) -> Path:
@@ -219,8 +222,8 @@ def run_search(cfg: Config, run_dir: Path, log: Log = _say) -> dict[str, Any]:
         f"({held} each), ASHA on {metric} over {cfg.train.epochs} epochs; "
         f"results in {out}")
     tuner = tune.Tuner(
-        tune.with_resources(trainable, ({k.lower(): v for k, v in held.items()} if plain
-                                        else {"cpu": 0})),  # Ray Train holds the workers
+        tune.with_resources(trainable, {k.lower(): v for k, v in held.items()} if plain
+                            else RAY_TRAIN_DRIVER),
         param_space=search_space(tc.space),
         tune_config=tune.TuneConfig(
             metric=metric, mode="max", num_samples=tc.num_samples,
