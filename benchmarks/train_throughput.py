@@ -24,6 +24,7 @@ side.
     python -m benchmarks.train_throughput --demo --epochs 2   # 10^6 generated interactions
     python -m benchmarks.train_throughput --epochs 3      # fewer epochs
     python -m benchmarks.train_throughput --threads 1     # one torch thread everywhere
+    python -m benchmarks.train_throughput --sides plain ray_2_workers   # leave a side out
     python -m benchmarks.train_throughput --tiny          # seconds; run by the tests
 
 Prints a table and writes ``benchmarks/results/train_throughput.json``.
@@ -149,8 +150,9 @@ def epoch_figures(history: list[dict], fit_s: float) -> dict:
             "epoch_seconds": [round(m["train/seconds"], 3) for m in history]}
 
 
-def bench(name: str, epochs: int | None, threads: int | None) -> dict:
-    """Prepare one dataset once, then train it the three ways."""
+def bench(name: str, epochs: int | None, threads: int | None,
+          sides: tuple[str, ...] = tuple(SIDES)) -> dict:
+    """Prepare one dataset once, then train it the three ways (or the ``sides`` given)."""
     overrides = TINY_OVERRIDES if name == "tiny" else []
     with tempfile.TemporaryDirectory(prefix=f"bench-train-{name}-") as tmp:
         work = Path(tmp)
@@ -164,12 +166,12 @@ def bench(name: str, epochs: int | None, threads: int | None) -> dict:
 
             epochs = load_config(CONFIGS[name], overrides).train.epochs
         overrides += [f"train.epochs={epochs}", f"train.patience={epochs}"]
-        sides = {s: run_side(s, CONFIGS[name], overrides, prepared, work, threads)
-                 for s in SIDES}
-    plain = sides["plain"]["samples_per_s"]
-    ratios = {f"ratio_{s}": round(sides[s]["samples_per_s"] / plain, 3)
-              for s in SIDES if s != "plain"}
-    return {**sides, **ratios, "prepare_s": round(prepare_s, 3)}
+        figures = {s: run_side(s, CONFIGS[name], overrides, prepared, work, threads)
+                   for s in ("plain", *[s for s in sides if s != "plain"])}
+    plain = figures["plain"]["samples_per_s"]
+    ratios = {f"ratio_{s}": round(figures[s]["samples_per_s"] / plain, 3)
+              for s in figures if s != "plain"}
+    return {**figures, **ratios, "prepare_s": round(prepare_s, 3)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -180,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="The generated 10^6-interaction demo set (configs/demo.yaml) instead.")
     p.add_argument("--epochs", type=int, help="Epochs on every side (default: the config's).")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every side.")
+    p.add_argument("--sides", nargs="+", choices=list(SIDES), default=list(SIDES),
+                   help="Sides to run (the plain baseline always runs).")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" /
                                            "train_throughput.json"))
     p.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)
@@ -195,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
                   Path(args.run_dir), Path(args.result))
         return {}
     name = "tiny" if args.tiny else "demo1m" if args.demo else "ml100k"
-    results = {name: bench(name, args.epochs, args.threads)}
+    results = {name: bench(name, args.epochs, args.threads, tuple(args.sides))}
     print_table(name, results[name])
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(results, indent=1))
@@ -210,7 +214,7 @@ def print_table(name: str, r: dict) -> None:
     print(f"{'side':14s} {'threads':>7s} {'rows':>9s} {'samples/s':>10s} {'vs plain':>8s} "
           f"{'train_s':>8s} {'val_s':>6s} {'startup_s':>9s} {'ray_init_s':>10s} "
           f"{'wall_s':>7s} {'peak MiB':>9s}")
-    for side in SIDES:
+    for side in (s for s in SIDES if s in r):
         s = r[side]
         print(f"{side:14s} {s['torch_threads']:>7d} {s['rows']:>9,} {s['samples_per_s']:>10,.0f} "
               f"{r.get(f'ratio_{side}', 1.0):>7.2f}x {s['train_s']:>8.1f} {s['val_s']:>6.1f} "
