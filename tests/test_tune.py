@@ -12,7 +12,13 @@ from pipeline.config import load_config
 from pipeline.run_dir import RunDir
 from tests.conftest import demo_config
 from training.loop import run_plain
-from training.tuning import best_config_path, check_space, concurrency, trial_config
+from training.tuning import (
+    best_config_path,
+    check_space,
+    concurrency,
+    one_process,
+    trial_config,
+)
 
 SPACE = ('tune.space={"train.lr": {"loguniform": [0.001, 0.01]}, '
          '"model.temperature": {"choice": [0.05, 0.1]}}')
@@ -87,6 +93,12 @@ def test_a_trial_is_the_base_config_with_the_sample_at_its_paths(demo_data):
     assert trial.train.lr == 0.003 and trial.model.user.mlp.hidden == [64, 32]
     assert trial.features.user[0].embedding_dim == 24 and trial.loss.logq_correction is False
     assert trial.model.item == cfg.model.item  # the rest as it was
+
+
+def test_a_plain_trial_steps_the_global_batch_of_the_ray_train_run(demo_data):
+    cfg = demo_config(demo_data, "train.batch_size=128", "train.num_workers=2")
+    assert one_process(cfg).train.batch_size == 256  # what DDP steps over 2 workers
+    assert one_process(demo_config(demo_data, "train.num_workers=0")).train.batch_size == 256
 
 
 @pytest.mark.parametrize("overrides,cluster,expected", [

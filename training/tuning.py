@@ -60,6 +60,17 @@ def trial_config(base: Config, sample: Mapping[str, Any]) -> Config:
                         source=f"tune trial {dict(sample)}")
 
 
+def one_process(cfg: Config) -> Config:
+    """The config a plain trial trains: Ray Train's global batch in one process.
+
+    ``train.batch_size`` is per worker; one process stepping ``batch_size x num_workers``
+    rows steps as the DDP run does (``tests/test_train.py`` checks it), so a plain trial's
+    figures carry over to ``jobs.pipeline`` with the same config.
+    """
+    workers = max(1, cfg.train.num_workers)
+    return trial_config(cfg, {"train.batch_size": cfg.train.batch_size * workers})
+
+
 def check_space(base: Config) -> None:
     """Every choice and both ends of every range make a valid config.
 
@@ -163,7 +174,7 @@ def plain_trial(sample: dict, base: dict, view: str) -> None:
     from training.loop import describe, epochs, setup
     from training.tracking import Tracker
 
-    cfg = trial_config(parse_config(base, source="tune base config"), sample)
+    cfg = one_process(trial_config(parse_config(base, source="tune base config"), sample))
     torch.set_num_threads(max(1, int(cfg.tune.cpus_per_trial)))
     run_dir = _trial_run_dir(Path(view))
     name = tune.get_context().get_trial_name()
