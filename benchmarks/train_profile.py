@@ -8,8 +8,9 @@ measured epoch, with clocks wrapped around (no change to the step itself):
 - ``forward + loss``: the task's loss, the candidates' all-gather included;
 - ``optimizer``: AdamW's step;
 - ``backward + clip``: the rest of the step (DDP's gradient all-reduce runs inside it);
-- ``collectives``: the loss's all-gathers and all-reduces on their own (part of the two
-  above), and, measured apart, one all-reduce of every parameter as DDP sends them;
+- ``collectives``: the loss's all-gathers (forward) and its gradient all-reduce (backward)
+  on their own, part of the parts above; and, measured apart, one all-reduce of every
+  parameter as DDP sends them;
 - epoch end: combining the figures over workers, validation (rank 0), checkpoint + report.
 
 Ray Data's per-batch iteration (``iter_torch_batches`` over a materialised shard, what the
