@@ -8,21 +8,23 @@ and MLflow is off on every side. The plain side is ``training.loop.run_plain`` (
 ``train.num_workers`` 1 and 2 (``train.cpus_per_worker`` from the config).
 
 Samples/s is the training rows processed by all workers together divided by the time
-spent in the training epochs (rank 0's ``train/rows`` x world size over the sum of its
-``train/seconds``: DDP steps in lock-step, so rank 0's epoch time is the group's).
-Everything else in the call (Ray Data materialisation, worker-group start, setup,
-checkpoint writes, teardown; for plain: setup, reading the split, checkpoint writes) is
-``startup_s``; validation is ``val_s``; ``ray.init`` is ``ray_init_s``; ``wall_s`` is the
-side's subprocess from start to exit. Peak memory as in :mod:`benchmarks._measure`.
+spent in the training epochs (each epoch's ``train/rows`` is already the sum over workers,
+its ``train/seconds`` the slowest worker's). Everything else in the call (worker-group
+start, setup and reading the shards, checkpoint writes, teardown; for plain: setup,
+reading the split, checkpoint writes) is ``startup_s``; validation is ``val_s``;
+``ray.init`` is ``ray_init_s``; ``wall_s`` is the side's subprocess from start to exit.
+Peak memory as in :mod:`benchmarks._measure`.
 
-Threads: by default each side runs as the jobs do: plain torch uses every core, and Ray
-sets ``OMP_NUM_THREADS=1`` in a worker holding less than one CPU (``cpus_per_worker`` is
-0.5). ``--threads N`` exports ``OMP_NUM_THREADS=N`` to every side (Ray workers inherit
-it); each side records its ``torch_threads``.
+Threads: by default each side runs as the jobs do: plain torch uses every core, and each
+Ray Train worker takes the node's CPUs shared among its workers (``threads`` column).
+``--threads N`` sets ``OMP_NUM_THREADS=N`` and ``train.threads_per_worker=N`` on every
+side.
 
     python -m benchmarks.train_throughput                 # ML-100K, configs/ml100k.yaml
+    python -m benchmarks.train_throughput --demo --epochs 2   # 10^6 generated interactions
     python -m benchmarks.train_throughput --epochs 3      # fewer epochs
     python -m benchmarks.train_throughput --threads 1     # one torch thread everywhere
+    python -m benchmarks.train_throughput --sides plain ray_2_workers   # leave a side out
     python -m benchmarks.train_throughput --tiny          # seconds; run by the tests
 
 Prints a table and writes ``benchmarks/results/train_throughput.json``.
@@ -32,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import shutil
 import subprocess
 import sys
@@ -45,8 +45,12 @@ from benchmarks._measure import run_watched, side_env
 
 ROOT = Path(__file__).resolve().parents[1]
 ML100K = ROOT.parent / "shared" / "data" / "ml-100k"
-CONFIGS = {"ml100k": ROOT / "configs" / "ml100k.yaml", "tiny": ROOT / "configs" / "demo.yaml"}
-TINY_DATA = {"n_users": 300, "n_items": 120, "n_interactions": 9000}
+CONFIGS = {"ml100k": ROOT / "configs" / "ml100k.yaml", "demo1m": ROOT / "configs" / "demo.yaml",
+           "tiny": ROOT / "configs" / "demo.yaml"}
+DEMO_DATA = {  # generated demo sets: the 10^6-interaction one and the tests' tiny one
+    "demo1m": {"n_users": 20_000, "n_items": 5_000, "n_interactions": 1_000_000},
+    "tiny": {"n_users": 300, "n_items": 120, "n_interactions": 9000},
+}
 TINY_OVERRIDES = [  # the test suite's tiny demo model (tests/conftest.py)
     "features.user.0.embedding_dim=16", "features.user.5.embedding_dim=16",
     "features.item.0.embedding_dim=16", "model.output_dim=16", "model.user.mlp.hidden=[32]",
@@ -66,7 +70,7 @@ def make_data(name: str, work: Path) -> Path:
     else:
         from pipeline.sources.demo import generate_demo_data
 
-        generate_demo_data(str(data), seed=0, **TINY_DATA)
+        generate_demo_data(str(data), seed=0, **DEMO_DATA[name])
     return data
 
 
@@ -89,7 +93,10 @@ def run_side(side: str, config: Path, overrides: list[str], prepared: Path,
     cmd = [sys.executable, "-m", "benchmarks.train_throughput", "--side", side,
            "--config", str(config), "--prepared", str(prepared), "--run-dir",
            str(work / side), "--result", str(result), *_set_flags(overrides)]
-    env = side_env() if threads is None else dict(side_env(), OMP_NUM_THREADS=str(threads))
+    env = side_env()
+    if threads is not None:
+        env = dict(env, OMP_NUM_THREADS=str(threads))
+        cmd += ["--set", f"train.threads_per_worker={threads}"]
     watched = run_watched(cmd, env)
     if watched.returncode != 0:
         raise RuntimeError(f"{side} side failed with exit code {watched.returncode}")
@@ -122,28 +129,19 @@ def side_main(side: str, config: Path, overrides: list[str], prepared: Path,
         start = time.perf_counter()
         out = run_plain(cfg, run_dir, log=_log)
     fit_s = time.perf_counter() - start
-    figures = epoch_figures(out["history"], max(1, workers), fit_s)
+    figures = epoch_figures(out["history"], fit_s)
     figures.update(side=side, workers=workers, ray_init_s=round(ray_init_s, 3),
-                   torch_threads=torch_threads(workers, cfg.train.cpus_per_worker))
+                   torch_threads=int(out["history"][-1]["train/threads"]))
     result.write_text(json.dumps(figures))
-
-
-def torch_threads(workers: int, cpus_per_worker: float) -> int:
-    """Torch threads of each worker (Ray's rule in ray/_private/utils.py) or of this process."""
-    import torch
-
-    if not workers:
-        return torch.get_num_threads()
-    return int(os.environ.get("OMP_NUM_THREADS") or max(1, math.floor(cpus_per_worker)))
 
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def epoch_figures(history: list[dict], world: int, fit_s: float) -> dict:
+def epoch_figures(history: list[dict], fit_s: float) -> dict:
     """Samples/s over the training epochs only, and where the rest of the call went."""
-    rows = sum(int(m["train/rows"]) for m in history) * world
+    rows = sum(int(m["train/rows"]) for m in history)
     train_s = sum(m["train/seconds"] for m in history)
     val_s = sum(m["val/seconds"] for m in history)
     return {"epochs": len(history), "rows": rows, "train_s": round(train_s, 3),
@@ -152,8 +150,9 @@ def epoch_figures(history: list[dict], world: int, fit_s: float) -> dict:
             "epoch_seconds": [round(m["train/seconds"], 3) for m in history]}
 
 
-def bench(name: str, epochs: int | None, threads: int | None) -> dict:
-    """Prepare one dataset once, then train it the three ways."""
+def bench(name: str, epochs: int | None, threads: int | None,
+          sides: tuple[str, ...] = tuple(SIDES)) -> dict:
+    """Prepare one dataset once, then train it the three ways (or the ``sides`` given)."""
     overrides = TINY_OVERRIDES if name == "tiny" else []
     with tempfile.TemporaryDirectory(prefix=f"bench-train-{name}-") as tmp:
         work = Path(tmp)
@@ -167,20 +166,24 @@ def bench(name: str, epochs: int | None, threads: int | None) -> dict:
 
             epochs = load_config(CONFIGS[name], overrides).train.epochs
         overrides += [f"train.epochs={epochs}", f"train.patience={epochs}"]
-        sides = {s: run_side(s, CONFIGS[name], overrides, prepared, work, threads)
-                 for s in SIDES}
-    plain = sides["plain"]["samples_per_s"]
-    ratios = {f"ratio_{s}": round(sides[s]["samples_per_s"] / plain, 3)
-              for s in SIDES if s != "plain"}
-    return {**sides, **ratios, "prepare_s": round(prepare_s, 3)}
+        figures = {s: run_side(s, CONFIGS[name], overrides, prepared, work, threads)
+                   for s in ("plain", *[s for s in sides if s != "plain"])}
+    plain = figures["plain"]["samples_per_s"]
+    ratios = {f"ratio_{s}": round(figures[s]["samples_per_s"] / plain, 3)
+              for s in figures if s != "plain"}
+    return {**figures, **ratios, "prepare_s": round(prepare_s, 3)}
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark (or one side of it, when --side is given)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="A tiny generated demo set instead.")
+    p.add_argument("--demo", action="store_true",
+                   help="The generated 10^6-interaction demo set (configs/demo.yaml) instead.")
     p.add_argument("--epochs", type=int, help="Epochs on every side (default: the config's).")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every side.")
+    p.add_argument("--sides", nargs="+", choices=list(SIDES), default=list(SIDES),
+                   help="Sides to run (the plain baseline always runs).")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" /
                                            "train_throughput.json"))
     p.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)
@@ -195,8 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
         side_main(args.side, Path(args.config), args.overrides, Path(args.prepared),
                   Path(args.run_dir), Path(args.result))
         return {}
-    name = "tiny" if args.tiny else "ml100k"
-    results = {name: bench(name, args.epochs, args.threads)}
+    name = "tiny" if args.tiny else "demo1m" if args.demo else "ml100k"
+    results = {name: bench(name, args.epochs, args.threads, tuple(args.sides))}
     print_table(name, results[name])
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(results, indent=1))
@@ -211,7 +214,7 @@ def print_table(name: str, r: dict) -> None:
     print(f"{'side':14s} {'threads':>7s} {'rows':>9s} {'samples/s':>10s} {'vs plain':>8s} "
           f"{'train_s':>8s} {'val_s':>6s} {'startup_s':>9s} {'ray_init_s':>10s} "
           f"{'wall_s':>7s} {'peak MiB':>9s}")
-    for side in SIDES:
+    for side in (s for s in SIDES if s in r):
         s = r[side]
         print(f"{side:14s} {s['torch_threads']:>7d} {s['rows']:>9,} {s['samples_per_s']:>10,.0f} "
               f"{r.get(f'ratio_{side}', 1.0):>7.2f}x {s['train_s']:>8.1f} {s['val_s']:>6.1f} "

@@ -33,6 +33,12 @@ class EvalSet:
         return len(self.targets)
 
 
+def train_item_counts(run: RunDir, num_items: int) -> np.ndarray:
+    """[I] training interactions per catalogue item (popularity, log-Q, negative sampling)."""
+    idx = column_to_numpy(read_split(run, "train", [ITEM_INDEX])[ITEM_INDEX])
+    return np.bincount(idx.astype(np.int64), minlength=num_items).astype(np.float64)
+
+
 def load_eval_set(run: RunDir, split_name: str) -> EvalSet:
     """Targets of ``validation`` or ``test`` with the history EVALUATION.md defines.
 

@@ -13,14 +13,13 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from indexing.batches import embed
-from indexing.build import load_index, recall_at_k
-from indexing.eval_set import EvalSet, load_eval_set
+from indexing.eval_set import EvalSet, load_eval_set, train_item_counts
 from indexing.metrics import (
     DEFAULT_KS,
     check_finite,
@@ -29,9 +28,11 @@ from indexing.metrics import (
     retrieval_metrics,
     target_scores,
 )
-from indexing.topk import TopK, build_topk
 from pipeline.columns import ITEM, USER
 from pipeline.run_dir import RunDir, read_catalogue, write_json
+
+if TYPE_CHECKING:  # faiss loads only where an index is used: training imports evaluate()
+    from indexing.topk import TopK
 
 MISS = 1 << 30  # the rank of a target the index did not return
 
@@ -50,6 +51,18 @@ def evaluate(model: torch.nn.Module, eval_set: EvalSet, catalogue: Mapping[str, 
         model.train(was_training)
     return retrieval_metrics(users, items, eval_set.targets, eval_set.history_offsets,
                              eval_set.history_items)
+
+
+def popularity_metrics(counts: np.ndarray, eval_set: EvalSet) -> dict[str, float]:
+    """Masked exact metrics of the most-popular baseline (EVALUATION.md's reference row).
+
+    Every user ranks the catalogue by ``counts`` ([I] training interactions per item);
+    a tie with the target counts in its favour, as for the model.
+    """
+    users = torch.ones(len(eval_set), 1)  # [U, 1]: the same ranking for everyone
+    items = torch.as_tensor(counts, dtype=torch.float32)[:, None]  # [I, 1]
+    return retrieval_metrics(users, items, eval_set.targets, eval_set.history_offsets,
+                             eval_set.history_items)["masked"]
 
 
 def index_ranks(index: TopK, user_emb: torch.Tensor, item_emb: torch.Tensor,
@@ -119,6 +132,8 @@ def split_metrics(user_emb: torch.Tensor, item_emb: torch.Tensor, index: TopK,
 
 def evaluate_run(run_dir: Path) -> dict[str, Any]:
     """All of ``metrics.json`` for a run directory with a model and an index."""
+    from indexing.build import load_index, recall_at_k
+    from indexing.topk import build_topk
     from towers.model import load_trained
 
     t0 = time.perf_counter()
@@ -130,10 +145,12 @@ def evaluate_run(run_dir: Path) -> dict[str, Any]:
     items = embed(model.encode_item, read_catalogue(run), ITEM, cpu)  # once, [I, D]
     out: dict[str, Any] = {}
     users = {}
+    counts = train_item_counts(run, len(items))
     for split in ("test", "validation"):
         eval_set = load_eval_set(run, split)
         users[split] = embed(model.encode_user, eval_set.user_inputs, USER, cpu)
         out[split] = split_metrics(users[split], items, index, eval_set)
+        out[split]["popularity"] = popularity_metrics(counts, eval_set)
     exact = build_topk(items.numpy(), np.arange(len(items), dtype=np.int64), similarity,
                        "exact", {})
     k = manifest.recall.k

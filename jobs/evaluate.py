@@ -2,9 +2,10 @@
 
 Test and validation targets ranked over the whole catalogue as ``../shared/EVALUATION.md``
 defines it: exact (brute force, the reference) and through the index; masked (history
-removed) as the primary figures, unmasked alongside; plus the index's recall@K against
-exact search on every test user. The model's own config (saved with it) decides the
-similarity; ``--config`` is read for the common flags only.
+removed) as the primary figures, unmasked alongside; the most-popular baseline scored
+the same way; plus the index's recall@K against exact search on every test user. The
+model's own config (saved with it) decides the similarity; ``--config`` is read for the
+common flags only.
 
     python -m jobs.evaluate --config configs/ml100k.yaml --output-dir runs/ml100k
     ray job submit --working-dir . -- python -m jobs.evaluate \
@@ -29,7 +30,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
     t, r = out["test"]["exact"], out["index_recall"]
     recall = next(v for k, v in r.items() if k.startswith("recall@"))
     print(f"[evaluate] test (masked, exact): HR@10 {t['HR@10']:.4f} HR@50 {t['HR@50']:.4f} "
-          f"HR@100 {t['HR@100']:.4f} NDCG@10 {t['NDCG@10']:.4f}; index ({r['index_type']}) "
+          f"HR@100 {t['HR@100']:.4f} NDCG@10 {t['NDCG@10']:.4f} (most popular: HR@10 "
+          f"{out['test']['popularity']['HR@10']:.4f}); index ({r['index_type']}) "
           f"recall {recall:.4f} -> {RunDir(run_dir).metrics}", file=sys.stderr)
     return out
 

@@ -53,9 +53,10 @@ def summary(metrics: dict, run_dir: Path, seconds: dict[str, float]) -> str:
     """The closing report: metrics table, artifacts, timings and the serve command."""
     rows = ["| split | scored | HR@10 | HR@50 | HR@100 | NDCG@10 |", "|---|---|---|---|---|---|"]
     for split in ("validation", "test"):
-        for how in ("exact", "index"):
+        for how in ("exact", "index", "popularity"):
             m = metrics[split][how]
-            rows.append(f"| {split} | {how} | {m['HR@10']:.4f} | {m['HR@50']:.4f} | "
+            name = "most popular (baseline)" if how == "popularity" else how
+            rows.append(f"| {split} | {name} | {m['HR@10']:.4f} | {m['HR@50']:.4f} | "
                         f"{m['HR@100']:.4f} | {m['NDCG@10']:.4f} |")
     recall = {k: v for k, v in metrics["index_recall"].items() if k.startswith("recall@")}
     run_dir = Path(run_dir).resolve()

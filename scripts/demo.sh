@@ -20,6 +20,9 @@ fi
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
 export RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S="${RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S:-120}"
 export SERVE_SOCKET_REUSE_PORT_ENABLED=0
+# Ray Train's spot-preemption watcher has nothing to watch on one machine (jobs inherit this
+# from the head started below).
+export RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="${RAY_TRAIN_ENABLE_PREEMPTION_WATCHER:-0}"
 dashboard="http://127.0.0.1:8265"
 
 # 1. Data (outside the uploaded working dir: .rayignore leaves data/ and runs/ out).
@@ -27,9 +30,11 @@ if [ -n "$movielens" ]; then
     config=configs/ml100k.yaml data="$root/data/ml100k" run="$root/runs/ml100k"
     [ -d "$data/interactions" ] || python -m jobs.convert_movielens --src "$movielens" --out "$data"
 else
+    # The demo's size is half of its time budget (the other half, training, is bounded in
+    # configs/demo.yaml's train section).
     config=configs/demo.yaml data="$root/data/demo" run="$root/runs/demo"
     [ -d "$data/interactions" ] || python -m jobs.make_demo_data --out "$data" \
-        --users 5000 --items 2000 --interactions 300000
+        --users 5000 --items 2000 --interactions 200000
 fi
 
 # 2. A local Ray head, started from this venv so jobs run with this project installed.

@@ -113,6 +113,9 @@ def test_job_submit_pipeline_then_serve_deploy_and_query(ray_head, demo_data, tm
     logs = httpx.get(f"{url}/api/jobs/{job_id}/logs", timeout=10).json()["logs"]
     assert info["status"] == "SUCCEEDED", logs[-4000:]
     assert "Serve it:" in logs and "| test | exact |" in logs
+    # the job's log on a cluster is as clean as a local run's (tests/test_logs.py)
+    assert "PlacementGroupCleaner" not in logs and "TrainingReport(" not in logs
+    assert len(re.findall(r"\[train\] epoch \d+/2 ", logs)) == 2
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert 0 < metrics["test"]["exact"]["HR@100"] <= 1
     assert metrics["index_recall"]["recall@20"] == pytest.approx(1.0)  # Flat index

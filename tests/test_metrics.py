@@ -52,3 +52,21 @@ def test_retrieval_metrics_match_numpy_oracle(seed):
         assert got[kind]["HR@50"] == pytest.approx(np.mean(ranks < 50))
         ndcg = np.mean(np.where(ranks < 10, 1 / np.log2(ranks + 2), 0))
         assert got[kind]["NDCG@10"] == pytest.approx(ndcg)
+
+
+def test_most_popular_baseline_hand_worked():
+    from indexing.eval_set import EvalSet
+    from indexing.evaluate import popularity_metrics
+
+    counts = np.arange(12, 0, -1).astype(float)  # item i was trained on 12 - i times
+    # u0: target 1, history {0} masked -> nothing above it: rank 0
+    # u1: target 11, no history -> 11 items above: rank 11 (a miss at 10, a hit at 50)
+    # u2: target 5, history {0, 1, 9} -> above it: 2, 3, 4 -> rank 3
+    users = EvalSet(user_inputs={}, targets=np.array([1, 11, 5]),
+                    history_offsets=np.array([0, 1, 1, 4]),
+                    history_items=np.array([0, 0, 1, 9]))
+    got = popularity_metrics(counts, users)
+    assert got["HR@10"] == pytest.approx(2 / 3) and got["HR@50"] == pytest.approx(1.0)
+    assert got["NDCG@10"] == pytest.approx((1 + 0 + 1 / math.log2(5)) / 3)  # 0.476892
+    # a tie with the target counts in its favour: every item equally popular -> rank 0
+    assert popularity_metrics(np.ones(12), users)["HR@10"] == 1.0

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from indexing.batches import iterate_batches, to_tensors
+from indexing.batches import to_tensors
 from pipeline.columns import SEQUENCE_ITEMS, SEQUENCE_WEIGHTS, USER, tower_columns, tower_inputs
 from pipeline.config import Objective
 from pipeline.config.checks import sequence_mode
@@ -21,7 +21,6 @@ from tests.conftest import demo_config
 from towers.bodies import SequenceTransformer
 from towers.exported import ExportedTower
 from towers.model import load_trained
-from training.data import train_columns
 from training.loop import run_plain, setup
 from training.sequence import history_keys, positions_of
 
@@ -205,7 +204,7 @@ def _sequence_setup(demo_prepared, demo_data, tmp_path, *extra):
     shutil.copytree(demo_prepared / "prepared", run_dir / "prepared")
     cfg = demo_config(demo_data, *CLM, "data.weight=null", *extra)
     s = setup(cfg, run_dir, torch.device("cpu"), world_size=1, rank=0)
-    batch = to_tensors(next(iterate_batches(train_columns(s.run, cfg), 8)))
+    batch = {k: v[:8].clone() for k, v in s.shard.items()}  # the first 8 windows
     return s, batch
 
 
@@ -249,8 +248,8 @@ def test_weighted_positions_use_each_targets_weight(demo_prepared, demo_data, tm
     catalogue = s.task._catalogue_rows(torch.arange(s.task.sampler.num_items), "cpu")
     query = s.model.encode_user_positions(p.inputs)[b, t]
     scores = s.model.encode_item(catalogue) @ query / s.model.temperature()
-    assert loss.item() == pytest.approx(F.cross_entropy(scores[None],
-                                                              p.targets[b, t][None]).item(), rel=1e-4)
+    expected = F.cross_entropy(scores[None], p.targets[b, t][None])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
 # -- training, export and the served embedding -------------------------------------------

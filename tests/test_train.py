@@ -1,4 +1,5 @@
-"""Training: the plain loop, Ray Train with 2 workers, resume, and a worker crash."""
+"""Training: the plain loop, Ray Train with 2 workers against one process, resume, a worker
+crash, early stopping, and the per-worker shards."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ import shutil
 import pytest
 import torch
 
-from pipeline.run_dir import RunDir
+from indexing.eval_set import load_eval_set
+from indexing.evaluate import evaluate
+from pipeline.run_dir import RunDir, read_catalogue
 from tests.conftest import demo_config
 from towers.model import load_trained
-from training.loop import run_plain
+from training.checkpoint import TrainState
+from training.data import epoch_batches, load_shard, train_table
+from training.loop import run_plain, setup, track_progress
 
 
 def fresh_run(demo_prepared, tmp_path):
@@ -28,12 +33,14 @@ def test_plain_training_learns_and_publishes_a_loadable_model(demo_prepared, dem
     out = run_plain(cfg, run_dir, log=lambda m: None)
     losses = [h["train/loss"] for h in out["history"]]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.1
-    # the published model is the best epoch, and reloads to the same embeddings
+    # the published model is the best epoch: evaluated again, it scores that epoch's figure
     model, meta, fitted = load_trained(RunDir(run_dir))
     assert meta.train_state["best_epoch"] == out["best_epoch"]
     best = out["history"][out["best_epoch"] - 1]["val/HR@50"]
     assert best == max(h["val/HR@50"] for h in out["history"])
-    assert 0.0 <= best <= 1.0
+    again = evaluate(model, load_eval_set(RunDir(run_dir), "validation"),
+                     read_catalogue(RunDir(run_dir)))
+    assert again["masked"]["HR@50"] == pytest.approx(best, abs=1e-9)
     assert meta.feature_state_hash == fitted.content_hash()
     assert len(meta.model_version) >= 8
     # the same per-epoch metrics went to MLflow (file store under RUN_DIR/mlruns)
@@ -81,21 +88,109 @@ def test_worker_crash_restarts_from_the_checkpoint(ray_session, demo_prepared, d
     assert len(list((run_dir / "train" / "train").glob("checkpoint_*"))) >= 1
 
 
-def test_loss_matches_single_process_on_the_same_batch(demo_prepared, demo_data):
-    """The step is plain PyTorch: one batch gives a finite loss with gradients everywhere."""
-    from training.loop import setup
+def test_ddp_two_workers_step_as_one_process_on_the_global_batches(ray_session, demo_prepared,
+                                                                 demo_data, tmp_path):
+    """Ray Train, 2 gloo workers of batch B: the same weights and loss as one process stepping
+    each global batch (rank 0's B rows, then rank 1's) with batch 2B."""
+    from training.ray_train import fit
+    from training.step import train_epoch
 
+    run_dir = fresh_run(demo_prepared, tmp_path)
+    ddp = fit(demo_config(demo_data, "train.epochs=1", "train.num_workers=2",
+                          "train.batch_size=128"), run_dir, log=lambda m: None)
+
+    cfg = demo_config(demo_data, "train.epochs=1", "train.batch_size=256")
+    s = setup(cfg, run_dir, torch.device("cpu"), world_size=1, rank=0)
+    shards = [load_shard(train_table(RunDir(run_dir), cfg), rank, 2) for rank in (0, 1)]
+    halves = [epoch_batches(shard, 128, cfg.train.seed, epoch=0) for shard in shards]
+    global_batches = ({k: torch.cat([a[k], b[k]]) for k in a} for a, b in zip(*halves, strict=True))
+    one = train_epoch(s.module, s.task, global_batches, s.opt, s.scheduler, cfg.train, s.device)
+
+    epoch = ddp["history"][0]
+    assert epoch["train/rows"] == one["rows"] == one["steps"] * 256  # all workers' rows
+    assert epoch["train/loss"] == pytest.approx(one["loss"], rel=1e-5)  # mean over workers
+    trained = torch.load(run_dir / "model" / "model.pt", weights_only=True)
+    for name, value in s.model.state_dict().items():
+        torch.testing.assert_close(trained[name], value, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_the_step_reaches_every_parameter(demo_prepared, demo_data):
+    """One batch: a finite loss and a gradient on every trainable parameter."""
     cfg = demo_config(demo_data)
     s = setup(cfg, demo_prepared, torch.device("cpu"), world_size=1, rank=0)
-    from indexing.batches import iterate_batches, to_tensors
-    from training.data import train_columns
-
-    batch = next(iterate_batches(train_columns(RunDir(demo_prepared), cfg), 64))
-    loss, parts = s.task.loss(s.module, to_tensors(batch))
+    batch = next(epoch_batches(s.shard, 64, seed=0, epoch=0))
+    loss, parts = s.task.loss(s.module, batch)
     loss.backward()
     assert torch.isfinite(loss) and parts["loss"] > 0
+    assert s.task.samples(batch) == 64
     missing = [n for n, p in s.module.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == [] or all("temperature" in n for n in missing)
+
+
+@pytest.mark.parametrize("scores,min_improvement,patience,stop_at,best_epoch", [
+    # progress needs +0.01 over the last progress (0.10): 0.105 and 0.1055 are not, so
+    # patience 2 stops at epoch 3; the best epoch is still the highest score, epoch 3
+    ([0.10, 0.105, 0.1055, 0.2], 0.01, 2, 3, 3),
+    # with no threshold every rise is progress: no stop, best is the last
+    ([0.10, 0.105, 0.1055, 0.2], 0.0, 2, None, 4),
+    # a fall then a small rise: 0.30 (progress), 0.25, 0.305 (< 0.30 + 0.01) -> stop at 3
+    ([0.30, 0.25, 0.305, 0.5], 0.01, 2, 3, 3),
+    # a rise equal to the threshold counts as progress (exact in binary), never stops
+    ([0.25, 0.5, 0.75], 0.25, 1, None, 3),
+])
+def test_early_stopping_needs_min_improvement(scores, min_improvement, patience, stop_at,
+                                              best_epoch):
+    state, stopped = TrainState(), None
+    for score in scores:
+        state.epoch += 1
+        track_progress(state, score, min_improvement)
+        if stopped is None and state.bad_epochs >= patience:
+            stopped = state.epoch
+            break
+    assert stopped == stop_at
+    assert state.best_epoch == best_epoch
+
+
+def test_a_plateaued_run_stops(demo_prepared, demo_data, tmp_path):
+    """No epoch can rise by 1.0 over the first: patience 2 ends a 10-epoch run at epoch 3."""
+    run_dir = fresh_run(demo_prepared, tmp_path)
+    cfg = demo_config(demo_data, "train.epochs=10", "train.patience=2",
+                      "train.min_improvement=1.0")
+    lines = []
+    out = run_plain(cfg, run_dir, log=lines.append)
+    assert [h["epoch"] for h in out["history"]] == [1, 2, 3]
+    assert len(lines) == 3 and "early stop" in lines[-1] and "early stop" not in lines[1]
+    best = max(range(3), key=lambda i: out["history"][i]["val/HR@50"])
+    assert out["best_epoch"] == best + 1
+
+
+def test_shards_split_the_rows_evenly_and_epochs_reorder_them(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "train"
+    folder.mkdir()
+    pairs = pa.array([[i, -i] for i in range(11)], pa.list_(pa.int64(), 2))  # as prepare writes
+    rows = pa.table({"item_index": list(range(11)), "user__x": pairs,
+                     "timestamp": list(range(11))})  # timestamp is not a model column
+    pq.write_table(rows.slice(0, 4), folder / "part-0.parquet", row_group_size=3)
+    pq.write_table(rows.slice(4), folder / "part-1.parquet", row_group_size=3)
+    # 11 rows over 3 workers: 3 each, rank r gets rows r, r + 3, r + 6; row 9 and 10 unused
+    shards = [load_shard(folder, rank, 3) for rank in range(3)]
+    assert [s["item_index"].tolist() for s in shards] == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]
+    assert set(shards[0]) == {"item_index", "user__x"}
+    assert shards[1]["user__x"].tolist() == [[1, -1], [4, -4], [7, -7]]
+    one = load_shard(folder)
+    assert one["item_index"].tolist() == list(range(11))
+
+    def order(epoch):
+        return [b["item_index"].tolist() for b in epoch_batches(one, 4, seed=5, epoch=epoch)]
+
+    assert order(0) == order(0) and order(0) != order(1)  # replayable, new each epoch
+    assert [len(b) for b in order(0)] == [4, 4]  # the partial batch of 3 is dropped
+    assert len(set(sum(order(0), []))) == 8  # no row twice
+    with pytest.raises(ValueError, match="fewer than the 12 workers"):
+        load_shard(folder, 0, 12)
 
 
 @pytest.mark.parametrize("step,total,factor", [(0, 100, 0.2), (4, 100, 1.0), (100, 100, 0.05)])

@@ -37,7 +37,8 @@ class TrainState:
     step: int = 0
     best_metric: float = float("-inf")
     best_epoch: int = -1
-    bad_epochs: int = 0
+    bad_epochs: int = 0  # epochs since the metric last rose by train.min_improvement
+    progress_metric: float = float("-inf")  # the metric at that last rise
     history: list[dict[str, float]] = field(default_factory=list)
 
 

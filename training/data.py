@@ -1,32 +1,117 @@
-"""Training data from ``RUN_DIR/prepared/``: the model columns of the training split.
+"""Training data from ``RUN_DIR/prepared/``: each worker's shard of the training table as tensors.
 
-The interaction mode trains on ``train/`` (one row per interaction), the sequence mode on
-``sequences/`` (the same interactions cut into windows per user): :func:`training_split`
-is the one place that chooses.
+The training table is chosen in one place (:func:`train_table`): ``train/`` (one row
+per interaction) or, in the sequence mode, ``sequences/`` (the same interactions cut into
+windows per user). Each worker reads the model columns of its own rows once
+model columns of its own rows once (:func:`load_shard`), holds them as tensors, and walks
+them in a new order every epoch (:func:`epoch_batches`); the plain loop is the one-worker
+case of the same functions. Rank ``r`` of ``W`` owns the rows ``i`` with ``i % W == r``,
+cut to the same count on every rank, so every rank takes the same number of steps. An
+epoch's order comes from ``(train.seed, epoch)`` alone: a restarted worker replays it, and
+the ranks of a DDP run draw the same order over their equally long shards, so the global
+batch ``k`` is rank 0's batch ``k`` followed by rank 1's (``tests/test_train.py`` checks DDP
+against one process stepping those global batches).
+
+Why not a Ray Data shard per epoch (see README "Training throughput"): on ML-100K the
+per-batch iteration and its tensor conversion cost more than the step itself, and the
+driver-side materialisation added seconds to every ``fit()``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
 
-from pipeline.columns import ITEM_INDEX, model_columns
+from indexing.batches import to_tensors
+from pipeline.columns import model_columns
 from pipeline.config import Config
-from pipeline.io import column_to_numpy, table_to_numpy
-from pipeline.run_dir import SEQUENCES, RunDir, read_split
+from pipeline.io import table_to_numpy
+from pipeline.run_dir import SEQUENCES, RunDir
 
 
-def item_counts(run: RunDir, num_items: int) -> np.ndarray:
-    """[I] training interactions per catalogue item (for log-Q and popularity sampling)."""
-    idx = column_to_numpy(read_split(run, "train", [ITEM_INDEX])[ITEM_INDEX])
-    return np.bincount(idx.astype(np.int64), minlength=num_items).astype(np.float64)
+def train_table(run: RunDir, cfg: Config) -> Path:
+    """The folder of Parquet training examples one epoch walks.
+
+    ``prepared/train/``, or ``prepared/sequences/`` when ``cfg.sequence`` is enabled.
+    """
+    return run.split(SEQUENCES if cfg.sequence.enabled else "train")
 
 
-def training_split(cfg: Config) -> str:
-    """The prepared folder a config trains on: ``sequences`` (sequence mode) or ``train``."""
-    return SEQUENCES if cfg.sequence.enabled else "train"
+def parquet_files(folder: Path) -> list[Path]:
+    """The table's Parquet files in path order (the row order every rank agrees on)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is missing: run `python -m jobs.prepare` first")
+    files = sorted(folder.rglob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no .parquet file: run `python -m jobs.prepare`")
+    return files
 
 
-def train_columns(run: RunDir, cfg: Config) -> dict[str, np.ndarray]:
-    """The training folder's model columns as numpy (the plain loop's whole epoch)."""
-    table = read_split(run, training_split(cfg))
-    return table_to_numpy(table, model_columns(table.column_names))
+def load_shard(folder: Path, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+    """The model columns of rank ``rank``'s rows of a training table, as tensors.
+
+    Rows are read file by file in batches and only this rank's rows are kept, so a worker
+    holds 1/W of the table (plus one read batch).
+
+    Args:
+        folder: the training table (:func:`train_table`).
+        rank: this worker's rank.
+        world: the number of workers W.
+
+    Returns:
+        ``{column: [R, ...]}`` with R = floor(rows / W) on every rank.
+
+    Raises:
+        ValueError: the table has fewer rows than workers (names the folder).
+    """
+    files = parquet_files(folder)
+    total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    per_rank = total // world
+    if per_rank == 0:
+        raise ValueError(f"{folder} has {total} training rows, fewer than the {world} "
+                         "workers (train.num_workers): prepare more data or use fewer workers")
+    names = model_columns(pq.read_schema(files[0]).names)
+    parts, offset = [], 0
+    for path in files:
+        for batch in pq.ParquetFile(path).iter_batches(columns=names):
+            rows = offset + np.arange(batch.num_rows)
+            mine = np.flatnonzero((rows % world == rank) & (rows // world < per_rank))
+            parts.append(batch.take(pa.array(mine)))
+            offset += batch.num_rows
+    table = pa.Table.from_batches(parts, schema=parts[0].schema)
+    return to_tensors(table_to_numpy(table, names))
+
+
+def shard_rows(shard: Mapping[str, torch.Tensor]) -> int:
+    """Rows held by a shard."""
+    return len(next(iter(shard.values())))
+
+
+def epoch_order(rows: int, seed: int, epoch: int) -> torch.Tensor:
+    """[rows] the order of epoch ``epoch`` (0-based): a permutation drawn from (seed, epoch)."""
+    return torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(rows))
+
+
+def epoch_batches(shard: Mapping[str, torch.Tensor], batch_size: int, seed: int, epoch: int
+                  ) -> Iterator[dict[str, torch.Tensor]]:
+    """The whole batches of one epoch over a shard (a last partial batch is dropped).
+
+    Args:
+        shard: ``{column: [R, ...]}`` (:func:`load_shard`).
+        batch_size: B, rows per batch.
+        seed: ``train.seed``.
+        epoch: the 0-based epoch; with ``seed`` it fixes the order.
+
+    Yields:
+        ``{column: [B, ...]}``, each a fresh tensor (the step may write to it).
+    """
+    rows = shard_rows(shard)
+    order = epoch_order(rows, seed, epoch)
+    for start in range(0, rows - batch_size + 1, batch_size):
+        idx = order[start:start + batch_size]
+        yield {k: v.index_select(0, idx) for k, v in shard.items()}

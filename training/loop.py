@@ -1,15 +1,19 @@
-"""The training loop shared by Ray Train workers and the plain process.
+"""The training loop shared by Ray Train workers, Ray Tune trials and the plain process.
 
-:func:`setup` builds everything one worker needs from ``RUN_DIR/prepared/``;
-:func:`finish_epoch` evaluates on the validation targets, applies early stopping and
-says whether this epoch is the new best; :func:`run_plain` trains in this process with no
-Ray at all (``python -m jobs.train --no-ray``), over the same step and the same data.
+:func:`setup` builds everything one worker needs from ``RUN_DIR/prepared/`` (the task and
+the training data are each chosen in one place: :func:`make_task` and
+:func:`training.data.train_table`);
+:func:`train_one_epoch` walks the worker's shard once (figures combined over workers);
+:func:`finish_epoch` evaluates on the validation targets, applies early stopping and says
+whether this epoch is the new best; :func:`epochs` chains the two in one process, and
+:func:`run_plain` trains with no Ray at all (``python -m jobs.train --no-ray``), over the
+same step and the same data.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,17 +22,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from indexing.batches import iterate_batches, to_tensors
-from indexing.eval_set import EvalSet, load_eval_set
+from indexing.batches import to_tensors
+from indexing.eval_set import EvalSet, load_eval_set, train_item_counts
 from indexing.evaluate import evaluate
 from pipeline.config import Config
-from pipeline.run_dir import ModelMeta, RunDir, read_catalogue, read_prepare_manifest
+from pipeline.run_dir import ModelMeta, RunDir, read_catalogue
 from pipeline.state import FeatureStateSet
 from towers.model import build_two_tower, model_version
 from training import checkpoint as ckpt
-from training.data import item_counts, train_columns, training_split
+from training.data import epoch_batches, load_shard, shard_rows, train_table
+from training.distributed import epoch_stats_over_ranks
 from training.sequence import SequenceTask, SequenceTrainModule, history_keys
-from training.step import make_optimizer, make_scheduler, train_epoch
+from training.step import Task, make_optimizer, make_scheduler, train_epoch
 from training.task import RetrievalTask, TrainModule
 from training.tracking import Tracker
 
@@ -44,44 +49,64 @@ class Setup:
     fitted: FeatureStateSet
     model: nn.Module  # the bare TwoTowerModel (what is saved)
     module: nn.Module  # what is stepped: TrainModule, DDP-wrapped under Ray
-    task: RetrievalTask  # or SequenceTask (the sequence mode)
+    task: Task  # RetrievalTask, or SequenceTask in the sequence mode
     opt: torch.optim.Optimizer
     scheduler: Any
     device: torch.device
     catalogue: dict[str, np.ndarray]
     eval_set: EvalSet | None  # rank 0 only
+    shard: dict[str, torch.Tensor]  # this worker's training rows, [R, ...] each
     steps_per_epoch: int
+
+
+def make_task(cfg: Config, run: RunDir, catalogue: dict[str, np.ndarray], model: nn.Module
+              ) -> tuple[nn.Module, Task]:
+    """The module to step and the training task of this config (chosen here only).
+
+    The interaction rows' retrieval task, or the sequence mode's over windows.
+    """
+    num_items = len(next(iter(catalogue.values())))
+    counts = train_item_counts(run, num_items)
+    if cfg.sequence.enabled:
+        return SequenceTrainModule(model), SequenceTask(
+            cfg, counts, to_tensors(catalogue), history_keys(model), seed=cfg.train.seed)
+    return TrainModule(model), RetrievalTask(
+        cfg.loss, counts, to_tensors(catalogue), seed=cfg.train.seed,
+        weighted=cfg.data.weight is not None)
 
 
 def setup(cfg: Config, run_dir: Path, device: torch.device, world_size: int, rank: int,
           wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> Setup:
-    """Build model, task, optimiser and evaluation data for one worker."""
+    """Build model, task, optimiser, this worker's training shard and evaluation data."""
     torch.manual_seed(cfg.train.seed)
     run = RunDir(run_dir)
     run.require_prepared()
     fitted = FeatureStateSet.load(run.feature_state)
     model = build_two_tower(cfg.model, fitted, cfg.sequence).to(device)
     catalogue = read_catalogue(run)
-    num_items = len(next(iter(catalogue.values())))
-    counts = item_counts(run, num_items)
-    if cfg.sequence.enabled:
-        module = wrap(SequenceTrainModule(model))
-        task = SequenceTask(cfg, counts, to_tensors(catalogue), history_keys(model),
-                            seed=cfg.train.seed)
-    else:
-        module = wrap(TrainModule(model))
-        task = RetrievalTask(cfg.loss, counts, to_tensors(catalogue), seed=cfg.train.seed,
-                             weighted=cfg.data.weight is not None)
-    train_rows = read_prepare_manifest(run).rows.get(training_split(cfg), 0)
-    if not train_rows:
-        raise ValueError(f"{run.prepared} has no {training_split(cfg)} rows to train on: "
-                         "re-run `python -m jobs.prepare` with this config")
-    steps = max(1, train_rows // max(1, world_size) // cfg.train.batch_size)
+    module, task = make_task(cfg, run, catalogue, model)
+    module = wrap(module)
+    shard = load_shard(train_table(run, cfg), rank, world_size)
+    steps = shard_rows(shard) // cfg.train.batch_size
+    if steps == 0:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} is larger than the "
+                         f"{shard_rows(shard)} training rows of each of the {world_size} "
+                         "worker(s): lower it or use fewer workers")
     opt = make_optimizer(module, cfg.train)
     scheduler = make_scheduler(opt, cfg.train, steps * cfg.train.epochs)
     eval_set = load_eval_set(run, "validation") if rank == 0 else None
     return Setup(cfg, run, fitted, model, module, task, opt, scheduler, device,
-                 catalogue, eval_set, steps)
+                 catalogue, eval_set, shard, steps)
+
+
+def train_one_epoch(s: Setup, state: ckpt.TrainState) -> dict[str, float]:
+    """Train over this worker's shard once, in the order of epoch ``state.epoch``.
+
+    Returns the epoch's figures for the whole worker group (every rank gets the same).
+    """
+    batches = epoch_batches(s.shard, s.cfg.train.batch_size, s.cfg.train.seed, state.epoch)
+    stats = train_epoch(s.module, s.task, batches, s.opt, s.scheduler, s.cfg.train, s.device)
+    return epoch_stats_over_ranks(stats, s.device)
 
 
 def finish_epoch(s: Setup, state: ckpt.TrainState, stats: dict[str, float]
@@ -94,19 +119,48 @@ def finish_epoch(s: Setup, state: ckpt.TrainState, stats: dict[str, float]
     state.step += int(stats["steps"])
     metrics = {"epoch": state.epoch, "train/loss": stats["loss"],
                "train/samples_per_s": stats["samples_per_s"], "train/lr": stats["lr"],
-               "train/rows": stats["rows"], "train/seconds": stats["seconds"]}
+               "train/rows": stats["rows"], "train/seconds": stats["seconds"],
+               "train/threads": torch.get_num_threads()}
     t0 = time.perf_counter()
     metrics.update(flat_metrics(evaluate(s.model, s.eval_set, s.catalogue, s.device), "val"))
     metrics["val/seconds"] = time.perf_counter() - t0
-    score = metrics[f"val/{s.cfg.train.early_stopping_metric}"]
-    is_best = score > state.best_metric
-    if is_best:
-        state.best_metric, state.best_epoch, state.bad_epochs = score, state.epoch, 0
+    state.history.append(metrics)
+    is_best = track_progress(state, metrics[f"val/{s.cfg.train.early_stopping_metric}"],
+                             s.cfg.train.min_improvement)
+    return metrics, is_best, finished(s.cfg, state)
+
+
+def track_progress(state: ckpt.TrainState, score: float, min_improvement: float) -> bool:
+    """Early-stopping bookkeeping for one epoch's score; returns whether it is the best yet.
+
+    Progress is a score at least ``min_improvement`` above the score of the last progress
+    (the first epoch always is); ``state.bad_epochs`` counts the epochs since. The best
+    epoch is the highest score, however small its lead.
+    """
+    if score >= state.progress_metric + min_improvement:
+        state.progress_metric, state.bad_epochs = score, 0
     else:
         state.bad_epochs += 1
-    state.history.append(metrics)
-    stop = state.bad_epochs >= s.cfg.train.patience or state.epoch >= s.cfg.train.epochs
-    return metrics, is_best, stop
+    if score > state.best_metric:
+        state.best_metric, state.best_epoch = score, state.epoch
+        return True
+    return False
+
+
+def finished(cfg: Config, state: ckpt.TrainState) -> bool:
+    """Whether training is over: every epoch done, or patience run out."""
+    return state.epoch >= cfg.train.epochs or state.bad_epochs >= cfg.train.patience
+
+
+def epochs(s: Setup, state: ckpt.TrainState) -> Iterator[tuple[dict[str, float], bool]]:
+    """Train epoch after epoch in this process; yields ``(metrics, is_best)`` per epoch.
+
+    Ends after ``train.epochs`` or when early stopping says so; a caller may stop early
+    (a Tune scheduler does).
+    """
+    while not finished(s.cfg, state):
+        metrics, is_best, _ = finish_epoch(s, state, train_one_epoch(s, state))
+        yield metrics, is_best
 
 
 def checkpoint_meta(s: Setup, metrics: dict[str, float], is_best: bool = False) -> ModelMeta:
@@ -122,10 +176,18 @@ def flat_metrics(metrics: dict[str, dict[str, float]], prefix: str) -> dict[str,
     return out
 
 
-def describe(metrics: dict[str, float]) -> str:
-    """One progress line for an epoch."""
-    keys = ("train/loss", "train/samples_per_s", "val/HR@10", "val/HR@50", "val/NDCG@10")
-    return " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
+def describe(metrics: dict[str, float], cfg: Config, state: ckpt.TrainState) -> str:
+    """The one progress line of an epoch (the figures are the whole worker group's)."""
+    line = (f"[train] epoch {int(metrics['epoch'])}/{cfg.train.epochs} "
+            f"loss {metrics['train/loss']:.4f} | {metrics['train/samples_per_s']:,.0f} samples/s "
+            f"({metrics['train/seconds']:.1f}s) | val")
+    for key in ("HR@10", "HR@50", "NDCG@10"):
+        line += f" {key} {metrics[f'val/{key}']:.4f}"
+    line += f" ({metrics['val/seconds']:.1f}s)"
+    if finished(cfg, state) and state.epoch < cfg.train.epochs:
+        line += (f" | early stop: val/{cfg.train.early_stopping_metric} rose less than "
+                 f"{cfg.train.min_improvement} for {state.bad_epochs} epochs")
+    return line
 
 
 def run_plain(cfg: Config, run_dir: Path, log: Log = print,
@@ -134,24 +196,14 @@ def run_plain(cfg: Config, run_dir: Path, log: Log = print,
 
     The best epoch is saved under ``RUN_DIR/plain/best`` and published to ``RUN_DIR/model/``.
     """
-    device = torch.device(device)
-    s = setup(cfg, run_dir, device, world_size=1, rank=0)
-    columns = train_columns(s.run, cfg)
+    s = setup(cfg, run_dir, torch.device(device), world_size=1, rank=0)
     state, best_dir = ckpt.TrainState(), s.run.plain_best
-    rng = np.random.default_rng(cfg.train.seed)
     tracker = Tracker(cfg, run_dir)
-    while True:
-        order = rng.permutation(len(next(iter(columns.values()))))
-        batches = (to_tensors(b) for b in iterate_batches(
-            columns, cfg.train.batch_size, order, drop_last=True))
-        stats = train_epoch(s.module, s.task, batches, s.opt, s.scheduler, cfg.train, device)
-        metrics, is_best, stop = finish_epoch(s, state, stats)
-        log(f"[train] epoch {state.epoch}/{cfg.train.epochs} {describe(metrics)}")
+    for metrics, is_best in epochs(s, state):
+        log(describe(metrics, cfg, state))
         tracker.log(metrics, step=state.epoch)
         if is_best:
             ckpt.save_checkpoint(best_dir, s.model, None, None, state, checkpoint_meta(s, metrics))
-        if stop:
-            break
     tracker.close()
     ckpt.publish_model(best_dir, s.run)
     return {"best_epoch": state.best_epoch, "best_metric": state.best_metric,

@@ -1,15 +1,19 @@
-"""Ray Train: DDP workers over Ray Data shards, checkpoints, resume and restarts.
+"""Ray Train: DDP workers over shards of the training table, checkpoints, resume and restarts.
 
-The driver (:func:`fit`) materialises the training split once (streaming Parquet reads
-next to workers that hold every CPU deadlocks on small machines, see RAY_NOTES) and
-starts a ``TorchTrainer``. Each worker (:func:`train_loop_per_worker`) re-validates the
-config, resumes from ``ray.train.get_checkpoint()`` when there is one, and per epoch
-streams its shard with a new local shuffle, trains, and reports. Rank 0 evaluates,
-decides early stopping for everyone, logs to MLflow and attaches the checkpoint.
+The driver (:func:`fit`) starts a ``TorchTrainer``; each worker
+(:func:`train_loop_per_worker`) re-validates the config, sets its torch threads (the
+node's CPUs shared among its workers), reads its shard of the training table once as
+tensors (:func:`training.loop.setup`), resumes from ``ray.train.get_checkpoint()`` when
+there is one, and per epoch walks its shard in that epoch's order, trains, and reports.
+The epoch's figures are combined over workers; rank 0 evaluates, decides early stopping
+for everyone, logs to MLflow and one line per epoch, and attaches the checkpoint.
 
 Running again with the same ``RUN_DIR`` resumes: the run name and storage path are
 fixed, so Ray Train restores its checkpoint history and the workers continue from the
 latest checkpoint. A worker crash restarts the group (``FailureConfig``) the same way.
+Ray Train's own INFO lines (worker-group start, every report reprinted as a
+``TrainingReport(...)``, checkpoint paths) stay in its log files under the Ray session
+(``RunConfig.logging_config``); its warnings still reach the console.
 """
 
 from __future__ import annotations
@@ -22,16 +26,25 @@ from typing import Any
 
 import torch
 
-from pipeline.columns import model_columns
 from pipeline.config import Config, parse_config
+from pipeline.config.train import TrainConfig
 from pipeline.run_dir import RunDir
 from training import checkpoint as ckpt
-from training.data import training_split
-from training.loop import Log, checkpoint_meta, describe, finish_epoch, setup
-from training.step import train_epoch
+from training.loop import (
+    Log,
+    checkpoint_meta,
+    describe,
+    finish_epoch,
+    finished,
+    setup,
+    train_one_epoch,
+)
 from training.tracking import Tracker
 
 RUN_NAME = "train"
+# Gradients are all-reduced straight from DDP's buckets (no copy into and out of them);
+# DDP overlaps each bucket's all-reduce with the rest of the backward pass.
+DDP_KWARGS = {"gradient_as_bucket_view": True}
 # Ray Train routes worker logging to the driver and the dashboard (a print can appear twice).
 logger = logging.getLogger(__name__)
 
@@ -51,6 +64,22 @@ def _maybe_fail(fault: dict | None, epoch: int, rank: int) -> None:
         os._exit(1)
 
 
+def worker_threads(cfg: TrainConfig, local_world_size: int) -> int:
+    """Torch threads of one worker.
+
+    ``train.threads_per_worker``, else the node's CPUs (as Ray counts them) shared evenly
+    among the workers on that node, so that the workers' threads add up to the node.
+    """
+    if cfg.threads_per_worker:
+        return cfg.threads_per_worker
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    cpus = next((n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n["NodeID"] == node),
+                1.0)
+    return max(1, int(cpus // max(1, local_world_size)))
+
+
 def _agree(obj: Any, world: int) -> Any:
     """Rank 0's value on every rank (the stop decision and the metrics)."""
     if world == 1:
@@ -60,33 +89,41 @@ def _agree(obj: Any, world: int) -> Any:
     return box[0]
 
 
+def _quiet_report_log() -> None:
+    """Keep Ray Train's per-report INFO line (a whole ``TrainingReport(...)``) off the console.
+
+    Ray Train 2.60 names that logger after its file, outside ``ray.train``, so
+    ``RunConfig.logging_config`` misses it; this sets the level that setting meant to.
+    """
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """One Ray Train worker."""
     import ray.train
     import ray.train.torch
 
+    _quiet_report_log()
     cfg = parse_config(loop_config["config"], source="train_loop_config")
     run_dir = Path(loop_config["run_dir"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(worker_threads(cfg.train, ctx.get_local_world_size()))
     device = ray.train.torch.get_device()
-    s = setup(cfg, run_dir, device, world, rank,
-              wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=True))
+    s = setup(cfg, run_dir, device, world, rank, wrap=lambda m: ray.train.torch.prepare_model(
+        m, move_to_device=True, parallel_strategy_kwargs=DDP_KWARGS))
     state = ckpt.TrainState()
     restored = ray.train.get_checkpoint()
     if restored:
         with restored.as_directory() as d:
             state = ckpt.load_checkpoint(Path(d), s.model, s.opt, s.scheduler)
     tracker = Tracker(cfg, run_dir, enabled=rank == 0)
-    shard = ray.train.get_dataset_shard("train")
-    stop = state.epoch >= cfg.train.epochs or state.bad_epochs >= cfg.train.patience
+    stop = finished(cfg, state)
     while not stop:
         _maybe_fail(loop_config.get("fail_once"), state.epoch + 1, rank)
-        batches = shard.iter_torch_batches(
-            batch_size=cfg.train.batch_size, drop_last=True, device=device,
-            local_shuffle_buffer_size=min(100_000, 4 * cfg.train.batch_size),
-            local_shuffle_seed=cfg.train.seed * 1000 + state.epoch)
-        stats = train_epoch(s.module, s.task, batches, s.opt, s.scheduler, cfg.train, device)
+        stats = train_one_epoch(s, state)
         metrics, is_best, stop = finish_epoch(s, state, stats) if rank == 0 else ({}, 0, 0)
         metrics, stop = _agree((metrics, stop), world)
         if rank != 0:
@@ -94,7 +131,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(metrics)
             continue
         tracker.log(metrics, step=state.epoch)
-        logger.info("[train] epoch %d/%d %s", state.epoch, cfg.train.epochs, describe(metrics))
+        logger.info(describe(metrics, cfg, state))
         with tempfile.TemporaryDirectory() as tmp:
             meta = checkpoint_meta(s, metrics, is_best=bool(is_best))
             ckpt.save_checkpoint(Path(tmp), s.model, s.opt, s.scheduler, state, meta)
@@ -102,17 +139,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     tracker.close()
 
 
-def fit(cfg: Config, run_dir: Path, log: Log = print, fail_once: dict | None = None
-        ) -> dict[str, Any]:
-    """Train with Ray Train and publish the best checkpoint to ``RUN_DIR/model/``."""
+def fit(cfg: Config, run_dir: Path, log: Log = print, fail_once: dict | None = None,
+        callbacks: list | None = None) -> dict[str, Any]:
+    """Train with Ray Train and publish the best checkpoint to ``RUN_DIR/model/``.
+
+    ``callbacks``: extra Ray Train callbacks (a Tune trial passes its report callback).
+    """
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
     run = RunDir(run_dir)
     run.require_prepared()
-    ds = ray.data.read_parquet(str(run.split(training_split(cfg))))
-    ds = ds.select_columns(model_columns(ds.schema().names)).materialize()
     metric = f"val/{cfg.train.early_stopping_metric}"
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -128,8 +166,9 @@ def fit(cfg: Config, run_dir: Path, log: Log = print, fail_once: dict | None = N
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.train.num_to_keep, checkpoint_score_attribute=metric,
-                checkpoint_score_order="max")),
-        datasets={"train": ds})
+                checkpoint_score_order="max"),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks))
     log(f"[train] Ray Train: {cfg.train.num_workers} worker(s), storage "
         f"{storage_path(cfg, run_dir)}/{RUN_NAME}")
     result = trainer.fit()

@@ -11,12 +11,23 @@ import math
 import time
 from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from pipeline.config.train import LRSchedule, Precision, TrainConfig
-from training.task import RetrievalTask
+
+
+class Task(Protocol):
+    """What the step needs of a training task (``training.task.RetrievalTask`` is one)."""
+
+    def loss(self, module: nn.Module, batch: Mapping[str, torch.Tensor]
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Scalar loss of one batch and its parts as floats (``"loss"`` among them)."""
+
+    def samples(self, batch: Mapping[str, torch.Tensor]) -> int:
+        """How many training samples the batch holds (what samples/s counts)."""
 
 
 def make_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -54,13 +65,14 @@ def autocast_for(device: torch.device, precision: Precision):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def train_epoch(module: nn.Module, task: RetrievalTask,
+def train_epoch(module: nn.Module, task: Task,
                 batches: Iterable[Mapping[str, torch.Tensor]], opt: torch.optim.Optimizer,
                 scheduler, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
-    """One pass over ``batches``; returns mean loss, samples seen and samples/s.
+    """One pass over ``batches`` in this process; returns its mean loss, samples, steps, seconds.
 
-    A sample is what the task trains on (:meth:`~training.task.RetrievalTask.samples`): an
-    interaction row, or a trained position of a sequence window.
+    A sample is what the task trains on (``task.samples``): an interaction row, or a
+    trained position of a sequence window. Under DDP the figures are this rank's
+    (:func:`training.distributed.epoch_stats_over_ranks` combines them).
     """
     module.train()
     total, rows, steps = 0.0, 0, 0

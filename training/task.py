@@ -16,7 +16,13 @@ from torch import nn
 
 from pipeline.columns import IMPRESSIONS, ITEM, ITEM_INDEX, USER, WEIGHT, tower_inputs
 from pipeline.config.loss import LossConfig
-from training.distributed import gather_no_grad, gather_with_grad, world_info
+from training.distributed import (
+    gather_no_grad,
+    gather_with_grad,
+    rank_sizes,
+    sum_over_ranks,
+    world_info,
+)
 from training.losses import retrieval_loss
 from training.negatives import NegativeSampler
 
@@ -136,11 +142,11 @@ class RetrievalTask:
         """
         device = item.device
         rank, _ = world_info()
-        candidates = gather_with_grad(item)  # [W*B, D]: the global batch
-        cand_ids = gather_no_grad(item_ids)  # [W*B]
         b = item.shape[0]
-        sizes = gather_no_grad(torch.tensor([b], device=device))  # [W] rows per rank
-        positive = sizes[:rank].sum() + torch.arange(b, device=device)
+        sizes = rank_sizes(b, device)  # [W] rows per rank: one exchange for every gather
+        candidates = gather_with_grad(item, sizes)  # [W*B, D]: the global batch
+        cand_ids = gather_no_grad(item_ids, sizes)  # [W*B]
+        positive = sum(sizes[:rank]) + torch.arange(b, device=device)
         log_q = None
         if self.cfg.logq_correction:
             log_q = self.sampler.in_batch_log_q(cand_ids.cpu(), len(cand_ids)).to(device)
@@ -182,4 +188,4 @@ def global_normaliser(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     mean over the global batch, also when local batches differ in size.
     """
     _, world = world_info()
-    return weights, gather_no_grad(weights.sum()[None]).sum() / world
+    return weights, sum_over_ranks(weights.sum()) / world

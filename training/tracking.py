@@ -33,6 +33,24 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def tracking_uri(cfg: Config, run_dir: Path) -> str:
+    """``train.mlflow.tracking_uri``, else the file store ``RUN_DIR/mlruns`` (as a URI)."""
+    uri = cfg.train.mlflow.tracking_uri or RunDir(run_dir).mlruns.resolve().as_uri()
+    if uri.startswith("file:"):
+        # MLflow 3 keeps the file store in maintenance mode and refuses it unless asked;
+        # it needs no server or database, which is what a default should need.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return uri
+
+
+def create_experiment(cfg: Config, run_dir: Path) -> None:
+    """Create the MLflow experiment now, so that trials starting together do not race to."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(cfg, run_dir))
+    mlflow.set_experiment(cfg.train.mlflow.experiment)
+
+
 class Tracker:
     """A thin MLflow run; every method is a no-op when disabled."""
 
@@ -43,13 +61,7 @@ class Tracker:
         import mlflow
 
         run_dir = Path(run_dir).resolve()
-        uri = cfg.train.mlflow.tracking_uri
-        if uri is None:
-            # MLflow 3 keeps the file store in maintenance mode and refuses it unless asked;
-            # it needs no server or database, which is what a default should need.
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-            uri = RunDir(run_dir).mlruns.resolve().as_uri()
-        mlflow.set_tracking_uri(uri)
+        mlflow.set_tracking_uri(tracking_uri(cfg, run_dir))
         mlflow.set_experiment(cfg.train.mlflow.experiment)
         id_file = RunDir(run_dir).mlflow_run_id
         run_id = id_file.read_text().strip() if id_file.exists() else None

@@ -43,6 +43,7 @@ from pipeline.config.model import ModelConfig, TowerConfig, TowerType
 from pipeline.config.sequence import Candidates, Objective, SequenceConfig
 from pipeline.config.serve import ServeConfig
 from pipeline.config.train import TrainConfig
+from pipeline.config.tune import TuneConfig
 from pipeline.features.base import REGISTRY, FeatureConfig
 
 __all__ = [
@@ -50,8 +51,8 @@ __all__ = [
     "FeaturesConfig", "IndexConfig", "LossConfig", "ModelConfig", "MultiHotFeature",
     "NullFill", "NumericFeature", "NumericTransform", "Pooling", "PrepareConfig",
     "Objective", "SequenceConfig", "SequenceFeature", "ServeConfig", "StrictModel",
-    "TextFeature", "TowerConfig",
-    "TrainConfig", "apply_overrides", "load_config", "parse_config",
+    "TextFeature", "TowerConfig", "TrainConfig", "TuneConfig", "apply_overrides",
+    "load_config", "parse_config",
 ]
 
 
@@ -67,6 +68,7 @@ class Config(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
     @model_validator(mode="after")
     def _model_matches_features(self) -> Config:
@@ -86,6 +88,16 @@ class Config(StrictModel):
                              "each interaction row its own negatives, which the sequence "
                              f"mode (sequence.objective={self.sequence.objective.value}) does "
                              "not train on; remove it or set sequence.objective to null")
+        return self
+
+    @model_validator(mode="after")
+    def _tune_space_paths(self) -> Config:
+        raw = self.model_dump(mode="json")
+        for path in self.tune.space:
+            try:
+                _resolve(raw, path)
+            except ValueError as err:
+                raise ValueError(f"tune.space key {path!r}: {err}") from None
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -150,6 +162,18 @@ def _child(node: Any, part: str, path: str, create: bool) -> Any:
     if part not in node and create:
         node[part] = {}
     return node[part]
+
+
+def _resolve(raw: dict[str, Any], path: str) -> Any:
+    """The value at a dotted path of a config mapping; an unknown step names what exists."""
+    node: Any = raw
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        where = ".".join(parts[:i]) or "the config"
+        if isinstance(node, dict) and part not in node:
+            raise ValueError(f"{where} has no field {part!r} (it has {sorted(node)})")
+        node = _child(node, part, ".".join(parts[: i + 1]), create=False)
+    return node
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:

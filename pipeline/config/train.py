@@ -33,6 +33,9 @@ class Placement(str, enum.Enum):
     STRICT_SPREAD = "STRICT_SPREAD"  # every worker on a different node
 
 
+VALIDATION_METRICS = frozenset({"HR@10", "HR@50", "HR@100", "NDCG@10"})
+
+
 class MLflowConfig(StrictModel):
     """Where metrics and parameters are logged besides the Ray dashboard."""
 
@@ -67,7 +70,19 @@ class TrainConfig(StrictModel):
     early_stopping_metric: str = Field(
         default="HR@50", description="Validation metric (masked) that picks the best epoch."
     )
-    patience: int = Field(default=3, ge=1, description="Epochs without improvement to stop.")
+    patience: int = Field(
+        default=3, ge=1, description="Epochs in a row without progress (min_improvement) to stop."
+    )
+    min_improvement: float = Field(
+        default=0.001, ge=0.0,
+        description="Smallest rise of the early-stopping metric over its last progress that "
+                    "counts as progress; smaller gains still pick the best epoch.",
+    )
+    threads_per_worker: int | None = Field(
+        default=None, ge=1,
+        description="Torch threads per Ray Train worker; default: the node's CPUs over the "
+                    "workers on it. The plain loop uses torch's default (every core).",
+    )
     max_failures: int = Field(default=2, ge=0, description="Worker-group restarts allowed.")
     storage_path: str | None = Field(
         default=None, description="Ray Train storage (local path or URI); default RUN_DIR/train."
@@ -77,8 +92,7 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _metric_known(self) -> TrainConfig:
-        known = {"HR@10", "HR@50", "HR@100", "NDCG@10"}
-        if self.early_stopping_metric not in known:
+        if self.early_stopping_metric not in VALIDATION_METRICS:
             raise ValueError(f"early_stopping_metric {self.early_stopping_metric!r} is not one "
-                             f"of {sorted(known)}")
+                             f"of {sorted(VALIDATION_METRICS)}")
         return self
