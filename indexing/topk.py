@@ -47,7 +47,7 @@ FLAT_MAX_ITEMS = 50_000
 HNSW_MAX_ITEMS = 1_000_000
 MIN_POINTS_PER_CENTROID = 39  # below this faiss warns that k-means is under-trained
 EXACT_CHUNK_ELEMENTS = 1 << 24  # scores per exact-search chunk: 64 MiB of float32
-WIDEN_MAX = 256  # longer exclusion lists are searched alone, with a selector
+WIDEN_MAX = 64  # longer exclusion lists are searched alone, with a selector
 BRUTE_FORCE_MAX = 8192  # allow-lists up to this size are ranked exactly by brute force
 
 
@@ -247,8 +247,8 @@ class TopK:
                 raise ValueError(f"{name} has {len(per_query)} entries for {len(q)} queries")
         ex = self._rows_of(exclude or [None] * len(q))
         al = [None] * len(q)
-        if allow is not None:
-            limited = [i for i, a in enumerate(allow) if a is not None]
+        limited = [i for i, a in enumerate(allow or []) if a is not None]
+        if limited:
             for i, rows in zip(limited, self._rows_of([allow[i] for i in limited]),
                                strict=True):
                 al[i] = np.unique(rows)

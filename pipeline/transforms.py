@@ -31,14 +31,30 @@ _FNV_PRIME = np.uint64(0x100000001B3)
 
 
 def as_arrow(values: Any) -> pa.Array:
-    """Accept a pyarrow array / chunked array, numpy array or Python list."""
+    """Accept a pyarrow array / chunked array, numpy array or Python list.
+
+    A list mixing types Arrow cannot hold in one array (``[7, "x"]``, an integer beyond
+    int64) becomes text, where :func:`cast_like` compares it anyway: 7 still finds 7.
+    """
     if isinstance(values, pa.ChunkedArray):
         return values.combine_chunks()
     if isinstance(values, pa.Array):
         return values
     if isinstance(values, np.ndarray) and values.dtype == object:
         values = [v.tolist() if isinstance(v, np.ndarray) else v for v in values]
-    return pa.array(values)
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+        if isinstance(values, np.ndarray) or any(isinstance(v, (list, dict)) for v in values):
+            raise
+        return pa.array([_as_text(v) for v in values], pa.string())
+
+
+def _as_text(value: Any) -> str | None:
+    """One raw scalar as Arrow's cast to string would write it (booleans: true / false)."""
+    if value is None:
+        return None
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def lookup(values: Any, vocab: pa.Array | VocabIndex) -> np.ndarray:
@@ -122,6 +138,10 @@ class VocabIndex:
 
     def lookup(self, values: Any) -> np.ndarray:
         """[N] int64 indices of ``values`` (null -> 0, unseen -> 1)."""
+        if isinstance(values, list) and len(values) < self.arrow_from and self._native(values):
+            get = self._table(False).get  # values of the vocabulary's own type: no cast
+            return np.fromiter((get(v, OOV) for v in values), dtype=np.int64,
+                               count=len(values))
         arr = as_arrow(values)
         if len(arr) >= self.arrow_from:
             return lookup(arr, self.vocab)
@@ -129,6 +149,14 @@ class VocabIndex:
         get = self._table(as_text).get
         return np.fromiter((PAD if v is None else get(v, OOV) for v in arr.to_pylist()),
                            dtype=np.int64, count=len(arr))
+
+    def _native(self, values: list) -> bool:
+        """Whether every value already has the vocabulary's Python type (cast: identity)."""
+        if pa.types.is_int64(self.vocab.type):
+            return all(type(v) is int and -(2**63) <= v < 2**63 for v in values)
+        if pa.types.is_string(self.vocab.type):
+            return all(type(v) is str for v in values)
+        return False
 
 
 def hash_bucket(values: Any, buckets: int) -> np.ndarray:
