@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "benchmarks" / "schemathesis.toml"
 FUZZED_OPERATIONS = 3  # the POST routes; the two GETs take no input
+MODES = 2  # each example count is generated twice: valid data and invalid data
 COVERAGE_CASES = 500  # about what the coverage phase adds (boundary values of every field)
 
 
@@ -45,7 +46,7 @@ def fuzz(base_url: str, cases: int, report: Path, seed: int = 0, max_time_s: int
         seed: the generation seed (a run is reproducible with it).
         max_time_s: schemathesis's time budget for the whole run.
     """
-    examples = math.ceil(max(cases - COVERAGE_CASES, 30) / FUZZED_OPERATIONS * 1.2)
+    examples = math.ceil(max(cases - COVERAGE_CASES, 60) / FUZZED_OPERATIONS / MODES * 1.2)
     cmd = [str(Path(sys.executable).parent / "st"), "--config-file", str(CONFIG), "run",
            f"{base_url}/openapi.json", "--checks", "all", "--max-examples", str(examples),
            "--seed", str(seed), "--max-time", str(max_time_s), "--no-color",
