@@ -14,8 +14,10 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from indexing.topk import TopK, build_topk, default_factory, load_topk
+from pipeline.columns import ITEM
 from pipeline.config.index import IndexConfig
 from pipeline.config.model import Similarity
 from pipeline.run_dir import (
@@ -25,7 +27,9 @@ from pipeline.run_dir import (
     RecallCheck,
     RunDir,
     atomic_dir,
+    catalogue_hash,
     read_index_manifest,
+    read_table,
     write_json,
 )
 
@@ -73,6 +77,7 @@ def build_index(cfg: IndexConfig, run: RunDir, meta: ModelMeta, item_emb: np.nda
         dim=int(dim), item_count=int(n), index_type=factory, params=dict(cfg.params),
         recall=RecallCheck(k=k, users=len(queries), value=recall),
         ids="catalogue rows (item_index) of prepared/items.parquet",
+        catalogue_hash=catalogue_hash(catalogue_ids(run, meta)),
         build_seconds=round(build_s, 3), embeddings=dict(embeddings or {}))
     with atomic_dir(run.index) as tmp:
         index.save(tmp)
@@ -80,6 +85,33 @@ def build_index(cfg: IndexConfig, run: RunDir, meta: ModelMeta, item_emb: np.nda
     log(f"[index] {factory} over {n:,} items, dim {dim}: recall@{k} {recall:.4f} "
         f"on {len(queries)} users ({build_s:.1f}s) -> {run.index}")
     return manifest
+
+
+def catalogue_ids(run: RunDir, meta: ModelMeta) -> pa.ChunkedArray:
+    """The id column of ``prepared/items.parquet`` (row i = index id i)."""
+    key = meta.config.data.item_id
+    table = read_table(run, ITEM)
+    if key not in table.column_names:
+        raise ValueError(f"{run.table(ITEM)} has no id column {key!r} (data.item_id); "
+                         f"columns: {table.column_names}")
+    return table[key]
+
+
+def check_catalogue(manifest: IndexManifest, run: RunDir, ids: pa.ChunkedArray) -> None:
+    """Refuse a catalogue that is not, row for row, the one the index was built over.
+
+    Raises:
+        ValueError: naming ``prepared/items.parquet``, both counts or both hashes.
+    """
+    if manifest.item_count != len(ids):
+        raise ValueError(f"index manifest item_count={manifest.item_count} but "
+                         f"{run.table(ITEM)} has {len(ids)} rows: rebuild the index with "
+                         "jobs.build_index")
+    found = catalogue_hash(ids)
+    if found != manifest.catalogue_hash:
+        raise ValueError(f"{run.table(ITEM)} id column hashes to {found}, but the index was "
+                         f"built over catalogue_hash={manifest.catalogue_hash} (rows reordered "
+                         "or ids changed): rebuild the index with jobs.build_index")
 
 
 def check_manifest(manifest: IndexManifest, meta: ModelMeta) -> None:

@@ -1,9 +1,17 @@
 """Top-k retrieval over item embeddings: an exact oracle and FAISS behind one interface.
 
-``TopK.search(queries, k, exclude)`` returns ``(scores [Q, k] float32, ids [Q, k] int64)``
-with the caller's item ids (from the id map), best first. Fewer than ``k`` results (``k``
-larger than the catalogue, exclusions, an ANN index that found fewer) are padded with id
-``-1`` and score ``-inf``. Exclusion searches ``k + max(len(exclude[i]))`` and filters.
+``TopK.search(queries, k, exclude, allow)`` returns ``(scores [Q, k] float32, ids [Q, k]
+int64)`` with the caller's item ids (from the id map), best first. Fewer than ``k`` results
+(``k`` larger than the catalogue or than the allowed items, an ANN index that found fewer)
+are padded with id ``-1`` and score ``-inf``.
+
+Exclusions and allow-lists apply per query, so one long list never widens its neighbours'
+search: queries with at most ``WIDEN_MAX`` exclusions and no allow-list are searched
+together with ``k`` + their longest exclusion list and masked in one vectorised step; each
+other query is searched alone, by brute force over its allowed items when they are at most
+``BRUTE_FORCE_MAX`` (exact), else through the index with a faiss ``IDSelector`` (a bitmap
+of the allowed items, a hash set of the excluded ones), falling back to brute force when a
+graph search under a selective filter returns fewer than ``k`` of the items that qualify.
 
 The similarity decides both normalisation and metric: ``cosine`` L2-normalises items and
 queries and uses inner product; ``dot`` uses inner product on the raw vectors.
@@ -39,6 +47,8 @@ FLAT_MAX_ITEMS = 50_000
 HNSW_MAX_ITEMS = 1_000_000
 MIN_POINTS_PER_CENTROID = 39  # below this faiss warns that k-means is under-trained
 EXACT_CHUNK_ELEMENTS = 1 << 24  # scores per exact-search chunk: 64 MiB of float32
+WIDEN_MAX = 64  # longer exclusion lists are searched alone, with a selector
+BRUTE_FORCE_MAX = 8192  # allow-lists up to this size are ranked exactly by brute force
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -85,27 +95,54 @@ def _check_ids(ids: np.ndarray | torch.Tensor, count: int) -> np.ndarray:
     return ids.astype(np.int64)
 
 
-def _drop_excluded(
-    scores: np.ndarray, ids: np.ndarray, exclude: list[np.ndarray], k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Remove each query's excluded ids, keep order, cut or pad to ``k`` columns.
+def _masked_top(scores: np.ndarray, rows: np.ndarray, exclude: list[np.ndarray],
+                k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Drop each query's excluded rows, keep order, cut or pad to ``k`` columns (no loop).
 
     Args:
         scores: [Q, k'] float32, best first.
-        ids: [Q, k'] int64 item ids (-1 = none).
-        exclude: Q arrays of item ids to remove.
+        rows: [Q, k'] int64 index rows (-1 = none).
+        exclude: Q sorted arrays of rows to remove.
         k: columns to return.
 
     Returns:
-        ``(scores [Q, k], ids [Q, k])``.
+        ``(scores [Q, k], rows [Q, k])`` padded with ``-inf`` / ``-1``.
     """
-    out_scores = np.full((len(ids), k), -np.inf, dtype=np.float32)
-    out_ids = np.full((len(ids), k), PAD_ID, dtype=np.int64)
-    for i, (row_scores, row_ids) in enumerate(zip(scores, ids, strict=True)):
-        keep = (row_ids != PAD_ID) & ~np.isin(row_ids, exclude[i])
-        n = min(k, int(keep.sum()))
-        out_scores[i, :n], out_ids[i, :n] = row_scores[keep][:n], row_ids[keep][:n]
-    return out_scores, out_ids
+    q, width = rows.shape
+    keep = rows >= 0
+    lengths = [len(e) for e in exclude]
+    if sum(lengths):
+        flat = np.concatenate(exclude)
+        span = int(max(rows.max(initial=0), flat.max()) + 1)
+        owner = np.repeat(np.arange(q, dtype=np.int64), lengths)
+        banned = np.sort(owner * span + flat)  # (query, row) pairs as one sorted key
+        keyed = np.arange(q, dtype=np.int64)[:, None] * span + rows  # [Q, k']
+        at = np.minimum(np.searchsorted(banned, keyed), len(banned) - 1)
+        keep &= banned[at] != keyed
+    column = np.cumsum(keep, axis=1) - 1  # where each kept entry lands
+    keep &= column < k
+    out_scores = np.full((q, k), -np.inf, dtype=np.float32)
+    out_rows = np.full((q, k), PAD_ID, dtype=np.int64)
+    at = np.nonzero(keep)
+    out_scores[at[0], column[at]] = scores[at]
+    out_rows[at[0], column[at]] = rows[at]
+    return out_scores, out_rows
+
+
+def _best_of(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of candidate ``rows`` [C] (ascending) by ``scores`` [C], padded.
+
+    Ties go to the lower row, as in :class:`ExactTopK`. Returns ``([k], [k])``.
+    """
+    out_scores = np.full(k, -np.inf, dtype=np.float32)
+    out_rows = np.full(k, PAD_ID, dtype=np.int64)
+    if len(rows) > k:  # the k-th best score, then a stable sort of everything at or above it
+        kth = np.partition(scores, len(rows) - k)[len(rows) - k]
+        keep = np.flatnonzero(scores >= kth)
+        rows, scores = rows[keep], scores[keep]
+    order = np.argsort(-scores, kind="stable")[:k]
+    out_scores[:len(order)], out_rows[:len(order)] = scores[order], rows[order]
+    return out_scores, out_rows
 
 
 class TopK:
@@ -141,18 +178,60 @@ class TopK:
         """Write the index file(s) beside ``ids.npy``."""
         raise NotImplementedError
 
+    def _rows_of(self, per_query: list[np.ndarray | None]) -> list[np.ndarray]:
+        """Each query's item ids as index rows (ids not indexed are dropped), in one pass."""
+        lengths = [0 if ids is None else len(ids) for ids in per_query]
+        if not sum(lengths):
+            return [np.zeros(0, np.int64) for _ in per_query]
+        flat = np.concatenate([np.asarray(ids, np.int64).ravel()
+                               for ids in per_query if ids is not None])
+        owner = np.repeat(np.arange(len(per_query)), lengths)
+        if self.__dict__.get("_identity") is None:  # the id map is often 0..N-1 itself
+            self._identity = bool(np.array_equal(self.ids, np.arange(self.count)))
+            order = np.argsort(self.ids, kind="stable")
+            self._id_order, self._sorted_ids = order, self.ids[order]
+        if self._identity:
+            found = (flat >= 0) & (flat < self.count)
+            rows = flat[found]
+        else:
+            at = np.minimum(np.searchsorted(self._sorted_ids, flat), max(self.count - 1, 0))
+            found = self._sorted_ids[at] == flat if self.count else np.zeros(len(flat), bool)
+            rows = self._id_order[at[found]]
+        bounds = np.searchsorted(owner[found], np.arange(len(per_query) + 1))
+        return [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """[R, D] float32 item vectors as searched (normalised for cosine), by index row."""
+        raise NotImplementedError
+
+    def _search_alone(self, query: np.ndarray, k: int, exclude: np.ndarray,
+                      allow: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """One query [D] with its own exclusions and allow-list: brute force here."""
+        return self._brute_force(query, k, exclude, allow)
+
+    def _brute_force(self, query: np.ndarray, k: int, exclude: np.ndarray,
+                     allow: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k of one query [D] over ``allow`` (or every row) minus ``exclude``."""
+        rows = np.arange(self.count, dtype=np.int64) if allow is None else allow
+        if len(exclude):
+            rows = rows[~np.isin(rows, exclude, assume_unique=True)]
+        return _best_of(self.vectors(rows) @ query, rows, k)
+
     def search(
         self,
         queries: np.ndarray | torch.Tensor,
         k: int,
         exclude: list[np.ndarray] | None = None,
+        allow: list[np.ndarray | None] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The ``k`` best items per query, excluded ids removed.
+        """The ``k`` best items per query, among its allowed items, its excluded ones removed.
 
         Args:
             queries: [Q, D] float32 numpy or torch (normalised here for cosine).
             k: results per query, >= 1 (more than N is padded).
             exclude: Q arrays of item ids never to return for that query.
+            allow: Q entries, each None (every item) or an array of the only item ids that
+                query may return (ids not in the index are ignored).
 
         Returns:
             ``(scores [Q, k] float32, ids [Q, k] int64)``, best first, padded with
@@ -163,15 +242,30 @@ class TopK:
             raise ValueError(f"queries have dim {q.shape[1]}; the index holds dim {self.dim}")
         if k < 1:
             raise ValueError(f"k={k} must be >= 1")
-        if exclude is not None and len(exclude) != len(q):
-            raise ValueError(f"exclude has {len(exclude)} entries for {len(q)} queries")
-        extra = max((len(e) for e in exclude), default=0) if exclude else 0
-        k_search = min(k + extra, self.count)
-        scores, rows = self._search_rows(q, k_search) if k_search else (
-            np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64))
+        for name, per_query in (("exclude", exclude), ("allow", allow)):
+            if per_query is not None and len(per_query) != len(q):
+                raise ValueError(f"{name} has {len(per_query)} entries for {len(q)} queries")
+        ex = self._rows_of(exclude or [None] * len(q))
+        al = [None] * len(q)
+        limited = [i for i, a in enumerate(allow or []) if a is not None]
+        if limited:
+            for i, rows in zip(limited, self._rows_of([allow[i] for i in limited]),
+                               strict=True):
+                al[i] = np.unique(rows)
+        together = np.array([a is None and len(e) <= WIDEN_MAX
+                             for e, a in zip(ex, al, strict=True)], bool)
+        scores = np.full((len(q), k), -np.inf, dtype=np.float32)
+        rows = np.full((len(q), k), PAD_ID, dtype=np.int64)
+        if together.any():
+            at = np.flatnonzero(together)
+            part = [ex[i] for i in at]
+            width = min(k + max(len(e) for e in part), self.count)
+            found = self._search_rows(q[at], width)
+            scores[at], rows[at] = _masked_top(*found, part, k)
+        for i in np.flatnonzero(~together):  # long exclusions, allow-lists: one by one
+            scores[i], rows[i] = self._search_alone(q[i], k, np.unique(ex[i]), al[i])
         ids = np.where(rows >= 0, self.ids[np.maximum(rows, 0)], PAD_ID)
-        scores = np.where(rows >= 0, scores, -np.inf).astype(np.float32)
-        return _drop_excluded(scores, ids, exclude or [np.empty(0, np.int64)] * len(q), k)
+        return scores, ids
 
     def save(self, directory: str | Path) -> None:
         """Write ``topk.json``, ``ids.npy`` and the index into ``directory`` (created)."""
@@ -200,33 +294,37 @@ class ExactTopK(TopK):
         similarity = Similarity(similarity)
         vectors = as_searched(embeddings, similarity, "embeddings")
         super().__init__(_check_ids(ids, len(vectors)), similarity, vectors.shape[1])
-        self.vectors = torch.from_numpy(vectors)  # [N, D], as searched
+        self.vectors_t = torch.from_numpy(vectors)  # [N, D], as searched
 
     @classmethod
     def _from_vectors(cls, vectors: np.ndarray, ids: np.ndarray, meta: dict) -> ExactTopK:
         """Wrap stored vectors as they are: normalising again could move the last bit."""
         self = cls.__new__(cls)
         TopK.__init__(self, ids, Similarity(meta["similarity"]), int(meta["dim"]))
-        self.vectors = torch.from_numpy(vectors)
+        self.vectors_t = torch.from_numpy(vectors)
         return self
 
     def _search_rows(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         scores, rows = [], []
         chunk = max(1, EXACT_CHUNK_ELEMENTS // self.count)
         for q in torch.from_numpy(queries).split(chunk):
-            s = q @ self.vectors.T  # [chunk, N]
+            s = q @ self.vectors_t.T  # [chunk, N]
             # a stable descending sort keeps equal scores in row order: lower row first
             best, order = torch.sort(s, dim=1, descending=True, stable=True)
             scores.append(best[:, :k])
             rows.append(order[:, :k])
         return torch.cat(scores).numpy(), torch.cat(rows).numpy().astype(np.int64)
 
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """[R, D] stored vectors of ``rows`` (a copy)."""
+        return self.vectors_t.numpy()[rows]
+
     def _metadata(self) -> dict:
         return {"kind": EXACT, "factory": EXACT, "similarity": self.similarity.value,
                 "dim": self.dim, "count": self.count, "params": {}}
 
     def _save_index(self, directory: Path) -> None:
-        np.save(directory / EMBEDDINGS_FILE, self.vectors.numpy(), allow_pickle=False)
+        np.save(directory / EMBEDDINGS_FILE, self.vectors_t.numpy(), allow_pickle=False)
 
 
 def _training_points_needed(index: faiss.Index) -> int:
@@ -250,6 +348,37 @@ def _apply_params(index: faiss.Index, params: dict, factory: str) -> None:
         except RuntimeError as err:
             raise ValueError(f"index parameter {name}={value!r} does not apply to factory "
                              f"{factory!r} (e.g. nprobe is for IVF, efSearch for HNSW)") from err
+
+
+def _stored_vectors(index: faiss.Index) -> np.ndarray | None:
+    """[N, D] view of the raw vectors a Flat or HNSW-Flat index holds, else None."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexHNSW):
+        index = faiss.downcast_index(index.storage)
+    if not isinstance(index, faiss.IndexFlat):
+        return None
+    flat = faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d)
+    return flat.reshape(index.ntotal, index.d)
+
+
+def _search_params(index: faiss.Index, selector: faiss.IDSelector
+                   ) -> faiss.SearchParameters | None:
+    """Search parameters carrying ``selector`` and the index's own efSearch / nprobe.
+
+    A fresh ``SearchParametersHNSW`` / ``SearchParametersIVF`` would search with faiss's
+    defaults (efSearch 16, nprobe 1), so the index's settings are copied in. None for an
+    index type that takes no selector.
+    """
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=index.hnsw.efSearch)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and ivf is index:
+        return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe,
+                                         max_codes=ivf.max_codes)
+    if isinstance(index, faiss.IndexFlat):
+        return faiss.SearchParameters(sel=selector)
+    return None
 
 
 def _new_index(factory: str, dim: int) -> faiss.Index:
@@ -309,6 +438,46 @@ class FaissTopK(TopK):
     def _search_rows(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         scores, rows = self.index.search(queries, k)
         return scores, rows.astype(np.int64)
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """[R, D] vectors of ``rows`` as the index holds them (IVF-PQ: reconstructions)."""
+        stored = _stored_vectors(self.index)
+        if stored is not None:  # Flat / HNSW-Flat: the index's own array, no copy
+            return stored[rows]
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
+            ivf.make_direct_map()  # once: row -> list position, so rows can be read back
+        return self.index.reconstruct_batch(np.asarray(rows, dtype=np.int64))
+
+    def _search_alone(self, query: np.ndarray, k: int, exclude: np.ndarray,
+                      allow: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        if allow is not None and len(allow) <= BRUTE_FORCE_MAX:
+            return self._brute_force(query, k, exclude, allow)
+        selector, keep = self._selector(exclude, allow)
+        params = _search_params(self.index, selector)
+        if params is None:  # an index type faiss cannot filter: exact over the vectors
+            return self._brute_force(query, k, exclude, allow)
+        scores, rows = self.index.search(query[None], k, params=params)
+        del keep  # the selector's arrays had to outlive the search
+        qualifying = self.count - len(exclude) if allow is None else \
+            len(allow) - int(np.isin(exclude, allow, assume_unique=True).sum())
+        if (rows[0] >= 0).sum() < min(k, qualifying):  # a graph search that ran dry
+            return self._brute_force(query, k, exclude, allow)
+        rows = rows[0].astype(np.int64)
+        return np.where(rows >= 0, scores[0], -np.inf).astype(np.float32), rows
+
+    def _selector(self, exclude: np.ndarray, allow: np.ndarray | None
+                  ) -> tuple[faiss.IDSelector, list]:
+        """A faiss selector of the qualifying rows, and the objects it points into."""
+        if allow is None:  # everything but a hash set of the excluded rows
+            banned = np.ascontiguousarray(exclude, dtype=np.int64)
+            batch = faiss.IDSelectorBatch(len(banned), faiss.swig_ptr(banned))
+            return faiss.IDSelectorNot(batch), [banned, batch]
+        mask = np.zeros(self.count, dtype=bool)
+        mask[allow] = True
+        mask[exclude] = False
+        bits = np.packbits(mask, bitorder="little")  # faiss reads bit i & 7 of byte i >> 3
+        return faiss.IDSelectorBitmap(self.count, faiss.swig_ptr(bits)), [bits]
 
     def _metadata(self) -> dict:
         return {"kind": self.kind, "factory": self.factory, "similarity": self.similarity.value,
@@ -377,17 +546,68 @@ def load_topk(directory: str | Path) -> TopK:
 
     Returns:
         An :class:`ExactTopK` or :class:`FaissTopK`.
+
+    Raises:
+        FileNotFoundError: a file is missing (named).
+        ValueError: a file does not read as what ``save`` wrote (named, with the reason):
+            a truncated or foreign ``index.faiss``, a ``topk.json`` without its keys.
     """
     directory = Path(directory)
-    meta = json.loads((directory / TOPK_JSON).read_text())
-    ids = np.load(directory / IDS_FILE, allow_pickle=False)
-    if len(ids) != meta["count"]:
-        raise ValueError(f"{directory / IDS_FILE} holds {len(ids)} ids; {TOPK_JSON} says "
+    meta = _read_topk_json(directory / TOPK_JSON)
+    ids = _read_npy(directory / IDS_FILE)
+    if ids.ndim != 1 or len(ids) != meta["count"]:
+        raise ValueError(f"{directory / IDS_FILE} holds {ids.shape} ids; {TOPK_JSON} says "
                          f"count={meta['count']}")
     if meta["kind"] == EXACT:
-        vectors = np.load(directory / EMBEDDINGS_FILE, allow_pickle=False)
+        vectors = _read_npy(directory / EMBEDDINGS_FILE)
+        if vectors.shape != (meta["count"], meta["dim"]):
+            raise ValueError(f"{directory / EMBEDDINGS_FILE} has shape {vectors.shape}; "
+                             f"{TOPK_JSON} says ({meta['count']}, {meta['dim']})")
         return ExactTopK._from_vectors(vectors, ids, meta)
     if meta["kind"] == FaissTopK.kind:
-        return FaissTopK._from_index(faiss.read_index(str(directory / INDEX_FILE)), ids, meta)
+        index = _read_faiss(directory / INDEX_FILE)
+        if (index.ntotal, index.d) != (meta["count"], meta["dim"]):
+            raise ValueError(f"{directory / INDEX_FILE} holds {index.ntotal} vectors of dim "
+                             f"{index.d}; {TOPK_JSON} says {meta['count']} of dim {meta['dim']}")
+        return FaissTopK._from_index(index, ids, meta)
     raise ValueError(f"{directory / TOPK_JSON} has kind {meta['kind']!r}; expected "
                      f"'{EXACT}' or '{FaissTopK.kind}'")
+
+
+_TOPK_KEYS = ("kind", "factory", "similarity", "dim", "count", "params")
+
+
+def _read_topk_json(path: Path) -> dict:
+    """``topk.json`` with every key ``load_topk`` reads."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `python -m jobs.build_index`")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    missing = [key for key in _TOPK_KEYS if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}; expected keys {list(_TOPK_KEYS)}")
+    return meta
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    """A ``.npy`` array written with ``allow_pickle=False``."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `python -m jobs.build_index`")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{path}: not a readable .npy array ({err})") from None
+
+
+def _read_faiss(path: Path) -> faiss.Index:
+    """``faiss.read_index``, its RuntimeError (a truncated file) as a ValueError naming it."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `python -m jobs.build_index`")
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else "unreadable"
+        raise ValueError(f"{path}: not a readable faiss index, truncated or corrupt "
+                         f"({reason[:200]}): rebuild it with jobs.build_index") from None

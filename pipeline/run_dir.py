@@ -22,6 +22,7 @@ read through pydantic models, so code past this edge never indexes a raw dict.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Iterator
@@ -214,6 +215,8 @@ class IndexManifest(_Meta):
     params: dict[str, int]
     recall: RecallCheck
     ids: str
+    catalogue_hash: str = Field(description="catalogue_hash() of the catalogue's id column "
+                                "in row order: a reordered or edited items.parquet is refused.")
     build_seconds: float
     embeddings: dict[str, str] = Field(default_factory=dict)
 
@@ -286,6 +289,31 @@ def read_table(run: RunDir, tower: str) -> pa.Table:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run `python -m jobs.prepare` first")
     return pq.read_table(path)
+
+
+def catalogue_hash(ids: pa.Array | pa.ChunkedArray) -> str:
+    """The identity of a catalogue's id column, in row order (16 hex digits of sha256).
+
+    Integer ids hash as int64, string ids as their UTF-8 bytes with each length, so equal
+    columns give equal hashes however they are chunked, and any reordering, insertion or
+    edit changes it. Row i of the index is row i of this column, which is why the order
+    is part of the identity.
+    """
+    arr = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    digest = hashlib.sha256()
+    if pa.types.is_integer(arr.type):
+        digest.update(b"int64:")
+        digest.update(np.ascontiguousarray(arr.cast(pa.int64()).to_numpy()).tobytes())
+    else:
+        text = arr.cast(pa.large_string())
+        n, offset = len(text), text.offset
+        offsets = np.frombuffer(text.buffers()[1], np.int64)[offset:offset + n + 1]
+        data = text.buffers()[2]
+        digest.update(b"utf8:")
+        digest.update(np.diff(offsets).tobytes())
+        if data is not None:
+            digest.update(memoryview(data)[offsets[0]:offsets[-1]])
+    return digest.hexdigest()[:16]
 
 
 def read_catalogue(run: RunDir) -> dict[str, np.ndarray]:

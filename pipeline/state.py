@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 
 if TYPE_CHECKING:
     from pipeline.features.base import FeatureConfig, KindSpec
+    from pipeline.transforms import VocabIndex
 
 STATE_VERSION = 1
 RESERVED = 2  # index 0 = padding / null, 1 = out of vocabulary
@@ -122,6 +123,16 @@ class FeatureState:
             arr = pa.array(self.vocab, self.vocab_arrow_type())
             object.__setattr__(self, "_vocab_array", arr)
         return arr
+
+    def vocab_index(self) -> VocabIndex:
+        """The vocabulary's lookup table, built once per state object (serving's path)."""
+        index = self.__dict__.get("_vocab_index")
+        if index is None:
+            from pipeline.transforms import VocabIndex  # transforms imports this module
+
+            index = VocabIndex(self.vocab_array())
+            object.__setattr__(self, "_vocab_index", index)
+        return index
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,15 @@ else
         --users 5000 --items 2000 --interactions 200000
 fi
 
-# 2. A local Ray head, started from this venv so jobs run with this project installed.
+# 2. A local Ray head, started from this venv so jobs run with this project installed, and
+#    with the endpoint's ingress (serve.ingress of the config; default: Serve's bundled
+#    HAProxy in front of each replica), which Serve reads from the head's environment.
 if ! ray status --address 127.0.0.1:6379 >/dev/null 2>&1; then
+    eval "$(python -m serve_app.ingress --config "$config")"
     ray start --head --dashboard-host=127.0.0.1 --num-cpus="$(nproc)" --disable-usage-stats
+else
+    echo "Ray is already running: Serve keeps the ingress it started with" \
+         "(python -m serve_app.ingress shows what to export before ray start)" >&2
 fi
 
 # 3. The pipeline as a Ray job: prepare -> train -> build_index -> evaluate.

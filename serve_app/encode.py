@@ -8,9 +8,14 @@ A request's user part is assembled in three layers, each with ``pipeline.transfo
    encoded from the request's id (unseen -> out-of-vocabulary, none -> padding);
 2. ``features``: raw values by source column, each through ``encode_feature`` with the
    fitted state, overriding the base row;
-3. ``history``: raw item ids through ``encode_sequence`` with the sequence vocabulary;
-   the history's item features are the encoded catalogue's values of those items
-   (unknown items: padding), laid out with the same pre-padding.
+3. ``history``: raw item ids through ``encode_sequence`` with the sequence vocabulary,
+   after dropping ids that are not in the catalogue (prepare drops such interactions);
+   the history's item features are the encoded catalogue's values of those items, laid
+   out with the same pre-padding.
+
+Every vocabulary lookup goes through the fitted state's cached
+:class:`~pipeline.transforms.VocabIndex` (one dict per vocabulary, built on first use), so
+no request hashes a vocabulary again.
 
 Columns are named as in the prepared Parquet (``user__NAME``) so the training helpers
 (``tower_inputs``) apply unchanged. No torch and no Serve here.
@@ -27,9 +32,9 @@ import pyarrow as pa
 from pipeline.columns import ITEM, SEEN, USER, column_name, prefixed, tower_columns
 from pipeline.io import column_to_numpy
 from pipeline.rows import absent_row, history_columns, id_columns, id_feature_names
-from pipeline.state import FeatureKind, FeatureState, FeatureStateSet
-from pipeline.transforms import encode_feature, encode_sequence, pad_bags
-from serve_app.schemas import FeatureValue, RawId, RequestError, UnknownItemError, UserQuery
+from pipeline.state import RESERVED, FeatureKind, FeatureState, FeatureStateSet
+from pipeline.transforms import VocabIndex, as_arrow, encode_feature, encode_sequence, pad_bags
+from serve_app.schemas import FeatureValue, RawId, RequestError, UnknownItemError
 
 Columns = dict[str, np.ndarray]  # "user__NAME" -> [1, ...] (one request) or [B, ...]
 
@@ -42,10 +47,14 @@ class EncodedUser:
         columns: ``user__NAME`` -> [1, ...] arrays, as in ``prepared/users.parquet``.
         seen: [S] int64 distinct catalogue rows: stored seen items plus the request's
             history.
+        stored_row: the user's row in ``prepared/users.parquet`` when the request is that
+            row exactly (a known id, no ``features``, no ``history``), else -1: its
+            embedding is then the one the index build wrote for the row.
     """
 
     columns: Columns
     seen: np.ndarray
+    stored_row: int = -1  # users.parquet row of a known user sent without overrides
 
 
 def null_array(state: FeatureState) -> pa.Array:
@@ -63,36 +72,28 @@ def raw_array(value: FeatureValue, state: FeatureState) -> pa.Array:
 
 
 class IdMap:
-    """Raw key -> table row, built once (a per-request ``lookup`` would rehash the table).
+    """Raw key -> table row, through a :class:`~pipeline.transforms.VocabIndex` built once.
 
-    Keys compare as ``pipeline.transforms.lookup`` compares them: a value is cast to the
-    column's type ("7" finds the integer key 7), and one that cannot be cast is unknown.
+    Keys compare by the one rule every lookup uses (``pipeline.transforms.cast_like``):
+    "7" finds the integer key 7, " 7" or full-width digits do not, and a value that cannot
+    be cast is unknown.
 
     Args:
         keys: [N] unique integer or string keys; row i holds key i.
     """
 
     def __init__(self, keys: pa.Array | pa.ChunkedArray):
-        self.is_int = pa.types.is_integer(keys.type)
-        self.rows_by_key = {k: i for i, k in enumerate(keys.to_pylist())}
+        self.index = VocabIndex(keys)
 
     def __len__(self) -> int:
-        return len(self.rows_by_key)
-
-    def _key(self, value: RawId) -> RawId | None:
-        if not self.is_int:
-            return str(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:  # compared as text it is simply unseen
-                return None
-        return value
+        return len(self.index)
 
     def rows(self, values: list[RawId]) -> np.ndarray:
         """[N] int64 rows of ``values`` (-1 where a value is not a key)."""
-        get = self.rows_by_key.get
-        return np.array([get(self._key(v), -1) for v in values], dtype=np.int64)
+        if not values:
+            return np.zeros(0, np.int64)
+        found = self.index.lookup(list(values))  # vocab index: row + 2
+        return np.where(found >= RESERVED, found - RESERVED, -1)
 
 
 class RequestEncoder:
@@ -156,7 +157,7 @@ class RequestEncoder:
                                    f"catalogue of {len(self.item_map)} items")
         return rows
 
-    def encode(self, query: UserQuery) -> EncodedUser:
+    def encode(self, query: Any) -> EncodedUser:
         """The user-tower columns ([1, ...] each) and seen rows of one request."""
         row = self.user_row(query.user_id)
         if row >= 0:
@@ -169,10 +170,13 @@ class RequestEncoder:
         if query.features:
             columns.update(self._feature_columns(query.features))
         if query.history is not None:
-            history_rows = self.item_rows(query.history)
-            columns.update(self._history_columns(query.history, history_rows))
-            seen = np.union1d(seen, history_rows[history_rows >= 0])
-        return EncodedUser(columns, seen)
+            rows = self.item_rows(query.history)
+            known = np.flatnonzero(rows >= 0)  # prepare drops items not in the catalogue
+            history = [query.history[i] for i in known]
+            columns.update(self._history_columns(history, rows[known]))
+            seen = np.union1d(seen, rows[known])
+        plain = row >= 0 and not query.features and query.history is None
+        return EncodedUser(columns, seen, row if plain else -1)
 
     def _id_columns(self, user_id: RawId | None) -> Columns:
         """The id features of a user not in users.parquet (unseen -> OOV, none -> padding)."""
@@ -204,7 +208,7 @@ class RequestEncoder:
         lists = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), _id_array(history))
         ids, at = {}, {}
         for name, st in self.sequences.items():
-            ids[name] = encode_sequence(lists, st.vocab_array(), st.max_length)  # [1, L]
+            ids[name] = encode_sequence(lists, st.vocab_index(), st.max_length)  # [1, L]
             at[name] = pad_bags(rows + 1, offsets, st.max_length, pre=True) - 1  # -1: padding
         return history_columns(self.state, ids, at, self.item_features)
 
@@ -213,9 +217,6 @@ def _id_array(ids: list[Any]) -> pa.Array:
     """Raw ids as one Arrow array; a list mixing integers and strings becomes text.
 
     ``lookup`` compares text with an integer vocabulary as text, so ``[7, "x"]`` finds 7
-    and leaves "x" unseen, as it would in separate requests.
+    and leaves "x" unseen, as it would in separate requests (``transforms.as_arrow``).
     """
-    try:
-        return pa.array(ids)
-    except (pa.ArrowException, TypeError):
-        return pa.array([str(i) for i in ids], pa.string())
+    return as_arrow(ids)

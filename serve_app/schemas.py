@@ -1,73 +1,91 @@
 """Request and response bodies of the retrieval endpoint, and the errors it answers with.
 
-Raw ids (users and items) are JSON integers or strings, as in the source tables; a
+Raw ids (users and items) are JSON integers (int64) or strings, as in the source tables; a
 request's ``features`` are raw values keyed by the user feature's *source column* (the
 same names as the users table), encoded on the server by ``pipeline.transforms``.
 
-Bounds that come from the deployment's ``ServeConfig`` (``max_k``, ``max_history``) are
-checked by :func:`limit_errors`, which reports them in FastAPI's 422 format so that every
-4xx body has the same shape: ``{"detail": [{"loc": [...], "msg": ..., "input": ...}]}``.
+Every bound a request can exceed comes from the deployment's ``ServeConfig`` and is part
+of the schema (``maximum``, ``maxItems``, ``maxLength``), so the OpenAPI document at
+``/openapi.json`` is the contract the server enforces: :func:`request_models` builds the
+request classes of one config; the module-level classes are those of the defaults (the
+in-process API and tests use them). Types are strict: ``exclude_seen: 0`` or ``k: "10"``
+are 422s, as the schema says.
+
+The per-run parts (which ``features`` columns, which ``filter`` attributes) are checked
+against the loaded run by :mod:`serve_app.contract`. Every 4xx body has one shape:
+``{"detail": [{"type", "loc", "msg", "input"}]}``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Union
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
 
-RawId = Union[StrictInt, StrictStr]
-Scalar = Union[StrictInt, float, StrictStr, None]
+from pipeline.config.serve import ServeConfig
+
+# Integer ids are JSON-safe integers, |id| <= 2**53 - 1: every JSON tool holds them exactly
+# (numbers are doubles to many of them). Send a larger integer id as a string: "7" finds
+# the integer key 7, by the one lookup rule (pipeline.transforms.cast_like).
+ID_MIN, ID_MAX = -(2**53 - 1), 2**53 - 1
+
+
+def _integral(value: Any) -> Any:
+    """A JSON number with no fraction (``7.0``) is an integer, as JSON Schema says."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def integer(low: int, high: int) -> Any:
+    """A JSON integer in ``low..high``: no bool, no "7"; 7.0 is 7 (bounds in the schema)."""
+    return Annotated[StrictInt, Field(ge=low, le=high), BeforeValidator(_integral)]
+
+
+Int64 = integer(ID_MIN, ID_MAX)  # an integer id or value: within JSON's exact range
+Scalar = Union[StrictInt, StrictFloat, StrictStr, StrictBool, None]  # in-process API
 FeatureValue = Union[Scalar, list[Scalar]]
+RawId = Union[StrictInt, StrictStr]  # the Python type of an id once validated
+
+ONE_OF_USER = ("user_id", "features", "history")
+WHO_MSG = "at least one of user_id, features or history is required"
+
+
+def no_null_defaults(schema: dict[str, Any]) -> None:
+    """JSON schema: drop ``"default": null`` of fields whose type does not allow null.
+
+    An absent optional field is not the same as an explicit null, which these fields
+    refuse; a ``default`` the type forbids would invite clients (and fuzzers) to send it.
+    """
+    for prop in schema.get("properties", {}).values():
+        if "default" in prop and prop["default"] is None and not _allows_null(prop):
+            del prop["default"]
+
+
+def _allows_null(prop: dict[str, Any]) -> bool:
+    return prop.get("type") == "null" or any(o.get("type") == "null"
+                                             for o in prop.get("anyOf", []))
+
+
+def _one_of_user(schema: dict[str, Any]) -> None:
+    """JSON schema: the body names the user by at least one of the three fields."""
+    no_null_defaults(schema)
+    schema["anyOf"] = [{"required": [field]} for field in ONE_OF_USER]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class UserQuery(_Strict):
-    """Who the user is: a known id, raw feature values, a history, or any mix of them."""
-
-    user_id: RawId | None = Field(
-        default=None, description="Raw user id. Known: its stored features, history and seen "
-        "items are used; unknown: the out-of-vocabulary row (cold start).")
-    features: dict[str, FeatureValue] | None = Field(
-        default=None, description="Raw user feature values keyed by source column (e.g. "
-        "{'age': 31, 'country': 'DE'}); they override the stored values. Unseen categories "
-        "take the out-of-vocabulary row, null the padding / fill value.")
-    history: list[RawId] | None = Field(
-        default=None, description="Raw item ids the user interacted with, oldest first; "
-        "replaces the stored history. Unknown ids take the out-of-vocabulary row.")
-
-    @model_validator(mode="after")
-    def _someone(self) -> UserQuery:
-        if self.user_id is None and self.features is None and self.history is None:
-            raise ValueError("at least one of user_id, features or history is required")
-        return self
-
-
-class RecommendRequest(UserQuery):
-    """``POST /recommend``: the top ``k`` catalogue items for a user."""
-
-    k: int = Field(default=10, ge=1, description="Items to return, 1..serve.max_k.")
-    exclude_seen: bool = Field(
-        default=True, description="Leave out the user's stored seen items and the request's "
-        "history.")
-    exclude_items: list[RawId] = Field(
-        default_factory=list, description="Raw item ids never to return (unknown ids ignored).")
-
-
-class SimilarItemsRequest(_Strict):
-    """``POST /similar-items``: the catalogue items nearest to one item."""
-
-    item_id: RawId = Field(description="Raw id of a catalogue item.")
-    k: int = Field(default=10, ge=1, description="Items to return, 1..serve.max_k.")
-
-
-class ScoreRequest(UserQuery):
-    """``POST /score``: the user's score for given items (e.g. to re-rank candidates)."""
-
-    item_ids: list[RawId] = Field(
-        min_length=1, description="Raw catalogue item ids, at most serve.max_k of them.")
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=no_null_defaults)
 
 
 class ScoredItem(_Strict):
@@ -116,25 +134,148 @@ class IndexSummary(_Strict):
     recall: dict[str, Any] = Field(description="recall@K of the index vs exact search.")
 
 
+class RolloutStatus(_Strict):
+    """Whether the last rollout loaded; the reason is in the replica's log, not here."""
+
+    status: Literal["ok", "refused"] = Field(
+        description="'refused': the last run_dir did not load and the previous run keeps "
+        "serving.")
+    refused_at: str | None = Field(default=None, description="UTC time of the refusal.")
+
+
 class VersionResponse(_Strict):
-    """``GET /version``: what is being served."""
+    """``GET /version``: what is being served (no paths, no error text)."""
 
     model_version: str = Field(description="Content hash of the model weights.")
     feature_state_hash: str = Field(description="Hash of prepared/feature_state.json.")
     index: IndexSummary = Field(description="The index the model queries.")
-    run_dir: str = Field(description="The run directory loaded.")
-    rollout_error: str | None = Field(
-        default=None, description="Why the last rollout was refused (the old run serves)."
-    )
+    rollout: RolloutStatus = Field(
+        default_factory=lambda: RolloutStatus(status="ok"),
+        description="Status of the last rollout.")
+
+
+class ErrorDetail(BaseModel):
+    """One problem with a request."""
+
+    type: str = Field(description="Machine-readable kind, e.g. 'unknown_item'.")
+    loc: list[str | int] = Field(description="Path of the field, e.g. ['body', 'k'].")
+    msg: str = Field(description="What is wrong and what is accepted.")
+    input: Any = Field(default=None, description="The offending value (lists: a summary).")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every 4xx answer."""
+
+    detail: list[ErrorDetail]
 
 
 class ReloadConfig(_Strict):
     """The deployment's ``user_config``: what ``reconfigure`` accepts."""
 
+    model_config = ConfigDict(extra="forbid", strict=False)
+
     run_dir: str = Field(description="Run directory to serve (model/, index/, prepared/).")
     max_batch_size: int | None = Field(default=None, ge=1, description="@serve.batch size.")
     batch_wait_timeout_s: float | None = Field(
         default=None, ge=0, description="@serve.batch wait in seconds.")
+
+
+@dataclass(frozen=True)
+class RequestModels:
+    """The request body classes of one ``ServeConfig`` (its bounds in their schema)."""
+
+    recommend: type[BaseModel]
+    similar_items: type[BaseModel]
+    score: type[BaseModel]
+
+
+def request_models(cfg: ServeConfig) -> RequestModels:  # noqa: C901 - one class per body
+    """Request classes whose fields carry ``cfg``'s bounds (validation and JSON schema).
+
+    Args:
+        cfg: the deployment's serve config: max_k, max_history, max_exclude_items,
+            max_allow_items, max_values, max_string_length.
+    """
+    Str = Annotated[StrictStr, Field(max_length=cfg.max_string_length)]
+    Id = Union[Int64, Str]
+    K = integer(1, cfg.max_k)
+    # features / filter values stay as sent: the run's contract (serve_app.contract)
+    # validates them, with one JSON type per feature kind, and writes their schema
+    RunPart = dict[Str, Any]
+
+    class UserQuery(_Strict):
+        """Who the user is: a known id, raw feature values, a history, or any mix of them."""
+
+        model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_one_of_user)
+
+        user_id: Id = Field(
+            default=None, description="Raw user id. Known: its stored features, history and "
+            "seen items are used; unknown: the out-of-vocabulary row (cold start).")
+        features: RunPart = Field(
+            default=None, description="Raw user feature values keyed by source column (e.g. "
+            "{'age': 31, 'country': 'DE'}); they override the stored values. Unseen "
+            "categories take the out-of-vocabulary row, null the padding / fill value. The "
+            "columns and their types are those of the run being served.")
+        history: Annotated[list[Id], Field(max_length=cfg.max_history)] = Field(
+            default=None, description="Raw item ids the user interacted with, oldest first; "
+            f"replaces the stored history (at most {cfg.max_history}, serve.max_history). "
+            "Ids not in the catalogue are dropped, as training drops them.")
+
+        @model_validator(mode="after")
+        def _someone(self) -> UserQuery:
+            if self.user_id is None and self.features is None and self.history is None:
+                raise ValueError(WHO_MSG)
+            return self
+
+    class Retrieval(_Strict):
+        """The fields that pick and restrict the items of an answer."""
+
+        k: K = Field(default=10, description=f"Items to return, 1..{cfg.max_k} (serve.max_k).")
+        exclude_items: Annotated[list[Id], Field(max_length=cfg.max_exclude_items)] = Field(
+            default_factory=list, description="Raw item ids never to return (unknown ids "
+            f"ignored); at most {cfg.max_exclude_items} (serve.max_exclude_items).")
+        filter: RunPart = Field(
+            default=None, description="Item attributes the answer must have: {attribute: "
+            "[values]}, any of the values (OR) for every attribute given (AND), over the "
+            "run's categorical and multi-hot item features. Exact: the top k among matching "
+            "items. Values outside the attribute's vocabulary match nothing.")
+        allow_items: Annotated[list[Id], Field(max_length=cfg.max_allow_items)] = Field(
+            default=None, description="Only these raw item ids may be returned (with "
+            f"filter: both must hold); at most {cfg.max_allow_items} "
+            "(serve.max_allow_items).")
+
+    class RecommendRequest(Retrieval, UserQuery):
+        """``POST /recommend``: the top ``k`` catalogue items for a user."""
+
+        exclude_seen: StrictBool = Field(
+            default=True, description="Leave out the user's stored seen items and the "
+            "request's history.")
+
+    class SimilarItemsRequest(Retrieval):
+        """``POST /similar-items``: the catalogue items nearest to one item."""
+
+        item_id: Id = Field(description="Raw id of a catalogue item (unknown: 404).")
+
+    class ScoreRequest(UserQuery):
+        """``POST /score``: the user's score for given items (e.g. to re-rank candidates)."""
+
+        item_ids: Annotated[list[Id], Field(min_length=1, max_length=cfg.max_k)] = Field(
+            description=f"Raw catalogue item ids, 1..{cfg.max_k} of them (serve.max_k); an "
+            "id not in the catalogue is a 404.")
+
+    return RequestModels(RecommendRequest, SimilarItemsRequest, ScoreRequest)
+
+
+DEFAULT_MODELS = request_models(ServeConfig())
+RecommendRequest = DEFAULT_MODELS.recommend
+SimilarItemsRequest = DEFAULT_MODELS.similar_items
+ScoreRequest = DEFAULT_MODELS.score
+
+BOUND_TYPES = ("too_long", "string_too_long", "less_than_equal", "greater_than_equal")
+# field -> the serve setting that bounds it, to name it in the 422 message
+BOUNDS = {"k": "max_k", "item_ids": "max_k", "history": "max_history",
+          "exclude_items": "max_exclude_items", "allow_items": "max_allow_items",
+          "features": "max_values", "filter": "max_values"}
 
 
 class RequestError(ValueError):
@@ -156,7 +297,7 @@ class RequestError(ValueError):
     def detail(self) -> dict[str, Any]:
         """One entry of the response's ``detail`` list (FastAPI's error shape)."""
         return {"type": self.error_type, "loc": ["body", *self.loc], "msg": self.message,
-                "input": self.value}
+                "input": summarize(self.value)}
 
 
 class UnknownItemError(RequestError):
@@ -166,37 +307,64 @@ class UnknownItemError(RequestError):
     error_type = "unknown_item"
 
 
-def limit_errors(request: BaseModel, max_k: int, max_history: int) -> list[dict[str, Any]]:
-    """The request's violations of the deployment's bounds, in FastAPI's 422 error format.
+def summarize(value: Any, limit: int = 20) -> Any:
+    """A value as echoed in an error: long lists become ``"<list of N>"``."""
+    if isinstance(value, (list, tuple)) and len(value) > limit:
+        return f"<list of {len(value)}>"
+    if isinstance(value, (bytes, bytearray)):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, str) and len(value) > 200:
+        return f"<string of {len(value)} characters>"
+    return value
+
+
+def _is_union_tag(part: Any) -> bool:
+    """A pydantic union member's tag in an error's loc (``constrained-int``, ``list[...]``)."""
+    return isinstance(part, str) and (
+        part in ("int", "float", "str", "bool", "none", "list", "dict")
+        or part.startswith(("constrained-", "list[", "dict[", "function-")))
+
+
+def merge_errors(errors: list[dict[str, Any]], prefix: tuple = ()) -> list[dict[str, Any]]:
+    """Pydantic errors as 4xx details: union tags dropped from ``loc``, one entry per field.
+
+    A value that fits no member of a union (``int | str``) gives one pydantic error per
+    member; they become one entry whose message lists what each member wanted.
+    """
+    merged: dict[tuple, dict[str, Any]] = {}
+    for err in errors:
+        loc = (*prefix, *(p for p in err.get("loc", ()) if not _is_union_tag(p)))
+        msg = str(err.get("msg", ""))
+        msg = msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
+        if loc in merged:
+            if msg not in merged[loc]["msg"]:
+                merged[loc]["msg"] += f"; or: {msg}"
+            if err.get("type") in BOUND_TYPES:  # the member that came closest names it
+                merged[loc]["type"] = err["type"]
+            continue
+        merged[loc] = {"type": err.get("type", "value_error"), "loc": list(loc), "msg": msg,
+                       "input": summarize(err.get("input"))}
+    return list(merged.values())
+
+
+def explain(errors: list[dict[str, Any]], cfg: ServeConfig) -> list[dict[str, Any]]:
+    """FastAPI's validation errors in the 4xx shape, each bound named by its setting.
 
     Args:
-        request: a parsed request body.
-        max_k: serve.max_k, the most results (or scored items) one request may ask for.
-        max_history: serve.max_history, the longest history accepted.
-
-    Returns:
-        One error dict per violated bound (empty when the request is within bounds).
+        errors: ``RequestValidationError.errors()`` of one request.
+        cfg: the deployment's serve config (the bounds' values).
     """
-    errors = []
-    k = getattr(request, "k", None)
-    if k is not None and k > max_k:
-        errors.append(_too_big("k", k, max_k, "serve.max_k"))
-    item_ids = getattr(request, "item_ids", None)
-    if item_ids is not None and len(item_ids) > max_k:
-        errors.append(_too_big("item_ids", item_ids, max_k, "serve.max_k", "items"))
-    history = getattr(request, "history", None)
-    if history is not None and len(history) > max_history:
-        errors.append(_too_big("history", history, max_history, "serve.max_history", "items"))
-    return errors
-
-
-def _too_big(field: str, value: Any, limit: int, setting: str, unit: str = "") -> dict:
-    """A FastAPI-style error for a value (or a list's length) above a configured limit."""
-    if unit:
-        msg = f"{field} has {len(value)} {unit}; at most {limit} ({setting}) are accepted"
-        shown: Any = f"<list of {len(value)}>"
-    else:
-        msg = f"{field}={value} is above {limit} ({setting}); use 1..{limit}"
-        shown = value
-    return {"type": "less_than_equal", "loc": ("body", field), "msg": msg, "input": shown,
-            "ctx": {"le": limit}}
+    out = merge_errors(errors)
+    for err in out:
+        field = next((p for p in err["loc"][1:2] if isinstance(p, str)), "")
+        path = ".".join(map(str, err["loc"][1:])) or "body"
+        setting = BOUNDS.get(field)
+        if err["type"] in ("too_long", "less_than_equal") and setting:
+            err["msg"] = (f"{path}: {err['msg']}; at most {getattr(cfg, setting)} "
+                          f"(serve.{setting})")
+        elif err["type"] == "string_too_long":
+            err["msg"] = (f"{path}: {err['msg']} (serve.max_string_length="
+                          f"{cfg.max_string_length})")
+        elif path != "body":
+            err["msg"] = f"{path}: {err['msg']}"
+    return out

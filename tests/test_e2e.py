@@ -66,9 +66,14 @@ def cli(env, *args, timeout=300) -> subprocess.CompletedProcess:
 def ray_head(tmp_path):
     """A Ray head on 127.0.0.1 in a temporary directory; terminated afterwards."""
     gcs, dash, serve_port, *agent = free_ports(6)
+    from serve_app import ingress
+
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{BIN}:{os.environ['PATH']}",
                SERVE_SOCKET_REUSE_PORT_ENABLED="0", RAY_ADDRESS="",
                RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S="120")
+    # the shipped ingress (HAProxy), chosen at `ray start` as scripts/demo.sh does, with
+    # this head's own HAProxy files and ports
+    env.update(ingress.isolated_env(ingress.Ingress.HAPROXY, str(tmp_path / "haproxy")))
     env.pop("RAY_ADDRESS")
     temp = Path("/tmp") / f"tl-e2e-{os.getpid()}"  # short: Ray's socket paths have a limit
     head = subprocess.Popen(
@@ -139,5 +144,12 @@ def test_job_submit_pipeline_then_serve_deploy_and_query(ray_head, demo_data, tm
     assert len(body["items"]) == 5 and body["model_version"] == users["model_version"]
     scores = [i["score"] for i in body["items"]]
     assert scores == sorted(scores, reverse=True)
+    # the documented URL is HAProxy's: docs and the version guard's report answer there
+    assert httpx.get(f"{base}/docs", timeout=10).status_code == 200
+    version = httpx.get(f"{base}/version", timeout=10).json()
+    assert version["model_version"] == users["model_version"]
+    assert version["rollout"]["status"] == "ok"
+    haproxy = [p for p in (tmp_path / "haproxy").rglob("*.cfg")]
+    assert haproxy and f":{ray_head['serve_port']}" in haproxy[0].read_text()
     jobs = httpx.get(f"{url}/api/jobs/", timeout=10).json()
     assert [j["status"] for j in jobs if j["submission_id"] == job_id] == ["SUCCEEDED"]

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("pipeline", "towers", "indexing", "training", "serve_app", "jobs")  # lowest first
 SOURCE = LAYERS[:-1]  # the packages; jobs holds the entry points
 SERVE_MODULES = ["serve_app.app", "serve_app.retriever", "serve_app.check",
-                 "serve_app.deploy_config"]
+                 "serve_app.deploy_config", "serve_app.api", "serve_app.contract",
+                 "serve_app.filters", "serve_app.ingress"]
 MODEL_CLASSES = ("towers.model", "towers.bodies", "towers.features")
 
 LOADED = """
@@ -98,6 +99,11 @@ def test_importing_towers_leaves_ray_out():
     assert {"towers.model", "towers.features", "towers.bodies", "towers.export",
             "towers.exported"} <= set(modules)
     assert loaded_after_import(modules, ("ray",)) == [], "importing towers loaded ray"
+
+
+def test_the_ingress_settings_load_no_ray():
+    """serve_app.ingress sets Serve's environment before Ray starts: it must not import it."""
+    assert loaded_after_import(["serve_app.ingress"], ("ray",)) == []
 
 
 def test_serving_loads_no_training_and_no_model_classes():

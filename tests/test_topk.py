@@ -190,3 +190,97 @@ def test_errors_name_the_value():
         topk.search(items[:, :4], 3)
     with pytest.raises(ValueError, match="exclude has 1 entries for 2 queries"):
         topk.search(items[:2], 3, exclude=[ids[:1]])
+
+
+# -- per-query exclusions and allow-lists ------------------------------------------------
+
+def _filtered_oracle(items, ids, queries, k, exclude, allow):
+    """Brute force in float64: per query, the k best of allow (or all) minus exclude."""
+    s = queries.astype(np.float64) @ items.astype(np.float64).T
+    out = []
+    for i in range(len(queries)):
+        ok = np.ones(len(ids), bool) if allow[i] is None else np.isin(ids, allow[i])
+        ok &= ~np.isin(ids, exclude[i])
+        rows = np.flatnonzero(ok)
+        out.append(ids[rows[np.argsort(-s[i, rows], kind="stable")[:k]]].tolist())
+    return out
+
+
+@pytest.fixture(scope="module")
+def filtered_case():
+    rng = np.random.default_rng(11)
+    items = _clustered(11, 20_000, 16, spread=1.0)  # overlapping clusters: HNSW's recall
+    queries = _clustered(12, 12, 16, spread=1.0)  # is high on them, as on real embeddings
+    ids = np.arange(20_000, dtype=np.int64) * 3 + 5
+    exclude = [rng.choice(ids, n, replace=False) for n in (0, 3, 40, 300, 5000, 0) * 2]
+    allow = [None] * 6 + [rng.choice(ids, n, replace=False) for n in (5, 50, 2000, 9000)] + [
+        ids[:12_000], np.r_[ids[:4], 10**9]]  # a large allow-list; one with an unknown id
+    return items, ids, queries, exclude, allow
+
+
+@pytest.mark.parametrize("factory", ["exact", "Flat"])
+def test_exclusions_and_allow_lists_equal_the_exact_filtered_top_k(filtered_case, factory):
+    items, ids, queries, exclude, allow = filtered_case
+    topk = build_topk(items, ids, "dot", factory)
+    scores, got = topk.search(queries, 10, exclude=exclude, allow=allow)
+    want = _filtered_oracle(items, ids, queries, 10, exclude, allow)
+    for i in range(len(queries)):
+        assert got[i][got[i] >= 0].tolist() == want[i], i
+        allowed = ids if allow[i] is None else allow[i]
+        assert np.isin(got[i][got[i] >= 0], allowed).all()
+        assert not np.isin(got[i], exclude[i]).any()
+    # 4 allowed ids (10**9 is not indexed): 4 answers, then padding
+    assert (got[-1] >= 0).sum() == 4 and np.isneginf(scores[-1, 4:]).all()
+    assert (got[:-1] >= 0).sum(1).tolist() == [10] * 6 + [5] + [10] * 4
+
+
+@pytest.mark.parametrize("factory,params", [("HNSW32", {"efSearch": 64}),
+                                            ("IVF64,Flat", {"nprobe": 16})])
+def test_ann_filters_return_only_matching_items_and_never_fewer_than_k(filtered_case, factory,
+                                                                        params):
+    items, ids, queries, exclude, allow = filtered_case
+    topk = FaissTopK(items, ids, "dot", factory, params)
+    _, got = topk.search(queries, 50, exclude=exclude, allow=allow)
+    want = _filtered_oracle(items, ids, queries, 50, exclude, allow)
+    recalls = []
+    for i in range(len(queries)):
+        allowed = ids if allow[i] is None else allow[i]
+        found = got[i][got[i] >= 0]
+        assert np.isin(found, allowed).all() and not np.isin(found, exclude[i]).any()
+        assert len(found) == len(want[i]) == min(50, len(set(allowed) & set(ids.tolist())))
+        recalls.append(len(set(found.tolist()) & set(want[i])) / len(want[i]))
+    assert np.mean(recalls) >= 0.85, recalls
+
+
+def test_a_graph_search_that_runs_dry_falls_back_to_the_exact_answer(filtered_case,
+                                                                      monkeypatch):
+    import indexing.topk as topk_module
+
+    items, ids, queries, _, _ = filtered_case
+    monkeypatch.setattr(topk_module, "BRUTE_FORCE_MAX", 0)  # every allow-list via the graph
+    topk = FaissTopK(items, ids, "dot", "HNSW32", {"efSearch": 16})
+    allow = [ids[[3, 9_000, 12_345, 19_999, 77]]] * 2  # 5 of 20,000: the graph finds few
+    _, got = topk.search(queries[:2], 10, exclude=[ids[[77]], None], allow=allow)
+    want = _filtered_oracle(items, ids, queries[:2], 10, [ids[[77]], []], allow)
+    assert [g[g >= 0].tolist() for g in got] == want and [len(w) for w in want] == [4, 5]
+
+
+def test_a_long_exclusion_list_does_not_change_its_neighbours(filtered_case):
+    items, ids, queries, _, _ = filtered_case
+    topk = build_topk(items, ids, "dot", "Flat")
+    alone = topk.search(queries[:2], 10, exclude=[ids[:3], ids[3:5]])
+    long = ids[np.random.default_rng(0).choice(20_000, 10_000, replace=False)]
+    together = topk.search(queries[:3], 10, exclude=[ids[:3], ids[3:5], long])
+    assert np.array_equal(together[1][:2], alone[1]) and np.array_equal(together[0][:2], alone[0])
+    assert not np.isin(together[1][2], long).any() and (together[1][2] >= 0).all()
+
+
+def test_masked_top_keeps_order_and_pads():
+    from indexing.topk import _masked_top
+
+    # row 0 drops 7 and 3 -> [5, 1, -1]; row 1 drops nothing -> cut to 3; -1 never kept
+    scores = np.array([[9, 8, 7, 6, 5], [4, 3, 2, 1, 0]], np.float32)
+    rows = np.array([[7, 5, 3, 1, -1], [0, 2, 4, 6, 8]])
+    s, r = _masked_top(scores, rows, [np.array([3, 7]), np.zeros(0, np.int64)], 3)
+    assert r.tolist() == [[5, 1, -1], [0, 2, 4]]
+    assert s[0, :2].tolist() == [8, 6] and np.isneginf(s[0, 2]) and s[1].tolist() == [4, 3, 2]

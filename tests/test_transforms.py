@@ -128,3 +128,41 @@ def test_transform_tower_reports_missing_column():
     tower = state.TowerState({"c": fitted(C.CategoricalFeature(name="c"), ["a"])})
     with pytest.raises(ValueError, match="column 'c' missing"):
         T.transform_tower({"other": ["a"]}, tower)
+
+
+@pytest.mark.parametrize("kind", ["int64", "string"])
+def test_vocab_index_agrees_with_the_arrow_lookup_on_10000_random_keys(kind):
+    rng = np.random.default_rng(7)
+    pool = rng.choice(10**9, 60_000, replace=False)  # first 50,000 in the vocabulary
+    vocab = pa.array(pool[:50_000] if kind == "int64" else pool[:50_000].astype(str))
+    keys = rng.choice(pool, 10_000).tolist()  # about 1 in 6 out of vocabulary
+    keys = keys if kind == "int64" else [str(k) for k in keys]
+    keys[::97] = [None] * len(keys[::97])
+    want = T.lookup(keys, vocab)  # the Arrow path
+    assert (want == T.OOV).sum() > 1000 and (want == T.PAD).sum() == len(keys[::97])
+    assert (want >= 2).sum() > 7000
+    dict_path = T.VocabIndex(vocab, arrow_from=10**9)  # every call through the dict
+    np.testing.assert_array_equal(dict_path.lookup(keys), want)
+    np.testing.assert_array_equal(T.VocabIndex(vocab).lookup(keys), want)  # long: Arrow
+    # a request's few values: the dict path, same answers one by one
+    for key, index in list(zip(keys, want, strict=True))[:300]:
+        assert dict_path.lookup([key])[0] == index
+
+
+def test_vocab_index_casts_by_the_one_rule():
+    vocab = pa.array([7, 12, -3])
+    index = T.VocabIndex(vocab)
+    # "7" and "07" cast to 7; " 7", "+7", "7.0" and full-width digits do not cast, so the
+    # whole request compares as text, where only "7" equals str(7)
+    for values in (["7", "07", "-3", None], ["7", " 7", "+7", "7.0", "\uff17", "x", "12"]):
+        np.testing.assert_array_equal(index.lookup(values), T.lookup(values, vocab))
+    np.testing.assert_array_equal(index.lookup(["7", "07", "-3", None]), [2, 2, 4, 0])
+    np.testing.assert_array_equal(index.lookup(["7", " 7", "\uff17", "x", "12"]),
+                                  [2, 1, 1, 1, 3])
+    assert T.cast_like(pa.array(["07"]), pa.int64()) == (pa.array([7]), False)
+    # pickled (Ray sends states to workers) without its tables, answering the same
+    import pickle
+
+    index.lookup([7])
+    copy = pickle.loads(pickle.dumps(index))
+    assert copy._tables == {} and copy.lookup([12, 5]).tolist() == [3, 1]

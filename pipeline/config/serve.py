@@ -2,26 +2,58 @@
 
 from __future__ import annotations
 
+import enum
+
 from pydantic import Field, model_validator
 
 from pipeline.config.base import StrictModel
 
 
+class Ingress(str, enum.Enum):
+    """Which server answers ``http://host:port`` (``serve_app.ingress`` has the details)."""
+
+    HAPROXY = "haproxy"  # Serve's bundled HAProxy in front of each replica's own server
+    DIRECT = "direct"  # replicas on their own ports, for an external load balancer
+    PROXY = "proxy"  # Ray Serve's Python proxy
+
+
 class ServeConfig(StrictModel):
-    """The Ray Serve retrieval deployment."""
+    """The Ray Serve retrieval deployment: endpoint, replicas, batching, request bounds."""
 
     host: str = Field(default="127.0.0.1", description="HTTP host Serve binds.")
     port: int = Field(default=8000, ge=1, le=65535, description="HTTP port.")
+    ingress: Ingress = Field(
+        default=Ingress.HAPROXY, description="What answers host:port; applied when Ray "
+        "starts (run_app, `python -m serve_app.ingress` for ray start / serve run).")
     num_replicas: int = Field(default=1, ge=1, description="Replicas when not autoscaling.")
     autoscaling: bool = Field(default=False, description="Autoscale between min and max.")
     min_replicas: int = Field(default=1, ge=0, description="Autoscaling lower bound.")
     max_replicas: int = Field(default=2, ge=1, description="Autoscaling upper bound.")
     target_ongoing_requests: float = Field(default=8.0, gt=0, description="Autoscaling target.")
     num_cpus: float = Field(default=0.5, gt=0, description="CPUs per replica.")
+    stored_user_embeddings: bool = Field(
+        default=True, description="Answer a known user sent without features or history "
+        "with the embedding jobs.build_index wrote for it (no tower forward; U x D floats "
+        "in memory); false runs the tower for every request.")
+    batching: bool = Field(
+        default=True, description="Run the user tower and the index search once for the "
+        "requests that arrive together (@serve.batch); false answers each on its own.")
     max_batch_size: int = Field(default=16, ge=1, description="@serve.batch size.")
-    batch_wait_timeout_s: float = Field(default=0.002, ge=0, description="@serve.batch wait.")
-    max_k: int = Field(default=1000, ge=1, description="Largest k a request may ask for.")
+    batch_wait_timeout_s: float = Field(
+        default=0.0, ge=0, description="@serve.batch wait for more requests; 0 batches "
+        "what queued while the previous batch ran, adding no wait at low load.")
+    max_k: int = Field(default=1000, ge=1, description="Largest k; most item_ids in /score.")
     max_history: int = Field(default=1000, ge=1, description="Longest history accepted.")
+    max_exclude_items: int = Field(default=1000, ge=0, description="Most exclude_items.")
+    max_allow_items: int = Field(default=10_000, ge=1, description="Most allow_items.")
+    max_values: int = Field(
+        default=100, ge=1, description="Most values in one list-valued feature or in one "
+        "filter attribute.")
+    max_string_length: int = Field(
+        default=1024, ge=1, description="Longest string anywhere in a request (ids, feature "
+        "values, filter values), in characters.")
+    max_body_bytes: int = Field(
+        default=1 << 20, ge=1024, description="Largest request body; more is a 413.")
 
     @model_validator(mode="after")
     def _bounds(self) -> ServeConfig:

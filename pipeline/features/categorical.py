@@ -55,7 +55,7 @@ def _fit(feat: CategoricalFeature, values: pa.Array | None) -> FeatureState:
 def _encode(values: Any, state: FeatureState, name: str) -> Encoded:
     if state.hash_buckets:
         return {name: hash_bucket(values, state.hash_buckets)}
-    return {name: lookup(values, state.vocab_array())}
+    return {name: lookup(values, state.vocab_index())}
 
 
 def _accepts(typ: pa.DataType) -> bool:

@@ -64,7 +64,7 @@ def fit_history(feat: SequenceFeature, item_ids: pa.Array, item_tower: TowerStat
 
 def _encode(histories: Any, state: FeatureState, name: str) -> Encoded:
     """[B] raw id lists -> the history ids only; item features need the catalogue."""
-    return {name: encode_sequence(histories, state.vocab_array(), state.max_length)}
+    return {name: encode_sequence(histories, state.vocab_index(), state.max_length)}
 
 
 SPEC = KindSpec(

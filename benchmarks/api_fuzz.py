@@ -1,0 +1,137 @@
+"""Fuzz the live endpoint with schemathesis: every check, no 5xx, the OpenAPI contract held.
+
+Starts local Ray (2 CPUs) and the retrieval app behind the HAProxy ingress, as shipped, on
+a free 127.0.0.1 port, then runs ``schemathesis run URL/openapi.json --checks all`` with the
+settings of ``benchmarks/schemathesis.toml``: generated requests (valid ones, and invalid
+ones for each field) for every operation, each answer checked for a 5xx
+(``not_a_server_error``), a status the document does not list, a body or header that does
+not match its schema, schema-valid data refused and schema-violating data accepted. The
+per-run parts of the schema (``features`` columns, ``filter`` attributes) are the run's.
+
+    python -m benchmarks.api_fuzz                      # >= 5,000 cases on a built demo run
+    python -m benchmarks.api_fuzz --run-dir RUN        # an existing run
+    python -m benchmarks.api_fuzz --cases 1000         # fewer
+
+Prints the number of generated cases and the failures (exit 1 when there are any);
+writes ``benchmarks/results/api_fuzz.json`` (schemathesis's JSON run report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "benchmarks" / "schemathesis.toml"
+FUZZED_OPERATIONS = 3  # the POST routes; the two GETs take no input
+MODES = 2  # each example count is generated twice: valid data and invalid data
+COVERAGE_CASES = 500  # about what the coverage phase adds (boundary values of every field)
+
+
+def fuzz(base_url: str, cases: int, report: Path, seed: int = 0, max_time_s: int = 1800
+         ) -> dict:
+    """Run schemathesis on ``base_url`` for about ``cases`` cases; its JSON run report.
+
+    Args:
+        base_url: ``http://HOST:PORT`` of a live endpoint.
+        cases: the number of generated cases to reach (max-examples is set from it).
+        report: where schemathesis writes its JSON report.
+        seed: the generation seed (a run is reproducible with it).
+        max_time_s: schemathesis's time budget for the whole run.
+    """
+    examples = math.ceil(max(cases - COVERAGE_CASES, 60) / FUZZED_OPERATIONS / MODES * 1.2)
+    cmd = [str(Path(sys.executable).parent / "st"), "--config-file", str(CONFIG), "run",
+           f"{base_url}/openapi.json", "--checks", "all", "--max-examples", str(examples),
+           "--seed", str(seed), "--max-time", str(max_time_s), "--no-color",
+           "--output-truncate", "true", "--report", "json", "--report-json-path",
+           str(report), "--request-timeout", "60"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max_time_s + 300)
+    if not report.exists():
+        raise RuntimeError(f"schemathesis wrote no report:\n{proc.stdout[-3000:]}\n"
+                           f"{proc.stderr[-3000:]}")
+    out = json.loads(report.read_text())
+    out["console_tail"] = proc.stdout[-4000:]
+    return out
+
+
+def summary(report: dict) -> str:
+    """One line: cases, failures by check, errors."""
+    cases = report["test_cases"]
+    failures = ", ".join(f"{f['title']} x{f['count']} ({', '.join(f['operations'])})"
+                         for f in report["failures"]) or "none"
+    return (f"{cases['generated']:,} generated cases over {report['operations']['tested']} "
+            f"operations, {cases['with_failures']} with failures, {cases['errored']} "
+            f"errored; failures: {failures}; {report['running_time']} s")
+
+
+def start_ray() -> None:
+    """Local Ray (2 CPUs) with the HAProxy ingress and this process's own files and ports."""
+    from serve_app import ingress
+
+    ingress.apply(ingress.isolated_env(ingress.Ingress.HAPROXY))
+    os.environ.update(RAY_AUTH_MODE="disabled", SERVE_SOCKET_REUSE_PORT_ENABLED="0")
+    os.environ.pop("RAY_ADDRESS", None)
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             object_store_memory=1 << 29, log_to_driver=False)
+
+
+def serve_run(run_dir: Path) -> str:
+    """The app behind HAProxy on a free port of this process's Ray; its base URL."""
+    import httpx
+
+    from serve_app import ingress
+    from serve_app.app import run_app
+
+    port = ingress.free_port()
+    run_app(run_dir, {"port": port})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    return base
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Fuzz a run's endpoint; print the count; exit 1 on any failure."""
+    from benchmarks.serve_latency import DEMO_SIZES, build_run
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run-dir", help="A run directory (default: build a tiny demo run).")
+    p.add_argument("--cases", type=int, default=5000, help="Generated cases to reach.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "api_fuzz.json"))
+    args = p.parse_args(argv)
+    start_ray()
+    with tempfile.TemporaryDirectory(prefix="bench-fuzz-") as tmp:
+        run_dir = Path(args.run_dir).resolve() if args.run_dir else \
+            build_run(Path(tmp), DEMO_SIZES["tiny"], [])
+        base = serve_run(run_dir)
+        try:
+            report = fuzz(base, args.cases, Path(tmp) / "report.json", args.seed)
+        finally:
+            from ray import serve
+
+            serve.shutdown()
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(report, indent=1))
+    print(summary(report))
+    print(f"wrote {args.output}")
+    ok = not report["failures"] and not report["test_cases"]["errored"]
+    return 0 if ok and report["test_cases"]["generated"] >= args.cases else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

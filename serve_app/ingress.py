@@ -1,0 +1,147 @@
+"""How HTTP reaches the replicas: the ingress modes of Ray Serve 2.60 and their settings.
+
+Ray Serve reads these settings from environment variables when its processes start, so they
+must be in the environment of whatever starts Ray: ``ray start`` (then ``serve deploy``),
+``serve run`` (which starts a local Ray), or the Python process that calls ``ray.init`` /
+:func:`serve_app.app.run_app`. Changing them needs a Ray restart.
+
+=========  =============================================================================
+mode       what answers ``http://serve.host:serve.port``
+=========  =============================================================================
+haproxy    (default) Serve's bundled HAProxy, forwarding to each replica's own HTTP
+           server (direct ingress); balances over every replica, follows replica
+           restarts, one URL. ``RAY_SERVE_ENABLE_HA_PROXY=1`` plus Serve's throughput
+           profile (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``: gRPC between actors, request
+           code on the replica's main event loop, frozen GC after start-up).
+direct     the Serve proxy, as in ``proxy`` mode; each replica also answers on its own
+           port from ``RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT`` (30000) upwards, which
+           changes when a replica is replaced: for an external load balancer that reads
+           Serve's target groups, not for a fixed URL.
+proxy      Ray Serve's Python proxy (Serve's default): every request crosses one more
+           Python process and an actor call.
+=========  =============================================================================
+
+``python -m serve_app.ingress [MODE]`` prints the ``export`` lines for a shell (used by
+``scripts/demo.sh`` before ``ray start``). :func:`isolated_env` adds per-instance files and
+ports, so that tests and benchmarks can run several Serve instances on one machine.
+
+No Ray import here: the environment must be set before Ray's modules are imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import tempfile
+from collections.abc import Mapping
+
+from pipeline.config.serve import Ingress
+
+# Every variable any mode sets, so switching modes in one process clears the others.
+_FLAGS = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_ENABLE_DIRECT_INGRESS",
+          "RAY_SERVE_THROUGHPUT_OPTIMIZED")
+MODE_ENV: dict[Ingress, dict[str, str]] = {
+    Ingress.HAPROXY: {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    Ingress.DIRECT: {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+                     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    Ingress.PROXY: {},
+}
+# Serve holds a stopping ingress replica open this long so that a load balancer can drop
+# it (default 30 s). HAProxy on the node is told within ~0.1 s and retries refused
+# connections, so a few seconds are enough; an external load balancer wants the default.
+DRAIN_S = "2"
+
+
+def ingress_env(mode: Ingress | str) -> dict[str, str]:
+    """The environment variables of ``mode`` ("0" for the flags it leaves off)."""
+    mode = Ingress(mode)
+    env = {flag: "0" for flag in _FLAGS}
+    env.update(MODE_ENV[mode])
+    if mode is not Ingress.PROXY:
+        env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = DRAIN_S
+    return env
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1 (free when asked; bind it soon)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def isolated_env(mode: Ingress | str, scratch: str | None = None) -> dict[str, str]:
+    """``ingress_env(mode)`` plus per-instance files and ports (tests, benchmarks).
+
+    In HAProxy mode Serve writes its config, admin socket and state under
+    ``/tmp/haproxy-serve`` and binds fixed stats (8404), metrics (9101) and fallback
+    proxy (8500, 9500) ports; replicas take ports from 30000 and 40000. Two Serve
+    instances on one machine (another user's, a test's) would collide on all of them, so
+    each gets its own folder and free ports here.
+
+    Args:
+        mode: the ingress mode.
+        scratch: folder for HAProxy's files (default: a new temporary folder).
+    """
+    env = ingress_env(mode)
+    if Ingress(mode) is Ingress.PROXY:
+        return env
+    base = 20_000 + free_port() % 20_000  # a port range of its own, most likely unused
+    env.update({
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(base),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(base + 200),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(base + 200),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(base + 400),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
+    })
+    if Ingress(mode) is Ingress.HAPROXY:
+        folder = scratch or tempfile.mkdtemp(prefix="tl-haproxy-")
+        os.makedirs(folder, exist_ok=True)
+        env.update({
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{folder}/haproxy.cfg",
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{folder}/admin.sock",
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": folder,
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{folder}/server-state",
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{folder}/metrics.sock",
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        })
+    return env
+
+
+def apply(env: Mapping[str, str]) -> None:
+    """Put ``env`` into this process's environment (before Ray starts or is imported)."""
+    os.environ.update(env)
+
+
+def current() -> Ingress:
+    """The mode this process's environment selects (what a Ray started here would run)."""
+    on = {flag: os.environ.get(flag, "0") == "1" for flag in _FLAGS}
+    if on["RAY_SERVE_ENABLE_HA_PROXY"]:
+        return Ingress.HAPROXY
+    if on["RAY_SERVE_ENABLE_DIRECT_INGRESS"] or on["RAY_SERVE_THROUGHPUT_OPTIMIZED"]:
+        return Ingress.DIRECT
+    return Ingress.PROXY
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print ``export NAME=VALUE`` lines for a mode (``eval "$(python -m ...)"``)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", nargs="?", choices=[m.value for m in Ingress],
+                        help="The mode (default: the config's serve.ingress, else haproxy).")
+    parser.add_argument("--config", help="An experiment config: use its serve.ingress.")
+    args = parser.parse_args(argv)
+    mode = args.mode or Ingress.HAPROXY.value
+    if args.mode is None and args.config:
+        from pipeline.config import load_config
+
+        mode = load_config(args.config).serve.ingress.value
+    for name, value in ingress_env(mode).items():
+        print(f"export {name}={value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
