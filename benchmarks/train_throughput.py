@@ -20,7 +20,8 @@ Ray Train worker takes the node's CPUs shared among its workers (``threads`` col
 ``--threads N`` sets ``OMP_NUM_THREADS=N`` and ``train.threads_per_worker=N`` on every
 side.
 
-    python -m benchmarks.train_throughput                 # ML-100K, configs/ml100k.yaml
+    python -m benchmarks.train_throughput                 # ML-100K, configs/ml100k_rows.yaml
+    python -m benchmarks.train_throughput --sequence      # ML-100K, the sequence mode
     python -m benchmarks.train_throughput --demo --epochs 2   # 10^6 generated interactions
     python -m benchmarks.train_throughput --epochs 3      # fewer epochs
     python -m benchmarks.train_throughput --threads 1     # one torch thread everywhere
@@ -45,13 +46,15 @@ from benchmarks._measure import run_watched, side_env
 
 ROOT = Path(__file__).resolve().parents[1]
 ML100K = ROOT.parent / "shared" / "data" / "ml-100k"
-CONFIGS = {"ml100k": ROOT / "configs" / "ml100k.yaml", "demo1m": ROOT / "configs" / "demo.yaml",
-           "tiny": ROOT / "configs" / "demo.yaml"}
+CONFIGS = {"ml100k": ROOT / "configs" / "ml100k_rows.yaml",
+           "ml100k-sequence": ROOT / "configs" / "ml100k.yaml",
+           "demo1m": ROOT / "configs" / "demo.yaml", "tiny": ROOT / "configs" / "demo.yaml"}
 DEMO_DATA = {  # generated demo sets: the 10^6-interaction one and the tests' tiny one
     "demo1m": {"n_users": 20_000, "n_items": 5_000, "n_interactions": 1_000_000},
     "tiny": {"n_users": 300, "n_items": 120, "n_interactions": 9000},
 }
 TINY_OVERRIDES = [  # the test suite's tiny demo model (tests/conftest.py)
+    "sequence.objective=null", "model.user.type=mlp", "model.user.features=null",
     "features.user.0.embedding_dim=16", "features.user.5.embedding_dim=16",
     "features.item.0.embedding_dim=16", "model.output_dim=16", "model.user.mlp.hidden=[32]",
     "model.item.mlp.hidden=[32]", "train.batch_size=256", "train.epochs=2",
@@ -63,7 +66,7 @@ SIDES = {"plain": 0, "ray_1_worker": 1, "ray_2_workers": 2}
 def make_data(name: str, work: Path) -> Path:
     """Write the raw tables for one dataset under ``work``; returns the data root."""
     data = work / "data"
-    if name == "ml100k":
+    if name.startswith("ml100k"):
         from pipeline.sources.movielens import convert_movielens
 
         convert_movielens(str(ML100K), str(data))
@@ -180,6 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tiny", action="store_true", help="A tiny generated demo set instead.")
     p.add_argument("--demo", action="store_true",
                    help="The generated 10^6-interaction demo set (configs/demo.yaml) instead.")
+    p.add_argument("--sequence", action="store_true",
+                   help="ML-100K in the sequence mode (configs/ml100k.yaml) instead.")
     p.add_argument("--epochs", type=int, help="Epochs on every side (default: the config's).")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every side.")
     p.add_argument("--sides", nargs="+", choices=list(SIDES), default=list(SIDES),
@@ -198,7 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
         side_main(args.side, Path(args.config), args.overrides, Path(args.prepared),
                   Path(args.run_dir), Path(args.result))
         return {}
-    name = "tiny" if args.tiny else "demo1m" if args.demo else "ml100k"
+    name = ("tiny" if args.tiny else "demo1m" if args.demo
+            else "ml100k-sequence" if args.sequence else "ml100k")
     results = {name: bench(name, args.epochs, args.threads, tuple(args.sides))}
     print_table(name, results[name])
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import DEMO_OVERRIDES, ROOT
+from tests.conftest import DEMO_OVERRIDES, ROOT, SEQUENCE_OVERRIDES
 
 BIN = Path(sys.executable).parent
 
@@ -103,8 +103,9 @@ def ray_head(tmp_path):
 def test_job_submit_pipeline_then_serve_deploy_and_query(ray_head, demo_data, tmp_path):
     env, url = ray_head["env"], ray_head["dashboard"]
     run_dir = tmp_path / "run"
-    sets = [a for o in [f"data.root={demo_data}", *DEMO_OVERRIDES, "train.num_workers=2"]
-            for a in ("--set", o)]
+    # the sequence mode (configs/demo.yaml's), small; two DDP workers
+    sets = [a for o in [f"data.root={demo_data}", *DEMO_OVERRIDES, *SEQUENCE_OVERRIDES,
+                        "train.num_workers=2"] for a in ("--set", o)]
     submitted = cli(env, "ray", "job", "submit", "--address", url, "--working-dir", ".",
                     "--no-wait", "--", "python", "-m", "jobs.pipeline", "--config",
                     "configs/demo.yaml", "--output-dir", str(run_dir), *sets)
@@ -123,6 +124,8 @@ def test_job_submit_pipeline_then_serve_deploy_and_query(ray_head, demo_data, tm
     assert len(re.findall(r"\[train\] epoch \d+/2 ", logs)) == 2
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert 0 < metrics["test"]["exact"]["HR@100"] <= 1
+    prepared = json.loads((run_dir / "prepared" / "manifest.json").read_text())
+    assert prepared["rows"]["sequences"] > 0  # trained on windows, not interaction rows
     assert metrics["index_recall"]["recall@20"] == pytest.approx(1.0)  # Flat index
 
     serve_cfg = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
@@ -144,6 +147,9 @@ def test_job_submit_pipeline_then_serve_deploy_and_query(ray_head, demo_data, tm
     assert len(body["items"]) == 5 and body["model_version"] == users["model_version"]
     scores = [i["score"] for i in body["items"]]
     assert scores == sorted(scores, reverse=True)
+    # a history sent with the request runs the exported transformer tower
+    seen = httpx.post(f"{base}/recommend", json={"history": [3, 5, 7], "k": 5}, timeout=30)
+    assert seen.status_code == 200 and len(seen.json()["items"]) == 5, seen.text
     # the documented URL is HAProxy's: docs and the version guard's report answer there
     assert httpx.get(f"{base}/docs", timeout=10).status_code == 200
     version = httpx.get(f"{base}/version", timeout=10).json()

@@ -17,16 +17,14 @@ from pipeline.config.model import TowerConfig, TransformerConfig
 from pipeline.io import table_to_numpy
 from pipeline.run_dir import RunDir, read_split, read_table
 from pipeline.split import TRAIN, leave_last_out, sequence_windows
-from tests.conftest import demo_config
+from tests.conftest import SEQUENCE_OVERRIDES, demo_config
 from towers.bodies import SequenceTransformer
 from towers.exported import ExportedTower
 from towers.model import load_trained
 from training.loop import run_plain, setup
 from training.sequence import history_keys, positions_of
 
-CLM = ("model.user.type=transformer", "model.user.transformer.causal=true",
-       "model.user.transformer.dim=16", "model.user.transformer.num_layers=1",
-       "sequence.objective=clm", "train.batch_size=16")
+CLM = SEQUENCE_OVERRIDES
 MLM = ("model.user.type=transformer", "model.user.transformer.causal=false",
        "model.user.transformer.dim=16", "model.user.transformer.num_layers=1",
        "sequence.objective=mlm", "sequence.mask_probability=0.3", "train.batch_size=16")
