@@ -45,10 +45,10 @@ DEMO_SIZES = {"tiny": (300, 120, 9_000), "full": (5_000, 2_000, 150_000)}
 # whole catalogue, 1,024 users x 10^6 items of float32 scores at a time (4 GiB and more);
 # 520 users hold that near 2 GiB, and 500 of them give the recall sample.
 LARGE_SIZES = (520, 1_000_000, 60_000)
-RUN_OVERRIDES = ["model.output_dim=32", "train.epochs=1", "train.batch_size=512",
+RUN_OVERRIDES = ["model.output_dim=32", "train.epochs=1", "train.batch_size=64",
                  "train.warmup_steps=5", "train.mlflow.enabled=false", "index.recall_users=200",
                  "index.recall_k=20"]
-LARGE_OVERRIDES = ["train.batch_size=1024", "index.recall_users=500", "index.recall_k=100",
+LARGE_OVERRIDES = ["train.batch_size=64", "index.recall_users=500", "index.recall_k=100",
                    "index.params={efSearch: 128}"]
 # (ingress, batching) per demo cell; the first is the shipped default
 DEMO_CELLS = {"tiny": [("haproxy", True), ("haproxy", False)],
