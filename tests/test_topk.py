@@ -258,6 +258,7 @@ def test_a_graph_search_that_runs_dry_falls_back_to_the_exact_answer(filtered_ca
 
     items, ids, queries, _, _ = filtered_case
     monkeypatch.setattr(topk_module, "BRUTE_FORCE_MAX", 0)  # every allow-list via the graph
+    monkeypatch.setattr(topk_module, "BRUTE_FORCE_FRACTION", 0.0)
     topk = FaissTopK(items, ids, "dot", "HNSW32", {"efSearch": 16})
     allow = [ids[[3, 9_000, 12_345, 19_999, 77]]] * 2  # 5 of 20,000: the graph finds few
     _, got = topk.search(queries[:2], 10, exclude=[ids[[77]], None], allow=allow)
