@@ -52,6 +52,9 @@ MODE_ENV: dict[Ingress, dict[str, str]] = {
 # it (default 30 s). HAProxy on the node is told within ~0.1 s and retries refused
 # connections, so a few seconds are enough; an external load balancer wants the default.
 DRAIN_S = "2"
+# HAProxy refuses a unix socket path over 97 characters; Serve puts its sockets in a
+# 56-character subfolder of the folder given, the longest name is "/metrics.sock".
+HAPROXY_FOLDER_MAX = 97 - 1 - 56 - len("/metrics.sock")
 
 
 def ingress_env(mode: Ingress | str) -> dict[str, str]:
@@ -98,6 +101,10 @@ def isolated_env(mode: Ingress | str, scratch: str | None = None) -> dict[str, s
     })
     if Ingress(mode) is Ingress.HAPROXY:
         folder = scratch or tempfile.mkdtemp(prefix="tl-haproxy-")
+        if len(folder) > HAPROXY_FOLDER_MAX:
+            raise ValueError(f"HAProxy folder {folder!r} is {len(folder)} characters; HAProxy's "
+                             f"unix sockets (under it, in a 56-character subfolder) allow "
+                             f"{HAPROXY_FOLDER_MAX} at most: use a shorter path, e.g. under /tmp")
         os.makedirs(folder, exist_ok=True)
         env.update({
             "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{folder}/haproxy.cfg",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -73,7 +74,8 @@ def ray_head(tmp_path):
                RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S="120")
     # the shipped ingress (HAProxy), chosen at `ray start` as scripts/demo.sh does, with
     # this head's own HAProxy files and ports
-    env.update(ingress.isolated_env(ingress.Ingress.HAPROXY, str(tmp_path / "haproxy")))
+    haproxy = Path("/tmp") / f"tl-hap-{os.getpid()}"  # short: HAProxy's socket paths too
+    env.update(ingress.isolated_env(ingress.Ingress.HAPROXY, str(haproxy)))
     env.pop("RAY_ADDRESS")
     temp = Path("/tmp") / f"tl-e2e-{os.getpid()}"  # short: Ray's socket paths have a limit
     head = subprocess.Popen(
@@ -87,7 +89,7 @@ def ray_head(tmp_path):
     url = f"http://127.0.0.1:{dash}"
     try:
         wait_for(lambda: answers(f"{url}/api/gcs_healthz"), 90, "the dashboard")
-        yield {"env": env, "dashboard": url, "serve_port": serve_port}
+        yield {"env": env, "dashboard": url, "serve_port": serve_port, "haproxy": haproxy}
     finally:
         subprocess.run([str(BIN / "serve"), "shutdown", "-y", "--address", url], env=env,
                        capture_output=True, timeout=60)
@@ -97,6 +99,7 @@ def ray_head(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=30)
+        shutil.rmtree(haproxy, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -155,7 +158,7 @@ def test_job_submit_pipeline_then_serve_deploy_and_query(ray_head, demo_data, tm
     version = httpx.get(f"{base}/version", timeout=10).json()
     assert version["model_version"] == users["model_version"]
     assert version["rollout"]["status"] == "ok"
-    haproxy = [p for p in (tmp_path / "haproxy").rglob("*.cfg")]
+    haproxy = [p for p in ray_head["haproxy"].rglob("*.cfg")]
     assert haproxy and f":{ray_head['serve_port']}" in haproxy[0].read_text()
     jobs = httpx.get(f"{url}/api/jobs/", timeout=10).json()
     assert [j["status"] for j in jobs if j["submission_id"] == job_id] == ["SUCCEEDED"]

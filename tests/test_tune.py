@@ -10,7 +10,7 @@ import pytest
 from jobs import tune as tune_job
 from pipeline.config import load_config
 from pipeline.run_dir import RunDir
-from tests.conftest import demo_config
+from tests.conftest import ROOT, demo_config
 from training.loop import run_plain
 from training.tuning import (
     best_config_path,
@@ -67,7 +67,8 @@ def test_two_tiny_trials_write_a_best_config_that_loads_and_trains(ray_session, 
     best = load_config(best_file)
     assert best.to_dict() == trial_config(cfg, summary["best"]["sample"]).to_dict()
     assert best.train.lr == summary["best"]["sample"]["train.lr"]
-    assert best_file.read_text().startswith("# jobs.tune: best of 2 trials by val/HR@50")
+    metric = load_config(ROOT / "configs" / "demo.yaml").train.early_stopping_metric
+    assert best_file.read_text().startswith(f"# jobs.tune: best of 2 trials by val/{metric}")
     fresh = tmp_path / "best"
     shutil.copytree(demo_prepared / "prepared", fresh / "prepared")
     out = run_plain(load_config(best_file, ["train.epochs=1"]), fresh, log=lambda m: None)
