@@ -31,11 +31,11 @@ if [ -n "$movielens" ]; then
     [ -d "$data/interactions" ] || python -m jobs.convert_movielens --src "$movielens" --out "$data"
 else
     # The demo's time budget (under 5 minutes, install included): this data size and at
-    # most 4 epochs of the sequence mode (configs/demo.yaml trains up to 30).
+    # most 3 epochs of the sequence mode (configs/demo.yaml trains up to 30).
     config=configs/demo.yaml data="$root/data/demo" run="$root/runs/demo"
-    budget=(--set train.epochs=4)
+    budget=(--set train.epochs=3)
     [ -d "$data/interactions" ] || python -m jobs.make_demo_data --out "$data" \
-        --users 5000 --items 2000 --interactions 200000
+        --users 5000 --items 2000 --interactions 150000
 fi
 
 # 2. A local Ray head, started from this venv so jobs run with this project installed, and
