@@ -100,7 +100,9 @@ def isolated_env(mode: Ingress | str, scratch: str | None = None) -> dict[str, s
         "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
     })
     if Ingress(mode) is Ingress.HAPROXY:
-        folder = scratch or tempfile.mkdtemp(prefix="tl-haproxy-")
+        # /tmp, not $TMPDIR: the sockets' paths must stay short (HAPROXY_FOLDER_MAX)
+        folder = scratch or tempfile.mkdtemp(prefix="tl-haproxy-",
+                                             dir="/tmp" if os.path.isdir("/tmp") else None)
         if len(folder) > HAPROXY_FOLDER_MAX:
             raise ValueError(f"HAProxy folder {folder!r} is {len(folder)} characters; HAProxy's "
                              f"unix sockets (under it, in a 56-character subfolder) allow "
