@@ -71,3 +71,14 @@ def _rss(p) -> int:
         return p.memory_info().rss
     except Exception:  # a worker that exited between listing and reading
         return 0
+
+
+def add_side_flags(p, sides) -> None:
+    """The hidden flags a benchmark passes to its own per-side subprocess."""
+    import argparse
+
+    p.add_argument("--side", choices=list(sides), help=argparse.SUPPRESS)
+    for flag in ("--config", "--prepared", "--run-dir", "--result"):
+        p.add_argument(flag, help=argparse.SUPPRESS)
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   help=argparse.SUPPRESS)

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from benchmarks._measure import run_watched, side_env
+from benchmarks._measure import add_side_flags, run_watched, side_env
 from benchmarks.train_throughput import CONFIGS, TINY_OVERRIDES, make_data, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -286,13 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tiny", action="store_true", help="A tiny generated demo set instead.")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" /
                                            "train_profile.json"))
-    p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
-    p.add_argument("--config", help=argparse.SUPPRESS)
-    p.add_argument("--prepared", help=argparse.SUPPRESS)
-    p.add_argument("--run-dir", help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   help=argparse.SUPPRESS)
+    add_side_flags(p, SIDES)
     args = p.parse_args(argv)
     if args.side:
         side_main(args.side, Path(args.config), args.overrides, Path(args.prepared),

@@ -42,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._measure import run_watched, side_env
+from benchmarks._measure import add_side_flags, run_watched, side_env
 
 ROOT = Path(__file__).resolve().parents[1]
 ML100K = ROOT.parent / "shared" / "data" / "ml-100k"
@@ -53,7 +53,7 @@ DEMO_DATA = {  # generated demo sets: the 10^6-interaction one and the tests' ti
     "demo1m": {"n_users": 20_000, "n_items": 5_000, "n_interactions": 1_000_000},
     "tiny": {"n_users": 300, "n_items": 120, "n_interactions": 9000},
 }
-TINY_OVERRIDES = [  # the test suite's tiny demo model (tests/conftest.py)
+TINY_OVERRIDES = [  # the tiny demo model, interaction mode (tests/conftest.py adds to it)
     "sequence.objective=null", "model.user.type=mlp", "model.user.features=null",
     "features.user.0.embedding_dim=16", "features.user.5.embedding_dim=16",
     "features.item.0.embedding_dim=16", "model.output_dim=16", "model.user.mlp.hidden=[32]",
@@ -191,13 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="Sides to run (the plain baseline always runs).")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" /
                                            "train_throughput.json"))
-    p.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)
-    p.add_argument("--config", help=argparse.SUPPRESS)
-    p.add_argument("--prepared", help=argparse.SUPPRESS)
-    p.add_argument("--run-dir", help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   help=argparse.SUPPRESS)
+    add_side_flags(p, SIDES)
     args = p.parse_args(argv)
     if args.side:
         side_main(args.side, Path(args.config), args.overrides, Path(args.prepared),

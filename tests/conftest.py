@@ -9,6 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from benchmarks.train_throughput import TINY_OVERRIDES
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
@@ -116,11 +118,7 @@ def tiny_data(tmp_path) -> Path:
 # Small enough for a 2-core machine, big enough that every split and feature is populated.
 DEMO_SIZES = {"n_users": 300, "n_items": 120, "n_interactions": 9000}
 DEMO_OVERRIDES = [  # the interaction mode, small (the sequence mode: tests/test_sequence.py)
-    "sequence.objective=null", "model.user.type=mlp", "model.user.features=null",
-    "features.user.0.embedding_dim=16", "features.user.5.embedding_dim=16",
-    "features.item.0.embedding_dim=16", "model.output_dim=16", "model.user.mlp.hidden=[32]",
-    "model.item.mlp.hidden=[32]", "train.batch_size=256", "train.epochs=2",
-    "train.warmup_steps=5", "train.mlflow.enabled=false", "index.recall_users=100",
+    *TINY_OVERRIDES, "train.mlflow.enabled=false", "index.recall_users=100",
     "index.factory=Flat", "index.recall_k=20",
 ]
 
