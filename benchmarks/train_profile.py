@@ -270,8 +270,9 @@ def print_table(name: str, sides: dict) -> None:
     for part in (*PARTS, "collectives (loss)"):
         print(f"{part:32s} {plain['ms_per_step'][part]:>9.2f} {ray2['ms_per_step'][part]:>14.2f}")
     print(f"{'DDP all-reduce of all params':32s} {'':>9s} {ray2['ddp_allreduce_ms']:>14.2f}")
+    # train_one_epoch's figures are already the whole group's (rows summed over workers)
     print(f"{'samples/s (all workers)':32s} {plain['samples_per_s']:>9,.0f} "
-          f"{ray2['samples_per_s'] * ray2['world']:>14,.0f}")
+          f"{ray2['samples_per_s']:>14,.0f}")
     print(f"{'torch threads per process':32s} {plain['threads']:>9d} {ray2['threads']:>14d}")
     end = ray2["epoch_end_s"]
     print(f"epoch end (rank 0, s): validation {end.get('validation', 0):.2f}, checkpoint + "

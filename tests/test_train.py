@@ -201,3 +201,54 @@ def test_lr_schedule_warmup_then_cosine(step, total, factor):
     cfg = TrainConfig(warmup_steps=5, schedule="cosine")
     # warm-up: (0 + 1) / 5 = 0.2, (4 + 1) / 5 = 1.0; end of cosine: floor 0.05
     assert lr_factor(step, total, cfg) == pytest.approx(factor)
+
+
+def test_weight_average_is_an_ema_with_warm_up_whose_span_is_in_epochs():
+    from pipeline.config.train import TrainConfig
+    from training.step import weight_average
+
+    assert weight_average(torch.nn.Linear(1, 1), TrainConfig(), 10) is None
+    model = torch.nn.Linear(1, 1, bias=False)
+    avg = weight_average(model, TrainConfig(average_epochs=2.5), steps_per_epoch=4)
+    decay = 1 - 1 / 10  # 2.5 epochs x 4 steps
+    expected = None
+    for n, w in enumerate([3.0, -1.0, 5.0, 2.0, 7.0, 0.5] + [4.0] * 30):
+        with torch.no_grad():
+            model.weight.fill_(w)
+        avg.update_parameters(model)
+        d = min(decay, (1 + n) / (10 + n))
+        expected = w if n == 0 else d * expected + (1 - d) * w
+        assert avg.module.weight.item() == pytest.approx(expected, abs=1e-6)
+    assert 3.9 < expected < 4.0 and model.weight.item() == 4.0  # it lags the raw weights
+
+
+def test_averaged_training_validates_saves_and_resumes_the_average(demo_prepared, demo_data,
+                                                                   tmp_path):
+    from training import checkpoint as ckpt
+    from training.loop import checkpoint_meta, finish_epoch, train_one_epoch
+
+    run_dir = fresh_run(demo_prepared, tmp_path)
+    cfg = demo_config(demo_data, "train.epochs=2", "train.patience=2", "train.average_epochs=1")
+    s = setup(cfg, run_dir, torch.device("cpu"), world_size=1, rank=0)
+    state = TrainState()
+    metrics, _, _ = finish_epoch(s, state, train_one_epoch(s, state))
+    raw = {k: v.clone() for k, v in s.model.state_dict().items()}
+    avg = {k: v.clone() for k, v in s.eval_model.state_dict().items()}
+    assert any(not torch.equal(raw[k], avg[k]) for k in raw)  # two different sets of weights
+    # validation scored the average
+    again = evaluate(s.eval_model, s.eval_set, s.catalogue)
+    assert again["masked"]["HR@50"] == pytest.approx(metrics["val/HR@50"], abs=1e-9)
+    ckpt.save_checkpoint(tmp_path / "ck", s.eval_model, s.opt, s.scheduler, state,
+                         checkpoint_meta(s, metrics), raw=s.model)
+    # model.pt is the average (what is published and served); resuming restores both
+    saved = torch.load(tmp_path / "ck" / "model.pt", weights_only=True)
+    assert all(torch.equal(saved[k], avg[k]) for k in avg)
+    from pipeline.run_dir import read_model_meta
+    from towers.model import model_version
+
+    assert read_model_meta(tmp_path / "ck").model_version == model_version(s.eval_model)
+    assert model_version(s.eval_model) != model_version(s.model)
+    t = setup(cfg, run_dir, torch.device("cpu"), world_size=1, rank=0)
+    ckpt.load_checkpoint(tmp_path / "ck", t.eval_model, t.opt, t.scheduler, raw=t.model)
+    assert all(torch.equal(t.model.state_dict()[k], raw[k]) for k in raw)
+    assert all(torch.equal(t.eval_model.state_dict()[k], avg[k]) for k in avg)

@@ -1,7 +1,9 @@
 """Checkpoint and model directories: state_dicts plus JSON, never pickle.
 
 A checkpoint directory (what Ray Train persists) holds ``model.pt`` (the model's
-state_dict), ``optimizer.pt`` (optimizer and scheduler state_dicts) and ``meta.json``
+state_dict: the weights' moving average when ``train.average_epochs`` is set),
+``optimizer.pt`` (optimizer and scheduler state_dicts, and then the raw weights the
+optimizer steps, to resume from) and ``meta.json``
 (:class:`pipeline.run_dir.ModelMeta`: epoch state, metrics, model version, feature-state
 hash and the resolved config). ``RUN_DIR/model/`` is the best checkpoint without the
 optimizer, plus each tower exported as a standalone program (``towers.export``): what
@@ -43,27 +45,41 @@ class TrainState:
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, opt, scheduler, state: TrainState,
-                    meta: ModelMeta) -> None:
-    """Write a checkpoint directory (``opt`` None: a model-only directory)."""
+                    meta: ModelMeta, raw: torch.nn.Module | None = None) -> None:
+    """Write a checkpoint directory (``opt`` None: a model-only directory).
+
+    ``raw``: the stepped weights when ``model`` is their moving average (saved beside the
+    optimizer, for resuming).
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path / MODEL_FILE)
     if opt is not None:
-        torch.save({"optimizer": opt.state_dict(), "scheduler": scheduler.state_dict()},
-                   path / OPTIM_FILE)
+        saved = {"optimizer": opt.state_dict(), "scheduler": scheduler.state_dict()}
+        if raw is not None:
+            saved["raw_model"] = raw.state_dict()
+        torch.save(saved, path / OPTIM_FILE)
     body = meta.model_copy(update={"train_state": asdict(state)})
     write_json(path / META_FILE, body.model_dump(mode="json"))
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, opt=None, scheduler=None
-                    ) -> TrainState:
-    """Load weights (and optimizer state when given) from a checkpoint directory."""
+def load_checkpoint(path: Path, model: torch.nn.Module, opt=None, scheduler=None,
+                    raw: torch.nn.Module | None = None) -> TrainState:
+    """Load weights (and optimizer state when given) from a checkpoint directory.
+
+    ``raw``: the stepped weights when ``model`` is their moving average; they are loaded
+    from the saved raw weights (or from ``model.pt`` when the checkpoint has none).
+    """
     path = Path(path)
-    model.load_state_dict(torch.load(path / MODEL_FILE, map_location="cpu", weights_only=True))
+    weights = torch.load(path / MODEL_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(weights)
+    saved = {}
     if opt is not None and (path / OPTIM_FILE).exists():
         saved = torch.load(path / OPTIM_FILE, map_location="cpu", weights_only=True)
         opt.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+    if raw is not None:
+        raw.load_state_dict(saved.get("raw_model", weights))
     return train_state(path)
 
 

@@ -33,7 +33,7 @@ from training import checkpoint as ckpt
 from training.data import epoch_batches, load_shard, shard_rows, train_table
 from training.distributed import epoch_stats_over_ranks
 from training.sequence import SequenceTask, SequenceTrainModule, history_keys
-from training.step import Task, make_optimizer, make_scheduler, train_epoch
+from training.step import Task, make_optimizer, make_scheduler, train_epoch, weight_average
 from training.task import RetrievalTask, TrainModule
 from training.tracking import Tracker
 
@@ -57,6 +57,16 @@ class Setup:
     eval_set: EvalSet | None  # rank 0 only
     shard: dict[str, torch.Tensor]  # this worker's training rows, [R, ...] each
     steps_per_epoch: int
+    averaged: nn.Module | None = None  # the weights' moving average (train.average_epochs)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights that are validated, saved as the model and served."""
+        return self.averaged.module if self.averaged is not None else self.model
+
+    def update_average(self) -> None:
+        """One step of the weights' moving average (after each optimizer step)."""
+        self.averaged.update_parameters(self.model)
 
 
 def make_task(cfg: Config, run: RunDir, catalogue: dict[str, np.ndarray], model: nn.Module
@@ -96,7 +106,7 @@ def setup(cfg: Config, run_dir: Path, device: torch.device, world_size: int, ran
     scheduler = make_scheduler(opt, cfg.train, steps * cfg.train.epochs)
     eval_set = load_eval_set(run, "validation") if rank == 0 else None
     return Setup(cfg, run, fitted, model, module, task, opt, scheduler, device,
-                 catalogue, eval_set, shard, steps)
+                 catalogue, eval_set, shard, steps, weight_average(model, cfg.train, steps))
 
 
 def train_one_epoch(s: Setup, state: ckpt.TrainState) -> dict[str, float]:
@@ -105,7 +115,8 @@ def train_one_epoch(s: Setup, state: ckpt.TrainState) -> dict[str, float]:
     Returns the epoch's figures for the whole worker group (every rank gets the same).
     """
     batches = epoch_batches(s.shard, s.cfg.train.batch_size, s.cfg.train.seed, state.epoch)
-    stats = train_epoch(s.module, s.task, batches, s.opt, s.scheduler, s.cfg.train, s.device)
+    stats = train_epoch(s.module, s.task, batches, s.opt, s.scheduler, s.cfg.train, s.device,
+                        after_step=s.update_average if s.averaged is not None else None)
     return epoch_stats_over_ranks(stats, s.device)
 
 
@@ -122,7 +133,7 @@ def finish_epoch(s: Setup, state: ckpt.TrainState, stats: dict[str, float]
                "train/rows": stats["rows"], "train/seconds": stats["seconds"],
                "train/threads": torch.get_num_threads()}
     t0 = time.perf_counter()
-    metrics.update(flat_metrics(evaluate(s.model, s.eval_set, s.catalogue, s.device), "val"))
+    metrics.update(flat_metrics(evaluate(s.eval_model, s.eval_set, s.catalogue, s.device), "val"))
     metrics["val/seconds"] = time.perf_counter() - t0
     state.history.append(metrics)
     is_best = track_progress(state, metrics[f"val/{s.cfg.train.early_stopping_metric}"],
@@ -166,7 +177,8 @@ def epochs(s: Setup, state: ckpt.TrainState) -> Iterator[tuple[dict[str, float],
 def checkpoint_meta(s: Setup, metrics: dict[str, float], is_best: bool = False) -> ModelMeta:
     """What every checkpoint carries besides the weights."""
     return ModelMeta(config=s.cfg, feature_state_hash=s.fitted.content_hash(),
-                     model_version=model_version(s.model), metrics=metrics, is_best=is_best)
+                     model_version=model_version(s.eval_model), metrics=metrics,
+                     is_best=is_best)
 
 
 def flat_metrics(metrics: dict[str, dict[str, float]], prefix: str) -> dict[str, float]:
@@ -203,7 +215,8 @@ def run_plain(cfg: Config, run_dir: Path, log: Log = print,
         log(describe(metrics, cfg, state))
         tracker.log(metrics, step=state.epoch)
         if is_best:
-            ckpt.save_checkpoint(best_dir, s.model, None, None, state, checkpoint_meta(s, metrics))
+            ckpt.save_checkpoint(best_dir, s.eval_model, None, None, state,
+                                 checkpoint_meta(s, metrics))
     tracker.close()
     ckpt.publish_model(best_dir, s.run)
     return {"best_epoch": state.best_epoch, "best_metric": state.best_metric,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from typing import Protocol
 
@@ -56,6 +56,27 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: in
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, cfg))
 
 
+def weight_average(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int
+                   ) -> torch.optim.swa_utils.AveragedModel | None:
+    """The EMA of ``model``'s weights that ``train.average_epochs`` asks for (None: off).
+
+    The decay per step is ``1 - 1 / (average_epochs * steps_per_epoch)`` (lower over the
+    first steps, as TF's ExponentialMovingAverage does): the average spans about the same
+    share of training whatever the data size and batch. Buffers are not averaged (the
+    towers' buffers are constants).
+    """
+    if cfg.average_epochs is None:
+        return None
+    decay = 1.0 - 1.0 / max(1.0, cfg.average_epochs * steps_per_epoch)
+
+    def ema(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
+        # TF's ExponentialMovingAverage warm-up: early steps do not drag the initial weights
+        d = min(decay, (1.0 + float(n)) / (10.0 + float(n)))
+        torch._foreach_lerp_(averaged, current, 1.0 - d)
+
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema)
+
+
 def autocast_for(device: torch.device, precision: Precision):
     """bf16 autocast on GPU (``auto`` or ``bf16``), bf16 on CPU only when asked."""
     use_bf16 = precision is Precision.BF16 or (
@@ -67,11 +88,13 @@ def autocast_for(device: torch.device, precision: Precision):
 
 def train_epoch(module: nn.Module, task: Task,
                 batches: Iterable[Mapping[str, torch.Tensor]], opt: torch.optim.Optimizer,
-                scheduler, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+                scheduler, cfg: TrainConfig, device: torch.device,
+                after_step: Callable[[], None] | None = None) -> dict[str, float]:
     """One pass over ``batches`` in this process; returns its mean loss, samples, steps, seconds.
 
     A sample is what the task trains on (``task.samples``): an interaction row, or a
-    trained position of a sequence window. Under DDP the figures are this rank's
+    trained position of a sequence window. ``after_step`` runs after every optimizer step
+    (the weight average's update). Under DDP the figures are this rank's
     (:func:`training.distributed.epoch_stats_over_ranks` combines them).
     """
     module.train()
@@ -87,6 +110,8 @@ def train_epoch(module: nn.Module, task: Task,
             torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
         opt.step()
         scheduler.step()
+        if after_step is not None:
+            after_step()
         total += parts["loss"]
         rows += task.samples(batch)
         steps += 1

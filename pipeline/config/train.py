@@ -65,6 +65,13 @@ class TrainConfig(StrictModel):
     schedule: LRSchedule = Field(default=LRSchedule.COSINE, description="LR schedule.")
     warmup_steps: int = Field(default=100, ge=0, description="Linear warm-up steps.")
     grad_clip: float | None = Field(default=1.0, gt=0, description="Max gradient norm.")
+    average_epochs: float | None = Field(
+        default=None, gt=0,
+        description="Evaluate, save and serve an exponential moving average of the weights "
+                    "over about this many epochs (per-step decay 1 - 1 / (average_epochs x "
+                    "steps per epoch), so it means the same on any data size); null: the "
+                    "last step's weights.",
+    )
     precision: Precision = Field(default=Precision.AUTO, description="Autocast precision.")
     seed: int = Field(default=0, description="Seed of weights, shuffling and negatives.")
     early_stopping_metric: str = Field(
