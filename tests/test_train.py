@@ -11,9 +11,9 @@ import torch
 
 from indexing.eval_set import load_eval_set
 from indexing.evaluate import evaluate
-from pipeline.run_dir import RunDir, read_catalogue
+from pipeline.run_dir import RunDir, read_catalogue, read_model_meta
 from tests.conftest import demo_config
-from towers.model import load_trained
+from towers.model import load_trained, model_version
 from training.checkpoint import TrainState
 from training.data import epoch_batches, load_shard, train_table
 from training.loop import run_plain, setup, track_progress
@@ -243,9 +243,6 @@ def test_averaged_training_validates_saves_and_resumes_the_average(demo_prepared
     # model.pt is the average (what is published and served); resuming restores both
     saved = torch.load(tmp_path / "ck" / "model.pt", weights_only=True)
     assert all(torch.equal(saved[k], avg[k]) for k in avg)
-    from pipeline.run_dir import read_model_meta
-    from towers.model import model_version
-
     assert read_model_meta(tmp_path / "ck").model_version == model_version(s.eval_model)
     assert model_version(s.eval_model) != model_version(s.model)
     t = setup(cfg, run_dir, torch.device("cpu"), world_size=1, rank=0)
