@@ -142,7 +142,6 @@ def epoch_end(s, state, stats) -> dict[str, float]:
 
     import ray.train
 
-    from training import checkpoint as ckpt
     from training.loop import checkpoint_meta, finish_epoch
 
     out = {}
@@ -154,8 +153,7 @@ def epoch_end(s, state, stats) -> dict[str, float]:
     out["validation"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     with tf.TemporaryDirectory() as tmp:
-        ckpt.save_checkpoint(Path(tmp), s.model, s.opt, s.scheduler, state,
-                             checkpoint_meta(s, metrics, is_best))
+        s.save(Path(tmp), state, checkpoint_meta(s, metrics, is_best))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     out["checkpoint + report"] = time.perf_counter() - t0
     return out

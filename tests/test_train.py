@@ -224,7 +224,6 @@ def test_weight_average_is_an_ema_with_warm_up_whose_span_is_in_epochs():
 
 def test_averaged_training_validates_saves_and_resumes_the_average(demo_prepared, demo_data,
                                                                    tmp_path):
-    from training import checkpoint as ckpt
     from training.loop import checkpoint_meta, finish_epoch, train_one_epoch
 
     run_dir = fresh_run(demo_prepared, tmp_path)
@@ -238,14 +237,13 @@ def test_averaged_training_validates_saves_and_resumes_the_average(demo_prepared
     # validation scored the average
     again = evaluate(s.eval_model, s.eval_set, s.catalogue)
     assert again["masked"]["HR@50"] == pytest.approx(metrics["val/HR@50"], abs=1e-9)
-    ckpt.save_checkpoint(tmp_path / "ck", s.eval_model, s.opt, s.scheduler, state,
-                         checkpoint_meta(s, metrics), raw=s.model)
+    s.save(tmp_path / "ck", state, checkpoint_meta(s, metrics))
     # model.pt is the average (what is published and served); resuming restores both
     saved = torch.load(tmp_path / "ck" / "model.pt", weights_only=True)
     assert all(torch.equal(saved[k], avg[k]) for k in avg)
     assert read_model_meta(tmp_path / "ck").model_version == model_version(s.eval_model)
     assert model_version(s.eval_model) != model_version(s.model)
     t = setup(cfg, run_dir, torch.device("cpu"), world_size=1, rank=0)
-    ckpt.load_checkpoint(tmp_path / "ck", t.eval_model, t.opt, t.scheduler, raw=t.model)
+    t.restore(tmp_path / "ck")
     assert all(torch.equal(t.model.state_dict()[k], raw[k]) for k in raw)
     assert all(torch.equal(t.eval_model.state_dict()[k], avg[k]) for k in avg)

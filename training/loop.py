@@ -68,6 +68,27 @@ class Setup:
         """One step of the weights' moving average (after each optimizer step)."""
         self.averaged.update_parameters(self.model)
 
+    def save(self, path: Path, state: ckpt.TrainState, meta: ModelMeta,
+             optimizer: bool = True) -> None:
+        """A checkpoint of the served weights.
+
+        With ``optimizer`` it also holds what resuming needs: the optimizer's state and,
+        when they differ from the served ones, the stepped weights.
+        """
+        if optimizer:
+            ckpt.save_checkpoint(path, self.eval_model, self.opt, self.scheduler, state, meta,
+                                 raw=self.model if self.averaged is not None else None)
+        else:
+            ckpt.save_checkpoint(path, self.eval_model, None, None, state, meta)
+
+    def restore(self, path: Path) -> ckpt.TrainState:
+        """Resume from a checkpoint :meth:`save` wrote; the weight average goes on."""
+        state = ckpt.load_checkpoint(path, self.eval_model, self.opt, self.scheduler,
+                                     raw=self.model if self.averaged is not None else None)
+        if self.averaged is not None:
+            self.averaged.n_averaged.fill_(max(1, state.step))
+        return state
+
 
 def make_task(cfg: Config, run: RunDir, catalogue: dict[str, np.ndarray], model: nn.Module
               ) -> tuple[nn.Module, Task]:
@@ -215,8 +236,7 @@ def run_plain(cfg: Config, run_dir: Path, log: Log = print,
         log(describe(metrics, cfg, state))
         tracker.log(metrics, step=state.epoch)
         if is_best:
-            ckpt.save_checkpoint(best_dir, s.eval_model, None, None, state,
-                                 checkpoint_meta(s, metrics))
+            s.save(best_dir, state, checkpoint_meta(s, metrics), optimizer=False)
     tracker.close()
     ckpt.publish_model(best_dir, s.run)
     return {"best_epoch": state.best_epoch, "best_metric": state.best_metric,

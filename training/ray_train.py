@@ -118,10 +118,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     restored = ray.train.get_checkpoint()
     if restored:
         with restored.as_directory() as d:
-            state = ckpt.load_checkpoint(Path(d), s.eval_model, s.opt, s.scheduler,
-                                         raw=s.model if s.averaged is not None else None)
-        if s.averaged is not None:
-            s.averaged.n_averaged.fill_(max(1, state.step))  # the average goes on, not restarts
+            state = s.restore(Path(d))
     tracker = Tracker(cfg, run_dir, enabled=rank == 0)
     stop = finished(cfg, state)
     while not stop:
@@ -137,8 +134,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         logger.info(describe(metrics, cfg, state))
         with tempfile.TemporaryDirectory() as tmp:
             meta = checkpoint_meta(s, metrics, is_best=bool(is_best))
-            ckpt.save_checkpoint(Path(tmp), s.eval_model, s.opt, s.scheduler, state, meta,
-                                 raw=s.model if s.averaged is not None else None)
+            s.save(Path(tmp), state, meta)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     tracker.close()
 
