@@ -49,6 +49,7 @@ HNSW_MAX_ITEMS = 1_000_000
 MIN_POINTS_PER_CENTROID = 39  # below this faiss warns that k-means is under-trained
 EXACT_CHUNK_ELEMENTS = 1 << 24  # scores per exact-search chunk: 64 MiB of float32
 WIDEN_MAX = 64  # longer exclusion lists are searched alone, with a selector
+DENSE_MAX_ITEMS = FLAT_MAX_ITEMS  # Flat indexes up to this size: scored and masked in numpy
 BRUTE_FORCE_MAX = 8192  # allow-lists up to this size are ranked exactly by brute force,
 # and so are those up to this fraction of the catalogue: at 10^6 items of dim 32, one thread,
 # gathering and scoring 81,512 allowed rows took 11 ms and 244,457 rows 20 ms, where HNSW32
@@ -66,8 +67,8 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     Returns:
         [N, D] float32.
     """
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]  # one call: cheaper per request
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
 
 
 def _as_float32(x: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
@@ -101,37 +102,80 @@ def _check_ids(ids: np.ndarray | torch.Tensor, count: int) -> np.ndarray:
     return ids.astype(np.int64)
 
 
-def _masked_top(scores: np.ndarray, rows: np.ndarray, exclude: list[np.ndarray],
-                k: int) -> tuple[np.ndarray, np.ndarray]:
+def _masked_top(scores: np.ndarray, rows: np.ndarray, owner: np.ndarray, banned: np.ndarray,
+                k: int, count: int) -> tuple[np.ndarray, np.ndarray]:
     """Drop each query's excluded rows, keep order, cut or pad to ``k`` columns (no loop).
 
     Args:
         scores: [Q, k'] float32, best first.
         rows: [Q, k'] int64 index rows (-1 = none).
-        exclude: Q sorted arrays of rows to remove.
+        owner: [E] int64 query of each excluded row, ascending.
+        banned: [E] int64 excluded rows (duplicates allowed).
+        k: columns to return.
+        count: rows in the index (every row and banned row is below it).
+
+    Returns:
+        ``(scores [Q, k], rows [Q, k])`` padded with ``-inf`` / ``-1``.
+    """
+    q = rows.shape[0]
+    keep = rows >= 0
+    if len(banned):  # (query, row) pairs as one sorted key; -1 rows key below any pair
+        span = count + 1
+        keys = owner * span + banned
+        keys.sort()
+        keyed = rows + (np.arange(q, dtype=np.int64) * span)[:, None]  # [Q, k']
+        keep &= keys.take(np.searchsorted(keys, keyed), mode="clip") != keyed
+    column = np.cumsum(keep, axis=1)  # 1 + where each kept entry lands
+    keep &= column <= k
+    out_scores = np.full((q, k), -np.inf, dtype=np.float32)
+    out_rows = np.full((q, k), PAD_ID, dtype=np.int64)
+    at = np.nonzero(keep)
+    to = (at[0], column[at] - 1)
+    out_scores[to] = scores[at]
+    out_rows[to] = rows[at]
+    return out_scores, out_rows
+
+
+def _dense_top(scores: np.ndarray, owner: np.ndarray, banned: np.ndarray, k: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best rows of every query's full score row, its excluded rows masked out.
+
+    A handful of array calls whatever the batch size: the excluded (query, row) pairs are
+    set to -inf in one assignment, ``argpartition`` finds each query's k best, a
+    ``lexsort`` orders them; ties go to the lower row, as in :class:`ExactTopK` (a query
+    whose k-th score is shared beyond the k-th place is re-ranked alone, stably).
+
+    Args:
+        scores: [Q, N] float32 scores of every row (overwritten).
+        owner: [E] query of each excluded row.
+        banned: [E] excluded rows.
         k: columns to return.
 
     Returns:
         ``(scores [Q, k], rows [Q, k])`` padded with ``-inf`` / ``-1``.
     """
-    q, width = rows.shape
-    keep = rows >= 0
-    lengths = [len(e) for e in exclude]
-    if sum(lengths):
-        flat = np.concatenate(exclude)
-        span = int(max(rows.max(initial=0), flat.max()) + 1)
-        owner = np.repeat(np.arange(q, dtype=np.int64), lengths)
-        banned = np.sort(owner * span + flat)  # (query, row) pairs as one sorted key
-        keyed = np.arange(q, dtype=np.int64)[:, None] * span + rows  # [Q, k']
-        at = np.minimum(np.searchsorted(banned, keyed), len(banned) - 1)
-        keep &= banned[at] != keyed
-    column = np.cumsum(keep, axis=1) - 1  # where each kept entry lands
-    keep &= column < k
+    q, n = scores.shape
+    scores[owner, banned] = -np.inf
+    kept = min(k, n)
+    at = np.arange(q)[:, None]
+    best = np.argpartition(scores, n - kept, axis=1)[:, n - kept:] if kept < n else \
+        np.tile(np.arange(n, dtype=np.intp), (q, 1))
+    top = scores[at, best]
+    if kept < n:  # equal scores across the k-th place: the lower rows win, as exact search
+        floor = top.min(axis=1)
+        crowded = np.count_nonzero(scores >= floor[:, None], axis=1) > kept
+        if crowded.any():
+            for i in np.flatnonzero(crowded & np.isfinite(floor)):  # rare: tied vectors
+                best[i] = np.argsort(-scores[i], kind="stable")[:kept]
+                top[i] = scores[i, best[i]]
+    order = np.lexsort((best, -top))  # per query: best score first, then the lower row
+    top, rows = top[at, order], best[at, order].astype(np.int64, copy=False)
+    rows[top == -np.inf] = PAD_ID  # excluded, or fewer rows than k
+    if kept == k:
+        return top, rows
     out_scores = np.full((q, k), -np.inf, dtype=np.float32)
     out_rows = np.full((q, k), PAD_ID, dtype=np.int64)
-    at = np.nonzero(keep)
-    out_scores[at[0], column[at]] = scores[at]
-    out_rows[at[0], column[at]] = rows[at]
+    out_scores[:, :kept], out_rows[:, :kept] = top, rows
     return out_scores, out_rows
 
 
@@ -184,31 +228,58 @@ class TopK:
         """Write the index file(s) beside ``ids.npy``."""
         raise NotImplementedError
 
-    def _rows_of(self, per_query: list[np.ndarray | None]) -> list[np.ndarray]:
-        """Each query's item ids as index rows (ids not indexed are dropped), in one pass."""
-        lengths = [0 if ids is None else len(ids) for ids in per_query]
-        if not sum(lengths):
-            return [np.zeros(0, np.int64) for _ in per_query]
-        flat = np.concatenate([np.asarray(ids, np.int64).ravel()
-                               for ids in per_query if ids is not None])
-        owner = np.repeat(np.arange(len(per_query)), lengths)
-        if self.__dict__.get("_identity") is None:  # the id map is often 0..N-1 itself
+    def _identity_map(self) -> bool:
+        """True when the id map is 0..N-1 itself (ids are rows); sorts the ids once if not."""
+        if self.__dict__.get("_identity") is None:
             self._identity = bool(np.array_equal(self.ids, np.arange(self.count)))
             order = np.argsort(self.ids, kind="stable")
             self._id_order, self._sorted_ids = order, self.ids[order]
-        if self._identity:
+        return self._identity
+
+    def _flat_rows(self, per_query: list[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray]:
+        """Every query's item ids as index rows, flattened: ``(owner [E], rows [E])``.
+
+        ``owner`` is each row's query (ascending); ids not indexed are dropped. One pass
+        over all queries, whatever their number.
+        """
+        lengths = [0 if ids is None else len(ids) for ids in per_query]
+        if not sum(lengths):
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        flat = np.concatenate([np.asarray(ids, np.int64).ravel()
+                               for ids in per_query if ids is not None])
+        owner = np.repeat(np.arange(len(per_query), dtype=np.int64), lengths)
+        if self._identity_map():
             found = (flat >= 0) & (flat < self.count)
-            rows = flat[found]
-        else:
-            at = np.minimum(np.searchsorted(self._sorted_ids, flat), max(self.count - 1, 0))
-            found = self._sorted_ids[at] == flat if self.count else np.zeros(len(flat), bool)
-            rows = self._id_order[at[found]]
-        bounds = np.searchsorted(owner[found], np.arange(len(per_query) + 1))
+            return (owner, flat) if found.all() else (owner[found], flat[found])
+        at = np.minimum(np.searchsorted(self._sorted_ids, flat), max(self.count - 1, 0))
+        found = self._sorted_ids[at] == flat if self.count else np.zeros(len(flat), bool)
+        return owner[found], self._id_order[at[found]]
+
+    def _rows_of(self, per_query: list[np.ndarray | None]) -> list[np.ndarray]:
+        """Each query's item ids as index rows (ids not indexed are dropped)."""
+        owner, rows = self._flat_rows(per_query)
+        bounds = np.searchsorted(owner, np.arange(len(per_query) + 1))
         return [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:
         """[R, D] float32 item vectors as searched (normalised for cosine), by index row."""
         raise NotImplementedError
+
+    def _search_excluding(self, queries: np.ndarray, k: int, owner: np.ndarray,
+                          banned: np.ndarray, longest: int) -> tuple[np.ndarray, np.ndarray]:
+        """``k`` best rows of prepared queries, each without its few excluded rows.
+
+        Searched ``k`` + ``longest`` deep (the longest exclusion list), then masked.
+
+        Args:
+            queries: [Q, D] as searched.
+            k: columns to return.
+            owner: [E] query of each excluded row, ascending.
+            banned: [E] excluded rows.
+            longest: the most excluded rows of one query.
+        """
+        width = min(k + longest, self.count)
+        return _masked_top(*self._search_rows(queries, width), owner, banned, k, self.count)
 
     def _search_alone(self, query: np.ndarray, k: int, exclude: np.ndarray,
                       allow: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -251,26 +322,33 @@ class TopK:
         for name, per_query in (("exclude", exclude), ("allow", allow)):
             if per_query is not None and len(per_query) != len(q):
                 raise ValueError(f"{name} has {len(per_query)} entries for {len(q)} queries")
-        ex = self._rows_of(exclude or [None] * len(q))
-        al = [None] * len(q)
-        limited = [i for i, a in enumerate(allow or []) if a is not None]
-        if limited:
-            for i, rows in zip(limited, self._rows_of([allow[i] for i in limited]),
-                               strict=True):
-                al[i] = np.unique(rows)
-        together = np.array([a is None and len(e) <= WIDEN_MAX
-                             for e, a in zip(ex, al, strict=True)], bool)
-        scores = np.full((len(q), k), -np.inf, dtype=np.float32)
-        rows = np.full((len(q), k), PAD_ID, dtype=np.int64)
-        if together.any():
+        n = len(q)
+        owner, banned = self._flat_rows(exclude) if exclude else (np.zeros(0, np.int64),) * 2
+        lengths = np.bincount(owner, minlength=n)  # [Q] exclusions per query
+        limited = [i for i, a in enumerate(allow or ()) if a is not None]
+        longest = int(lengths.max(initial=0))
+        if longest <= WIDEN_MAX and not limited:  # the serving case: one search, one mask
+            scores, rows = self._search_excluding(q, k, owner, banned, longest)
+        else:
+            together = lengths <= WIDEN_MAX
+            together[limited] = False
+            scores = np.full((n, k), -np.inf, dtype=np.float32)
+            rows = np.full((n, k), PAD_ID, dtype=np.int64)
             at = np.flatnonzero(together)
-            part = [ex[i] for i in at]
-            width = min(k + max(len(e) for e in part), self.count)
-            found = self._search_rows(q[at], width)
-            scores[at], rows[at] = _masked_top(*found, part, k)
-        for i in np.flatnonzero(~together):  # long exclusions, allow-lists: one by one
-            scores[i], rows[i] = self._search_alone(q[i], k, np.unique(ex[i]), al[i])
-        ids = np.where(rows >= 0, self.ids[np.maximum(rows, 0)], PAD_ID)
+            if len(at):
+                mine = together[owner]
+                position = np.cumsum(together) - 1  # query -> its row among those searched
+                scores[at], rows[at] = self._search_excluding(
+                    q[at], k, position[owner[mine]], banned[mine], int(lengths[at].max()))
+            allowed = dict(zip(limited, self._rows_of([allow[i] for i in limited]),
+                               strict=True))
+            bounds = np.searchsorted(owner, np.arange(n + 1))
+            for i in np.flatnonzero(~together):  # long exclusions, allow-lists: one by one
+                al = np.unique(allowed[i]) if i in allowed else None
+                scores[i], rows[i] = self._search_alone(
+                    q[i], k, np.unique(banned[bounds[i]:bounds[i + 1]]), al)
+        ids = rows if self._identity_map() else \
+            np.where(rows >= 0, self.ids[np.maximum(rows, 0)], PAD_ID)
         return scores, ids
 
     def save(self, directory: str | Path) -> None:
@@ -444,6 +522,27 @@ class FaissTopK(TopK):
     def _search_rows(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         scores, rows = self.index.search(queries, k)
         return scores, rows.astype(np.int64)
+
+    def _search_excluding(self, queries: np.ndarray, k: int, owner: np.ndarray,
+                          banned: np.ndarray, longest: int) -> tuple[np.ndarray, np.ndarray]:
+        """A Flat index: every score in one product, exclusions masked per query.
+
+        What faiss's Flat search computes anyway, without its per-call overhead, the
+        widened search and the mask after it. Up to ``DENSE_MAX_ITEMS`` items (larger Flat
+        indexes use faiss's search). Products are summed in float64 and rounded to
+        float32: a float32 matrix product rounds identical rows differently by where
+        they fall in its blocks, which would break ties between equal items out of row
+        order.
+        """
+        if self.__dict__.get("_dense") is None:
+            index = faiss.downcast_index(self.index)
+            self._dense = _stored_vectors(index).astype(np.float64) \
+                if isinstance(index, faiss.IndexFlat) and self.count <= DENSE_MAX_ITEMS \
+                else False
+        if self._dense is False:
+            return super()._search_excluding(queries, k, owner, banned, longest)
+        scores = (queries.astype(np.float64) @ self._dense.T).astype(np.float32)  # [Q, N]
+        return _dense_top(scores, owner, banned, k)
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:
         """[R, D] vectors of ``rows`` as the index holds them (IVF-PQ: reconstructions)."""

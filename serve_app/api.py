@@ -14,11 +14,14 @@ Every 4xx body is ``{"detail": [{"type", "loc", "msg", "input"}]}``; 404 (an unk
 
 # No ``from __future__ import annotations``: FastAPI reads the route bodies' annotations,
 # which name classes local to build_api, so they must be objects, not strings.
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -96,6 +99,39 @@ class BodyLimit:
         return await self.app(scope, counted, send)
 
 
+class JsonBodyRoute(APIRoute):
+    """A route with one JSON body model whose valid requests skip FastAPI's body machinery.
+
+    A request sent as ``application/json`` is validated by pydantic-core straight from its
+    bytes (``model_validate_json``) and handed to the endpoint; anything else (another or
+    no content type, a body that does not parse or validate) goes through FastAPI's own
+    handler, so every error keeps FastAPI's status and shape and the OpenAPI document is
+    FastAPI's. Measured in process on the demo run: FastAPI's JSON body handling costs
+    about 55 us per request more than reading the bytes and validating them here.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        """FastAPI's handler, behind the fast path for a valid JSON body."""
+        slow = super().get_route_handler()
+        if self.body_field is None:
+            return slow
+        model, endpoint = self.body_field.field_info.annotation, self.endpoint
+
+        async def handler(request: Request) -> Response:
+            content_type = next((v for k, v in request.scope["headers"]
+                                 if k == b"content-type"), b"")
+            if content_type.split(b";", 1)[0].strip().lower() == b"application/json":
+                try:
+                    body = model.model_validate_json(await request.body())
+                except ValidationError:
+                    pass  # FastAPI's handler reads the same bytes and names the errors
+                else:
+                    return await endpoint(body)
+            return await slow(request)
+
+        return handler
+
+
 def _errors(status: int, errors: list[dict[str, Any]]) -> JSONResponse:
     return JSONResponse(status_code=status, content={"detail": errors})
 
@@ -156,16 +192,19 @@ def build_api(service: Service, cfg: ServeConfig) -> FastAPI:
     async def score(body: models.score) -> Response:
         return Response(content=await service.score(body), media_type=JSON)
 
-    app.post("/recommend", response_model=RecommendResponse, responses=_documented(400, 413, 422),
-             summary="The top k catalogue items for a user",
-             description="For a known user id, raw features and/or a history; optionally "
-             "within a filter or an allow-list.")(recommend)
-    app.post("/similar-items", response_model=SimilarItemsResponse,
-             responses=_documented(400, 404, 413, 422),
-             summary="The catalogue items nearest to one item")(similar_items)
-    app.post("/score", response_model=ScoreResponse,
-             responses=_documented(400, 404, 413, 422),
-             summary="The user's score for each given item, in request order")(score)
+    routes = APIRouter(route_class=JsonBodyRoute)
+    routes.post("/recommend", response_model=RecommendResponse,
+                responses=_documented(400, 413, 422),
+                summary="The top k catalogue items for a user",
+                description="For a known user id, raw features and/or a history; optionally "
+                "within a filter or an allow-list.")(recommend)
+    routes.post("/similar-items", response_model=SimilarItemsResponse,
+                responses=_documented(400, 404, 413, 422),
+                summary="The catalogue items nearest to one item")(similar_items)
+    routes.post("/score", response_model=ScoreResponse,
+                responses=_documented(400, 404, 413, 422),
+                summary="The user's score for each given item, in request order")(score)
+    app.include_router(routes)
     app.get("/healthz", response_model=HealthResponse,
             summary="Liveness and the model version served")(service.health)
     app.get("/version", response_model=VersionResponse,

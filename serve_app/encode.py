@@ -111,9 +111,7 @@ class RequestEncoder:
         self.item_map = IdMap(catalogue[fitted.item_id])
         cols = tower_columns(users.column_names, USER)
         self.stored = {c: column_to_numpy(users[c]) for c in cols}  # [U, ...] each
-        seen = users[SEEN].combine_chunks()
-        self.seen_offsets = np.asarray(seen.offsets, dtype=np.int64)
-        self.seen_rows = seen.values.to_numpy(zero_copy_only=False).astype(np.int64)
+        self.seen_offsets, self.seen_rows = _distinct_per_user(users[SEEN])
         self.key = fitted.user_id
         self.id_features = id_feature_names(self.state, fitted.user_id)
         self.sequences = {n: s for n, s in self.state.features.items()
@@ -162,7 +160,7 @@ class RequestEncoder:
         row = self.user_row(query.user_id)
         if row >= 0:
             columns = {c: a[row:row + 1] for c, a in self.stored.items()}
-            seen = np.unique(self.seen_rows[self.seen_offsets[row]:self.seen_offsets[row + 1]])
+            seen = self.seen_rows[self.seen_offsets[row]:self.seen_offsets[row + 1]]
         else:
             columns = dict(self.absent)
             columns.update(self._id_columns(query.user_id))
@@ -211,6 +209,23 @@ class RequestEncoder:
             ids[name] = encode_sequence(lists, st.vocab_index(), st.max_length)  # [1, L]
             at[name] = pad_bags(rows + 1, offsets, st.max_length, pre=True) - 1  # -1: padding
         return history_columns(self.state, ids, at, self.item_features)
+
+
+def _distinct_per_user(seen: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's seen rows, sorted and distinct, once at load: ``(offsets [U + 1], rows)``.
+
+    A request then takes its user's slice as it is (no sort per request).
+    """
+    seen = seen.combine_chunks()
+    offsets = np.asarray(seen.offsets, dtype=np.int64)
+    values = seen.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    values = values[offsets[0]:offsets[-1]]
+    owner = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    order = np.lexsort((values, owner))
+    owner, values = owner[order], values[order]
+    first = np.r_[True, (owner[1:] != owner[:-1]) | (values[1:] != values[:-1])]
+    counts = np.bincount(owner[first], minlength=len(offsets) - 1)
+    return np.r_[0, np.cumsum(counts)].astype(np.int64), values[first]
 
 
 def _id_array(ids: list[Any]) -> pa.Array:

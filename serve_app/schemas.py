@@ -175,9 +175,9 @@ class ReloadConfig(_Strict):
     model_config = ConfigDict(extra="forbid", strict=False)
 
     run_dir: str = Field(description="Run directory to serve (model/, index/, prepared/).")
-    max_batch_size: int | None = Field(default=None, ge=1, description="@serve.batch size.")
+    max_batch_size: int | None = Field(default=None, ge=1, description="Most requests per batch.")
     batch_wait_timeout_s: float | None = Field(
-        default=None, ge=0, description="@serve.batch wait in seconds.")
+        default=None, ge=0, description="How long a batch waits for more requests, in seconds.")
 
 
 @dataclass(frozen=True)

@@ -282,6 +282,29 @@ def test_masked_top_keeps_order_and_pads():
     # row 0 drops 7 and 3 -> [5, 1, -1]; row 1 drops nothing -> cut to 3; -1 never kept
     scores = np.array([[9, 8, 7, 6, 5], [4, 3, 2, 1, 0]], np.float32)
     rows = np.array([[7, 5, 3, 1, -1], [0, 2, 4, 6, 8]])
-    s, r = _masked_top(scores, rows, [np.array([3, 7]), np.zeros(0, np.int64)], 3)
+    s, r = _masked_top(scores, rows, np.array([0, 0]), np.array([7, 3]), 3, 9)
     assert r.tolist() == [[5, 1, -1], [0, 2, 4]]
     assert s[0, :2].tolist() == [8, 6] and np.isneginf(s[0, 2]) and s[1].tolist() == [4, 3, 2]
+
+
+def test_flat_scored_in_numpy_equals_faiss_flat_search(filtered_case, monkeypatch):
+    """Flat indexes up to DENSE_MAX_ITEMS are scored and masked in numpy: same answers as
+    faiss's own Flat search widened and masked (the path of larger Flat indexes)."""
+    import indexing.topk as topk_module
+
+    items, ids, queries, exclude, _ = filtered_case
+    short = [e[:60] for e in exclude]  # every list short enough to be searched together
+    dense = build_topk(items, ids, "cosine", "Flat")
+    got = dense.search(queries, 25, exclude=short)
+    assert dense._dense is not False  # the numpy path ran
+    monkeypatch.setattr(topk_module, "DENSE_MAX_ITEMS", 0)
+    searched = build_topk(items, ids, "cosine", "Flat")
+    want = searched.search(queries, 25, exclude=short)
+    assert searched._dense is False
+    assert np.array_equal(got[1], want[1]) and np.allclose(got[0], want[0], atol=1e-6)
+    assert not any(np.isin(got[1][i], short[i]).any() for i in range(len(queries)))
+    # k beyond the catalogue: every row but the excluded, then padding, on both paths
+    few = build_topk(items[:30], ids[:30], "dot", "Flat")
+    s, r = few.search(queries[:2], 40, exclude=[ids[:5], None])
+    assert (r[0] >= 0).sum() == 25 and (r[1] >= 0).sum() == 30
+    assert np.isneginf(s[0, 25:]).all() and (r[0, 25:] == -1).all()

@@ -37,10 +37,10 @@ class ServeConfig(StrictModel):
         "in memory); false runs the tower for every request.")
     batching: bool = Field(
         default=True, description="Run the user tower and the index search once for the "
-        "requests that arrive together (@serve.batch); false answers each on its own.")
-    max_batch_size: int = Field(default=16, ge=1, description="@serve.batch size.")
+        "requests that arrive together (serve_app.batching); false answers each on its own.")
+    max_batch_size: int = Field(default=16, ge=1, description="Most requests per batch.")
     batch_wait_timeout_s: float = Field(
-        default=0.0, ge=0, description="@serve.batch wait for more requests; 0 batches "
+        default=0.0, ge=0, description="How long a batch waits for more requests; 0 batches "
         "what queued while the previous batch ran, adding no wait at low load.")
     max_k: int = Field(default=1000, ge=1, description="Largest k; most item_ids in /score.")
     max_history: int = Field(default=1000, ge=1, description="Longest history accepted.")
