@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
+
+from serve_app.ingress import free_port
 
 _ENV_DEFAULTS = {
     "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "120",
@@ -58,7 +59,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     else:
         for key, value in _LOCAL_ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)
-        port = _free_port()
+        port = free_port()
         api = f"http://127.0.0.1:{port}"
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
                  dashboard_host="127.0.0.1", dashboard_port=port,
@@ -74,9 +75,3 @@ def quiet_ray_data() -> None:
     for name in ("ray.data._internal.progress", "ray.data.dataset"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
-
-def _free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import socket
 import sys
 import tempfile
@@ -67,8 +68,26 @@ def ingress_env(mode: Ingress | str) -> dict[str, str]:
     return env
 
 
-def free_port() -> int:
-    """An unused TCP port on 127.0.0.1 (free when asked; bind it soon)."""
+# Ports handed out for a Ray about to start: below Linux's ephemeral range (32768 up), where
+# the processes Ray starts take their own random ports, and above Ray's worker ports
+# (10002-19999). A port from the ephemeral range was once taken by one of them between the
+# choice and Serve's bind ("Failed to bind to address", tests/test_serve_bench.py).
+PORT_RANGE = (20_000, 32_000)
+
+
+def free_port(attempts: int = 50) -> int:
+    """An unused TCP port on 127.0.0.1 in ``PORT_RANGE`` (free when asked; bind it soon).
+
+    Falls back to one the system picks when ``attempts`` random ports are all taken.
+    """
+    for _ in range(attempts):
+        port = random.randrange(*PORT_RANGE)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -90,7 +109,7 @@ def isolated_env(mode: Ingress | str, scratch: str | None = None) -> dict[str, s
     env = ingress_env(mode)
     if Ingress(mode) is Ingress.PROXY:
         return env
-    base = 20_000 + free_port() % 20_000  # a port range of its own, most likely unused
+    base = random.randrange(PORT_RANGE[0], PORT_RANGE[1] - 400)  # a range of its own
     env.update({
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(base),
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(base + 200),
