@@ -7,12 +7,13 @@ are padded with id ``-1`` and score ``-inf``.
 
 Exclusions and allow-lists apply per query, so one long list never widens its neighbours'
 search: queries with at most ``WIDEN_MAX`` exclusions and no allow-list are searched
-together with ``k`` + their longest exclusion list and masked in one vectorised step; each
-other query is searched alone, by brute force over its allowed items when they are at most
-``BRUTE_FORCE_MAX`` or ``BRUTE_FORCE_FRACTION`` of the catalogue (exact), else through the
-index with a faiss ``IDSelector`` (a bitmap of the allowed items, a hash set of the excluded
-ones), falling back to brute force when a
-graph search under a selective filter returns fewer than ``k`` of the items that qualify.
+together, with ``k`` + their longest exclusion list and masked in one vectorised step (a
+Flat index up to ``DENSE_MAX_ITEMS``: every score in one product, the excluded pairs set
+to -inf); each other query is searched alone, by brute force over its allowed items when
+they are at most ``BRUTE_FORCE_MAX`` or ``BRUTE_FORCE_FRACTION`` of the catalogue (exact),
+else through the index with a faiss ``IDSelector`` (a bitmap of the allowed items, a hash
+set of the excluded ones), falling back to brute force when a graph search under a
+selective filter returns fewer than ``k`` of the items that qualify.
 
 The similarity decides both normalisation and metric: ``cosine`` L2-normalises items and
 queries and uses inner product; ``dot`` uses inner product on the raw vectors.

@@ -227,6 +227,8 @@ def _distinct_per_user(seen: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     offsets = np.asarray(seen.offsets, dtype=np.int64)
     values = seen.values.to_numpy(zero_copy_only=False).astype(np.int64)
     values = values[offsets[0]:offsets[-1]]
+    if not len(values):
+        return np.zeros(len(offsets), np.int64), values
     owner = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
     order = np.lexsort((values, owner))
     owner, values = owner[order], values[order]
