@@ -9,7 +9,7 @@ warm-up, then ``--seconds`` of closed-loop load from ``benchmarks.loadgen`` (``w
 installed). The load generator shares the machine's two cores with the server.
 
 1. The demo run (5,000 users, 2,000 items, Flat index; ``--tiny``: 300 / 120):
-   HAProxy ingress with @serve.batch (the shipped default), HAProxy without batching, the
+   HAProxy ingress with batching (the shipped default), HAProxy without batching, the
    Serve proxy, and direct ingress (the replica's own port), each beside its own floor.
 2. The 10^6-item run (skipped by ``--tiny`` / ``--skip-large``): generated demo data with
    10^6 items, trained one epoch, the index chosen by the default rule (HNSW32), served
