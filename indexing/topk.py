@@ -103,8 +103,9 @@ def _check_ids(ids: np.ndarray | torch.Tensor, count: int) -> np.ndarray:
                          "integers, one per embedding row")
     if count and ids.min() < 0:
         raise ValueError(f"ids must be >= 0 ({PAD_ID} marks padding); got {ids.min()}")
-    if len(distinct(ids)) != count:
-        raise ValueError(f"ids has {count - len(distinct(ids))} duplicate(s); the id map "
+    duplicates = count - len(distinct(ids))
+    if duplicates:
+        raise ValueError(f"ids has {duplicates} duplicate(s); the id map "
                          "needs one row per item")
     return ids.astype(np.int64)
 

@@ -229,12 +229,12 @@ def _distinct_per_user(seen: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     values = values[offsets[0]:offsets[-1]]
     if not len(values):
         return np.zeros(len(offsets), np.int64), values
-    owner = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
-    order = np.lexsort((values, owner))
-    owner, values = owner[order], values[order]
-    first = np.r_[True, (owner[1:] != owner[:-1]) | (values[1:] != values[:-1])]
-    counts = np.bincount(owner[first], minlength=len(offsets) - 1)
-    return np.r_[0, np.cumsum(counts)].astype(np.int64), values[first]
+    users = len(offsets) - 1
+    span = int(values.max()) + 2  # (user, row + 1) as one key: row -1 stays in its user
+    owner = np.repeat(np.arange(users, dtype=np.int64), np.diff(offsets))
+    keys = distinct(owner * span + values + 1)
+    counts = np.bincount(keys // span, minlength=users)
+    return np.r_[0, np.cumsum(counts)].astype(np.int64), keys % span - 1
 
 
 def _id_array(ids: list[Any]) -> pa.Array:
