@@ -20,8 +20,10 @@ TIMESTAMP, WEIGHT = "timestamp", "weight"
 ITEM_INDEX = "item_index"  # catalogue row of the interaction's item
 IMPRESSIONS = "impressions"  # [L] catalogue rows shown but not clicked (-1 = padding)
 SEEN = "seen_item_index"  # users.parquet: every catalogue row the user interacted with
-# prepared/sequences/: each window's catalogue rows [L + 1] (-1 = padding) and their weights
+# prepared/sequences/: each window's catalogue rows [L + 1] (-1 = padding), their weights
+# and their timestamps (the int64 minimum at padding)
 SEQUENCE_ITEMS, SEQUENCE_WEIGHTS = "sequence_item_index", "sequence_weight"
+SEQUENCE_TIMES = "sequence_timestamp"
 MISSING = "missing"  # suffix of a numeric feature's null flag
 
 V = TypeVar("V")
@@ -64,5 +66,5 @@ def model_columns(names: list[str]) -> list[str]:
 
     For a sequence window: the user tower's columns, its items and their weights.
     """
-    extra = (ITEM_INDEX, WEIGHT, IMPRESSIONS, SEQUENCE_ITEMS, SEQUENCE_WEIGHTS)
+    extra = (ITEM_INDEX, WEIGHT, IMPRESSIONS, SEQUENCE_ITEMS, SEQUENCE_WEIGHTS, SEQUENCE_TIMES)
     return [c for c in names if c.startswith((prefix(USER), prefix(ITEM))) or c in extra]

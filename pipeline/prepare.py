@@ -10,7 +10,8 @@ This is pipeline's only Ray-facing module. Outputs under ``RUN_DIR/prepared/``:
 - ``sequences/``: the training split cut into windows per user (when the user features
   have one sequence feature, or ``sequence.feature`` names one): ``max_length + 1`` items
   each, oldest first and pre-padded, with the user's static features, the history columns
-  over the window and each item's catalogue row and weight (the sequence training mode);
+  over the window and each item's catalogue row, weight and timestamp (the sequence
+  training mode);
 - ``items.parquet``: the encoded catalogue, one row per item, in ``item_index`` order;
 - ``users.parquet``: the encoded features and latest full history of every known user,
   plus ``seen_item_index`` (for serving: a known user id alone is enough);

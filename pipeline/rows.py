@@ -30,6 +30,7 @@ from pipeline.columns import (
     ITEM_KEY,
     SEEN,
     SEQUENCE_ITEMS,
+    SEQUENCE_TIMES,
     SEQUENCE_WEIGHTS,
     TIMESTAMP,
     USER,
@@ -276,8 +277,9 @@ def build_sequence_rows(windows: np.ndarray, ctx: RowContext, sequence: str
     Returns:
         The user's key and static features (as of the window's newest item), the history
         columns of ``sequence`` over the whole window (``user__SEQ``, ``user__SEQ__F``:
-        [W, L + 1]), :data:`SEQUENCE_ITEMS` (catalogue rows, -1 = padding) and
-        :data:`SEQUENCE_WEIGHTS` (``data.weight`` of each item, 0 at padding).
+        [W, L + 1]), :data:`SEQUENCE_ITEMS` (catalogue rows, -1 = padding),
+        :data:`SEQUENCE_WEIGHTS` (``data.weight`` of each item, 0 at padding) and
+        :data:`SEQUENCE_TIMES` (each item's timestamp, the int64 minimum at padding).
     """
     newest = windows[:, -1]
     out = {USER_KEY: ctx.user_id[newest]}
@@ -290,6 +292,8 @@ def build_sequence_rows(windows: np.ndarray, ctx: RowContext, sequence: str
     real, safe = windows >= 0, np.maximum(windows, 0)
     out[SEQUENCE_ITEMS] = np.where(real, ctx.item_index[safe], -1).astype(np.int64)
     out[SEQUENCE_WEIGHTS] = np.where(real, ctx.weight[safe], 0).astype(np.float32)
+    out[SEQUENCE_TIMES] = np.where(real, ctx.timestamp[safe],
+                                   np.iinfo(np.int64).min).astype(np.int64)
     return out
 
 
@@ -301,8 +305,9 @@ def outputs(ctx: RowContext, inter: Interactions, cfg: C.Config
     """What prepare writes per folder: ``(name, rows to build, build function)``.
 
     The three splits (one row per interaction), and ``sequences`` (the training split cut
-    into windows of the window sequence's ``max_length + 1`` items per user) when the user
-    features resolve one (:func:`pipeline.config.checks.window_feature`).
+    into windows of the window sequence's ``max_length + 1`` items per user, ends
+    ``sequence.window_stride`` apart) when the user features resolve one
+    (:func:`pipeline.config.checks.window_feature`).
     """
     parts: list[tuple[str, np.ndarray, RowBuild]] = [
         (name, inter.split.rows(code), build_rows) for code, name in split.SPLIT_NAMES.items()]
@@ -312,7 +317,8 @@ def outputs(ctx: RowContext, inter: Interactions, cfg: C.Config
     if sequence is not None:
         length = ctx.seq_specs[sequence][0] + 1
         windows = split.sequence_windows(inter.split.rows(split.TRAIN),
-                                         inter.split.group_start, length)
+                                         inter.split.group_start, length,
+                                         cfg.sequence.window_stride)
         parts.append((SEQUENCES, windows, partial(build_sequence_rows, sequence=sequence)))
     return parts
 

@@ -78,26 +78,34 @@ def history_windows(positions: np.ndarray, group_start: np.ndarray, max_length: 
     return np.where(cols >= group_start[positions][:, None], cols, -1)
 
 
-def sequence_windows(positions: np.ndarray, group_start: np.ndarray, length: int) -> np.ndarray:
+def sequence_windows(positions: np.ndarray, group_start: np.ndarray, length: int,
+                     stride: int | None = None) -> np.ndarray:
     """Cut each user's training positions into windows of ``length`` items, newest last.
 
     ``positions`` holds the training split's sorted positions; a user's are contiguous and
     oldest first. The newest window ends at the user's last training item; each older one
-    ends where the next one starts, so consecutive windows share one item and every
-    transition (item t -> item t + 1) lies inside exactly one window. The oldest window is
-    pre-padded. Users with fewer than two training items give no window (nothing to
-    predict from anything).
+    ends ``stride`` items earlier, until one reaches the user's first item. With the
+    default stride (``length - 1``) consecutive windows share one item and every
+    transition (item t -> item t + 1) lies inside exactly one window; a smaller stride
+    overlaps them, so a transition lies in about ``(length - 1) / stride`` windows, at
+    different places. The oldest window is pre-padded. Users with fewer than two training
+    items give no window (nothing to predict from anything).
 
     Args:
         positions: [N] sorted positions of the training rows, grouped by user.
         group_start: [N'] first sorted position of each position's user (all rows).
         length: items per window, L + 1 (L inputs and their L next items).
+        stride: items between the ends of consecutive windows, 1 .. L (None: L).
 
     Returns:
         [W, length] int64 sorted positions, -1 = padding, oldest user first.
     """
     if length < 2:
         raise ValueError(f"a training window needs at least 2 items, got length {length}")
+    step = length - 1 if stride is None else stride
+    if not 1 <= step <= length - 1:
+        raise ValueError(f"window stride {step} is outside 1 .. {length - 1} (windows of "
+                         f"{length} items)")
     if not len(positions):
         return np.zeros((0, length), np.int64)
     owner = group_start[positions]
@@ -105,7 +113,6 @@ def sequence_windows(positions: np.ndarray, group_start: np.ndarray, length: int
     count = np.diff(np.r_[first, len(positions)])  # [U] training items per user
     keep = count >= 2
     first, count = first[keep], count[keep]
-    step = length - 1
     windows = 1 + np.maximum(0, -(-(count - length) // step))  # [U] ceil, at least one
     user = np.repeat(np.arange(len(count)), windows)  # [W]
     newest_first = np.arange(len(user)) - np.repeat(np.cumsum(windows) - windows, windows)

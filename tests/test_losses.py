@@ -114,6 +114,22 @@ def test_composed_loss_hand_worked():
     assert got.item() == pytest.approx((L1P + math.log(1.5 + math.exp(-2))) / 2, rel=1e-6)
 
 
+def test_banned_columns_leave_the_softmax():
+    # scores / 0.5 = [[2, 0, 2], [0, 2, 2]]; row 0 bans column 2, row 1 bans nothing:
+    # row 0 CE = log(e^2 + 1) - 2 = log(1 + e^-2); row 1 = log(1 + 2 e^-2)... as unbanned
+    q = torch.eye(2)
+    cand = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    cfg = LossConfig(mask_accidental_hits=False, logq_correction=False)
+    banned = torch.tensor([[False, False, True], [False, False, False]])
+    got = retrieval_loss(q, cand, torch.tensor([0, 1]), torch.tensor([3, 4, 9]), cfg, 0.5,
+                         banned=banned)
+    row1 = math.log(math.exp(0) + math.exp(2) + math.exp(2)) - 2
+    assert got.item() == pytest.approx((L1P + row1) / 2, rel=1e-6)
+    with pytest.raises(ValueError, match=r"banned \(2, 2\) must be \[B, N\]"):
+        retrieval_loss(q, cand, torch.tensor([0, 1]), torch.tensor([3, 4, 9]), cfg, 0.5,
+                       banned=banned[:, :2])
+
+
 L1P1 = math.log1p(math.exp(-1.0))  # log(1 + e^-1) = 0.313262
 Q2 = torch.tensor([[2.0, 0.0], [0.0, 1.0]])  # with candidates I: scores [[2, 0], [0, 1]]
 PLAIN = {"logq_correction": False, "mask_accidental_hits": False}

@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from indexing.batches import to_tensors
-from pipeline.columns import SEQUENCE_ITEMS, SEQUENCE_WEIGHTS, USER, tower_columns, tower_inputs
+from pipeline.columns import (
+    SEQUENCE_ITEMS,
+    SEQUENCE_TIMES,
+    SEQUENCE_WEIGHTS,
+    USER,
+    tower_columns,
+    tower_inputs,
+)
 from pipeline.config import Objective
 from pipeline.config.checks import sequence_mode
 from pipeline.config.model import TowerConfig, TransformerConfig
@@ -22,9 +29,10 @@ from towers.bodies import SequenceTransformer
 from towers.exported import ExportedTower
 from towers.model import load_trained
 from training.loop import run_plain, setup
-from training.sequence import history_keys, positions_of
+from training.sequence import history_keys, positions_of, seen_mask, shuffle_ties
 
 CLM = SEQUENCE_OVERRIDES
+MIN_TIME = int(np.iinfo(np.int64).min)  # a padded position's timestamp
 MLM = ("model.user.type=transformer", "model.user.transformer.causal=false",
        "model.user.transformer.dim=16", "model.user.transformer.num_layers=1",
        "sequence.objective=mlm", "sequence.mask_probability=0.3", "train.batch_size=16")
@@ -49,14 +57,15 @@ def test_windows_cover_every_transition_once_and_only_training_rows():
     assert len(pairs) == sum(len(row[row >= 0]) - 1 for row in w)  # each transition once
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
 def test_windows_against_a_per_user_oracle(seed):
     rng = np.random.default_rng(seed)
     users = rng.integers(0, 30, 400)
     sp = leave_last_out(users, rng.integers(0, 50, 400), min_interactions=3)
     train = sp.rows(TRAIN)
     length = int(rng.integers(2, 9))
-    got = sequence_windows(train, sp.group_start, length)
+    stride = None if seed < 3 else int(rng.integers(1, length))
+    got = sequence_windows(train, sp.group_start, length, stride)
     expected = []
     for start in np.unique(sp.group_start):
         mine = [p for p in train if sp.group_start[p] == start]
@@ -67,9 +76,27 @@ def test_windows_against_a_per_user_oracle(seed):
             rows.append([-1] * (length - len(window)) + window)
             if end - length <= 0:
                 break
-            end -= length - 1
+            end -= length - 1 if stride is None else stride
         expected += rows[::-1]
     assert got.tolist() == expected
+
+
+def test_overlapping_windows_give_each_transition_more_of_its_past():
+    # one user, training items 0..9; windows of 4 items (3 transitions) ending 2 apart
+    w = sequence_windows(np.arange(10), np.zeros(12, np.int64), length=4, stride=2)
+    assert w.tolist() == [[0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 6, 7], [6, 7, 8, 9]]
+    # transitions inside the two-item overlaps (2->3, 4->5, 6->7) lie in two windows
+    times = [sum(1 for row in w.tolist() for a, b in zip(row[:-1], row[1:], strict=True)
+                 if (a, b) == (i, i + 1)) for i in range(9)]
+    assert times == [1, 1, 2, 1, 2, 1, 2, 1, 1]
+    with pytest.raises(ValueError, match="stride 4 is outside 1 .. 3"):
+        sequence_windows(np.arange(10), np.zeros(12, np.int64), length=4, stride=4)
+
+
+def test_window_stride_longer_than_the_history_is_refused(demo_data):
+    with pytest.raises(ValueError, match=r"window_stride=60 is longer than the 'history' "
+                                         r"history's max_length=50"):
+        demo_config(demo_data, *CLM, "sequence.window_stride=60")
 
 
 # -- clm / mlm worked by hand on a 5-item sequence ---------------------------------------
@@ -111,6 +138,71 @@ def test_mlm_masks_positions_that_predict_their_own_item():
     pad = positions_of(_window_batch([-1, -1, 2, 3, 4, 5]), frozenset({"history"}),
                        Objective.MLM, 0.99, torch.Generator().manual_seed(1))
     assert not pad.masked[0, 0] and pad.masked[0, 1:].all()
+
+
+# -- ties shuffled within equal timestamps ----------------------------------------------
+
+
+def test_shuffle_ties_reorders_only_within_equal_timestamps_and_moves_every_column():
+    items = [-1, -1, 1, 2, 3, 4, 5, 6, 7]
+    times = [MIN_TIME, MIN_TIME, 5, 7, 7, 7, 9, 9, 12]
+    batch = _window_batch(items) | {SEQUENCE_TIMES: torch.tensor([times]),
+                                    SEQUENCE_WEIGHTS: torch.tensor([[0, 0, 1, 2, 3, 4, 5, 6,
+                                                                     7.0]])}
+    gen = torch.Generator().manual_seed(0)
+    orders = set()
+    for _ in range(200):
+        out = shuffle_ties(batch, frozenset({"history"}), gen)
+        got = out[SEQUENCE_ITEMS][0].tolist()
+        orders.add(tuple(got))
+        assert out[SEQUENCE_TIMES][0].tolist() == times  # runs stay where they are
+        assert got[:3] == [-1, -1, 1] and got[-1] == 7  # padding, single-item runs kept
+        assert sorted(got[3:6]) == [2, 3, 4] and sorted(got[6:8]) == [5, 6]
+        # the history ids (items + 10) and weights travel with their item
+        assert out["user__history"][0].tolist() == [i + 10 if i >= 0 else 0 for i in got]
+        assert out[SEQUENCE_WEIGHTS][0].tolist() == [max(i, 0) for i in got]
+        assert out["user__age"].tolist() == [3]
+    assert len(orders) == 3 * 2 * 2  # every order of the 3-tie and of the 2-tie appears
+
+
+def test_shuffle_ties_leaves_distinct_times_alone_and_asks_for_a_new_prepare():
+    batch = _window_batch([-1, 1, 2, 3]) | {SEQUENCE_TIMES: torch.tensor([[MIN_TIME, 1, 2, 3]])}
+    out = shuffle_ties(batch, frozenset({"history"}), torch.Generator().manual_seed(0))
+    assert all(torch.equal(out[k], batch[k]) for k in batch)
+    with pytest.raises(ValueError, match="run jobs.prepare again"):
+        shuffle_ties(_window_batch([-1, 1, 2, 3]), frozenset({"history"}))
+
+
+# -- the items a position's user already had leave its candidates ------------------------
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_seen_mask_against_a_loop(seed, causal):
+    rng = np.random.default_rng(seed)
+    window = torch.as_tensor(rng.integers(0, 12, (6, 8)))  # repeats included
+    window[:, :3] = torch.where(torch.as_tensor(rng.random((6, 3)) < 0.5), -1, window[:, :3])
+    trained = (window >= 0) & torch.as_tensor(rng.random((6, 8)) < 0.7)
+    cands = torch.as_tensor(rng.permutation(14)[:10])  # some ids are in no window
+    positive = torch.as_tensor(rng.integers(0, 10, int(trained.sum())))  # columns
+    got = seen_mask(window, cands, trained, positive, causal)
+    expected = []
+    for p, (b, t) in enumerate(trained.nonzero().tolist()):
+        visible = window[b, :t + 1] if causal else window[b]
+        seen = {int(i) for i in visible if i >= 0}
+        expected.append([int(c) in seen and j != int(positive[p])
+                         for j, c in enumerate(cands.tolist())])
+    assert got.tolist() == expected
+
+
+def test_seen_mask_worked_by_hand():
+    # inputs [pad, 3, 1, 3]; position t predicts targets [1, 3, 2, 5]; candidates 0..5
+    window = torch.tensor([[-1, 3, 1, 3]])
+    trained = torch.tensor([[False, True, True, True]])
+    got = seen_mask(window, torch.arange(6), trained, torch.tensor([1, 2, 3]), causal=True)
+    assert got.int().tolist() == [[0, 0, 0, 1, 0, 0],  # sees 3; its target 1 stays
+                                  [0, 1, 0, 1, 0, 0],  # sees 3, 1
+                                  [0, 1, 0, 0, 0, 0]]  # sees 3, 1, 3; target 3 is a repeat
 
 
 def _changed_positions(layer: SequenceTransformer, j: int, masked=None) -> list[int]:
@@ -175,19 +267,22 @@ def test_sequences_hold_each_users_training_items_in_order_and_nothing_else(demo
     run = RunDir(demo_prepared)
     seqs = read_split(run, "sequences").to_pydict()
     train = read_split(run, "train", ["user_id", "item_index", "timestamp"]).to_pydict()
-    rebuilt: dict[int, list[int]] = {}
-    for user, items in zip(seqs["user_id"], seqs[SEQUENCE_ITEMS], strict=True):
-        real = [i for i in items if i >= 0]
+    rebuilt: dict[int, list[tuple[int, int]]] = {}
+    for user, items, times in zip(seqs["user_id"], seqs[SEQUENCE_ITEMS],
+                                  seqs[SEQUENCE_TIMES], strict=True):
+        real = [(i, t) for i, t in zip(items, times, strict=True) if i >= 0]
+        assert all(t == MIN_TIME for i, t in zip(items, times, strict=True) if i < 0)
         mine = rebuilt.setdefault(user, [])
         if mine:  # consecutive windows share one item
             assert mine[-1] == real[0]
             real = real[1:]
         mine.extend(real)
-    expected: dict[int, list[int]] = {}
-    for user, item in zip(train["user_id"], train["item_index"], strict=True):
-        expected.setdefault(user, []).append(item)  # prepare writes (user, time) order
-    # every user with >= 2 training items, exactly their training items, oldest first:
-    # no validation or test interaction is an input or a label of any training position
+    expected: dict[int, list[tuple[int, int]]] = {}
+    for user, item, time in zip(train["user_id"], train["item_index"], train["timestamp"],
+                                strict=True):
+        expected.setdefault(user, []).append((item, time))  # prepare writes (user, time) order
+    # every user with >= 2 training items, exactly their training items (and times), oldest
+    # first: no validation or test interaction is an input or a label of any training position
     assert rebuilt == {u: v for u, v in expected.items() if len(v) >= 2}
     # the history columns are the same windows in the history vocabulary
     hist = np.array(seqs["user__history"])

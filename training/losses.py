@@ -47,7 +47,7 @@ def mask_scores(scores: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
     Returns:
         [B, N] scores.
     """
-    return torch.where(drop, torch.full_like(scores, mask_value(scores.dtype)), scores)
+    return scores.masked_fill(drop, mask_value(scores.dtype))
 
 
 def apply_temperature(scores: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
@@ -326,6 +326,7 @@ def retrieval_loss(
     weights: torch.Tensor | None = None,
     weight_total: torch.Tensor | float | None = None,
     num_items: int | None = None,
+    banned: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The retrieval loss of a batch: (weighted) mean over rows of softmax CE, BCE or gBCE.
 
@@ -352,20 +353,26 @@ def retrieval_loss(
         weights: [B] per-row loss weights (``data.weight``), finite and >= 0.
         weight_total: the weights' normaliser; default ``weights.sum()``.
         num_items: catalogue size; required by ``kind=gbce`` (its beta).
+        banned: [B, N] bool shared candidates left out of each row's loss (e.g. items the
+            user already had); never a row's positive.
 
     Returns:
         Scalar (weighted) mean loss.
     """
     _check_inputs(query, candidates, positive_index, candidate_ids, cfg, candidate_log_q,
                   row_negatives, row_negative_ids)
-    scores = apply_temperature(query @ candidates.T, temperature)  # [B, N]
+    if banned is not None and banned.shape != (len(query), len(candidates)):
+        raise ValueError(f"banned {tuple(banned.shape)} must be [B, N] = "
+                         f"{(len(query), len(candidates))}")
+    query = apply_temperature(query, temperature)  # (q / t) @ c = (q @ c) / t, on [B, D]
+    scores = query @ candidates.T  # [B, N]
     if cfg.logq_correction:
         scores = logq_correction(scores, candidate_log_q)
     column_ids = candidate_ids.expand(len(query), -1)  # [B, N]
-    drop = torch.zeros_like(scores, dtype=torch.bool)
+    drop = torch.zeros_like(scores, dtype=torch.bool) if banned is None else banned
     if row_negatives is not None:
         row_scores = torch.einsum("bd,bmd->bm", query, row_negatives)  # [B, M]
-        scores = torch.cat([scores, apply_temperature(row_scores, temperature)], dim=1)
+        scores = torch.cat([scores, row_scores], dim=1)
         column_ids = torch.cat([column_ids, row_negative_ids], dim=1)  # [B, N + M]
         drop = torch.cat([drop, row_negative_ids < 0], dim=1)
     if cfg.mask_accidental_hits:

@@ -15,6 +15,10 @@ Candidates are the whole catalogue through the item tower (full softmax, no samp
 log-Q) or, above ``sequence.full_softmax_max_items``, every position's positive gathered
 from all workers plus ``loss.extra_negatives`` shared negatives, exactly the interaction
 mode's sampled softmax (:class:`~training.task.RetrievalTask`) with positions as rows.
+
+Two options shape what a batch teaches: ``sequence.shuffle_ties`` reorders items that share
+a timestamp at random each epoch (:func:`shuffle_ties`), and ``sequence.exclude_seen``
+leaves each position's already-seen items out of its softmax (:func:`seen_mask`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.columns import SEQUENCE_ITEMS, SEQUENCE_WEIGHTS, USER, tower_inputs
+from pipeline.columns import (
+    SEQUENCE_ITEMS,
+    SEQUENCE_TIMES,
+    SEQUENCE_WEIGHTS,
+    USER,
+    column_name,
+    tower_inputs,
+)
 from pipeline.config import Config
 from pipeline.config.sequence import Candidates, Objective, SequenceConfig
 from training.distributed import world_info
@@ -114,6 +125,81 @@ def positions_of(batch: Mapping[str, torch.Tensor], history_keys: frozenset[str]
     return Positions(inputs, masked, targets, masked, weights[:, 1:])
 
 
+def shuffle_ties(batch: Mapping[str, torch.Tensor], history_keys: frozenset[str],
+                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Reorder each window's items at random within runs of equal timestamps.
+
+    The split orders a user's interactions by (timestamp, input row), so the order of items
+    that share a timestamp is the order of the rows in the source files. Where that order
+    is not the order of events (MovieLens' ``u.data`` is shuffled, and a rating burst
+    shares one second), each epoch then sees another of the equally true orders instead
+    of the same arbitrary one. Padding stays in front; items with distinct timestamps keep
+    their order; every window column (the history and its item features, catalogue rows,
+    weights, times) moves together.
+
+    Args:
+        batch: prepared ``sequences/`` columns as tensors (:data:`SEQUENCE_TIMES` among them).
+        history_keys: the user-tower input keys of the history (:func:`history_keys`).
+        generator: CPU generator of the draws (seeded per worker).
+
+    Returns:
+        The batch with its window columns permuted, the other columns as they were.
+    """
+    if SEQUENCE_TIMES not in batch:
+        raise ValueError(f"sequence.shuffle_ties needs the {SEQUENCE_TIMES!r} column of "
+                         "prepared/sequences/, which this run's prepare did not write; run "
+                         "jobs.prepare again")
+    times = batch[SEQUENCE_TIMES]  # [B, L + 1], nondecreasing per row
+    real = batch[SEQUENCE_ITEMS] >= 0
+    new_run = torch.ones_like(real)
+    new_run[:, 1:] = (times[:, 1:] != times[:, :-1]) | (real[:, 1:] != real[:, :-1])
+    run = new_run.long().cumsum(dim=1).double()  # [B, L + 1] run number, 1, 2, ...
+    draw = torch.rand(times.shape, generator=generator, dtype=torch.float64)
+    order = (run + draw.to(times.device)).argsort(dim=1)  # runs stay in place
+    window = {column_name(USER, k) for k in history_keys} | {
+        SEQUENCE_ITEMS, SEQUENCE_WEIGHTS, SEQUENCE_TIMES}
+    out = dict(batch)
+    for key in window & out.keys():
+        value = out[key]
+        index = order.reshape(order.shape + (1,) * (value.dim() - 2)).expand_as(value)
+        out[key] = value.gather(1, index)
+    return out
+
+
+def seen_mask(window: torch.Tensor, candidate_ids: torch.Tensor, trained: torch.Tensor,
+              positive_index: torch.Tensor, causal: bool) -> torch.Tensor:
+    """[P, C] True where a trained position's candidate is an item its user already had.
+
+    A position's seen items are those of its window it can see: with ``causal``, the
+    items at positions up to its own (clm); otherwise every item of the window (mlm, as
+    serving leaves out the whole history). Its positive's column is never masked (a
+    repeat stays a positive). This is the training side of serving's ``exclude_seen`` and of
+    the masked metrics: the loss spends no effort ranking items that are never shown.
+
+    Args:
+        window: [B, L] catalogue row at each input position (-1 = padding).
+        candidate_ids: [C] catalogue row of each candidate column.
+        trained: [B, L] bool positions with a loss (P of them, row-major).
+        positive_index: [P] column of each trained position's positive.
+        causal: position t sees items 0 .. t only.
+
+    Returns:
+        [P, C] bool.
+    """
+    b, length = window.shape
+    ordered, place = torch.sort(window, dim=1, stable=True)  # padding (-1) first
+    wanted = candidate_ids.expand(b, -1).contiguous()  # [B, C]
+    at = torch.searchsorted(ordered, wanted).clamp(max=length - 1)  # first match (stable)
+    found = ordered.gather(1, at) == wanted
+    small = torch.int16 if length < torch.iinfo(torch.int16).max else torch.int64
+    first = torch.where(found, place.gather(1, at), length).to(small)  # [B, C] first seen
+    rows, cols = trained.nonzero(as_tuple=True)  # [P] window and position of each
+    limit = cols if causal else torch.full_like(cols, length - 1)
+    banned = first[rows] <= limit.to(small)[:, None]  # [P, C]
+    banned[torch.arange(len(rows), device=banned.device), positive_index] = False
+    return banned
+
+
 def scores_full_catalogue(cfg: SequenceConfig, num_items: int) -> bool:
     """Whether a catalogue of ``num_items`` is scored in full (the one home of the rule)."""
     if cfg.candidates is Candidates.AUTO:
@@ -140,6 +226,8 @@ class SequenceTask(RetrievalTask):
         rank, _ = world_info()
         self.objective = cfg.sequence.objective
         self.mask_probability = cfg.sequence.mask_probability
+        self.shuffle_ties = cfg.sequence.shuffle_ties
+        self.exclude_seen = cfg.sequence.exclude_seen
         self.full = scores_full_catalogue(cfg.sequence, self.sampler.num_items)
         self.history_keys = history_keys
         self.generator = torch.Generator().manual_seed(seed * 1000 + rank)
@@ -149,6 +237,8 @@ class SequenceTask(RetrievalTask):
     def loss(self, module: nn.Module, batch: Mapping[str, torch.Tensor]
              ) -> tuple[torch.Tensor, dict[str, float]]:
         """Scalar training loss of one batch of windows and its parts (floats, for logging)."""
+        if self.shuffle_ties:
+            batch = shuffle_ties(batch, self.history_keys, self.generator)
         p = positions_of(batch, self.history_keys, self.objective, self.mask_probability,
                          self.generator)
         device = p.targets.device
@@ -170,9 +260,15 @@ class SequenceTask(RetrievalTask):
         weights = p.weights[p.trained] if self.weighted else torch.ones(len(query),
                                                                           device=device)
         weights, total = global_normaliser(weights)  # positions differ per rank
+        banned = None
+        if self.exclude_seen:
+            window = batch[SEQUENCE_ITEMS].long()
+            window = window[:, :-1] if self.objective is Objective.CLM else window[:, 1:]
+            banned = seen_mask(window, cand_ids, p.trained, positive,
+                               causal=self.objective is Objective.CLM)
         main = retrieval_loss(query, candidates, positive, cand_ids, cfg, out["temperature"],
                               candidate_log_q=log_q, weights=weights, weight_total=total,
-                              num_items=self.sampler.num_items)
+                              num_items=self.sampler.num_items, banned=banned)
         reg = out["reg"]
         return main + self.cfg.variational_dropout_weight * reg, {
             "loss": float(main.detach()), "reg": float(reg.detach()),

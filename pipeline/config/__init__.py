@@ -81,8 +81,10 @@ class Config(StrictModel):
         for name in sequences:
             checks.tie_sequence(self.model.tie_sequence_embedding, name,
                                 user[name].embedding_dim, item_id, item_dim)
-        checks.sequence_mode(self.sequence.objective, self.sequence.feature, self.model.user,
-                             sequences)
+        window = checks.sequence_mode(self.sequence.objective, self.sequence.feature,
+                                      self.model.user, sequences)
+        if window is not None:
+            checks.window_stride(self.sequence.window_stride, window, user[window].max_length)
         if self.sequence.enabled and self.loss.impressions_column is not None:
             raise ValueError(f"loss.impressions_column={self.loss.impressions_column!r} gives "
                              "each interaction row its own negatives, which the sequence "

@@ -187,6 +187,19 @@ def window_feature(feature: str | None, sequences: Sequence[str]) -> str | None:
     return sequences[0] if len(sequences) == 1 else None
 
 
+def window_stride(stride: int | None, feature: str, max_length: int) -> None:
+    """``sequence.window_stride`` must leave no gap between consecutive windows.
+
+    Raises:
+        ValueError: naming the stride, the history's ``max_length`` and the fix.
+    """
+    if stride is not None and stride > max_length:
+        raise ValueError(f"sequence.window_stride={stride} is longer than the {feature!r} "
+                         f"history's max_length={max_length}: the transitions between two "
+                         f"windows would never be trained; set it to at most {max_length} "
+                         "(or null)")
+
+
 def sequence_mode(objective: Objective | None, feature: str | None, cfg: TowerConfig,
                   sequences: Sequence[str], where: str = "model.user") -> str | None:
     """The user sequence trained at every position, checked against the user tower's body.

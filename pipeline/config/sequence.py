@@ -50,6 +50,24 @@ class SequenceConfig(StrictModel):
         default=None, description="The user sequence feature the windows are cut from and "
         "the body runs over; default: the user tower's only sequence feature."
     )
+    window_stride: int | None = Field(
+        default=None, ge=1, description="Items between the ends of a user's consecutive "
+        "training windows; null: the history's max_length (windows share one item, every "
+        "transition is trained once). Smaller strides overlap the windows: each transition "
+        "is trained about max_length / stride times, with more of its past in view, at "
+        "that multiple of the epoch's cost."
+    )
+    shuffle_ties: bool = Field(
+        default=False, description="Reorder each training window's items at random, every "
+        "epoch, within runs of equal timestamps. The split orders ties by input row; set "
+        "true when the rows' order within a timestamp is not the order of events (e.g. "
+        "MovieLens' u.data, shuffled, with rating bursts in one second)."
+    )
+    exclude_seen: bool = Field(
+        default=False, description="Leave out of each position's candidates the items "
+        "of its window it can see (its own target never), as serving's exclude_seen and "
+        "the masked metrics leave out the user's history."
+    )
     mask_probability: float = Field(
         default=0.2, gt=0.0, lt=1.0, description="mlm: fraction of positions masked."
     )
