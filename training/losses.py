@@ -53,13 +53,16 @@ def mask_scores(scores: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
 def apply_temperature(scores: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
     """Divide scores by the temperature.
 
+    :func:`retrieval_loss` divides the [B, D] query instead of its [B, N] scores: the same
+    scores (a product is linear in the query), one pass over D columns instead of N.
+
     Args:
-        scores: [B, N] scores.
+        scores: [B, N] scores, or [B, D] query embeddings.
         temperature: a positive float, or a scalar tensor (learnable; not checked, to avoid
             a device sync).
 
     Returns:
-        [B, N] scores / temperature.
+        scores / temperature, the shape of ``scores``.
     """
     if not torch.is_tensor(temperature) and not temperature > 0:
         raise ValueError(f"temperature {temperature} must be > 0")
