@@ -301,13 +301,15 @@ def _sequence_setup(demo_prepared, demo_data, tmp_path, *extra):
     return s, batch
 
 
+@pytest.mark.parametrize("exclude_seen", [False, True])
 @pytest.mark.parametrize("candidates", ["full", "sampled"])
 def test_multi_position_loss_equals_a_per_position_loop(demo_prepared, demo_data, tmp_path,
-                                                        candidates):
+                                                        candidates, exclude_seen):
     extra = ["loss.logq_correction=false", "loss.mask_accidental_hits=false"] \
         if candidates == "sampled" else []
     s, batch = _sequence_setup(demo_prepared, demo_data, tmp_path,
-                               f"sequence.candidates={candidates}", *extra)
+                               f"sequence.candidates={candidates}",
+                               f"sequence.exclude_seen={str(exclude_seen).lower()}", *extra)
     s.model.eval()  # no dropout: the loop recomputes every position on its own
     loss, _ = s.task.loss(s.module, batch)
     p = positions_of(batch, history_keys(s.model), Objective.CLM)
@@ -315,7 +317,9 @@ def test_multi_position_loss_equals_a_per_position_loop(demo_prepared, demo_data
     items = s.model.encode_item(catalogue)  # [I, D]
     trained = p.trained.nonzero().tolist()
     cand = p.targets[p.trained]  # sampled: the batch's positives are the candidates
-    per_position = []
+    ids = torch.arange(len(items)) if candidates == "full" else cand  # each column's item
+    inputs = batch[SEQUENCE_ITEMS][:, :-1]  # [B, L] the item each position sees last
+    per_position, masked = [], 0
     for row, (b, t) in enumerate(trained):
         alone = {k: v[b:b + 1].clone() for k, v in p.inputs.items()}
         for k in history_keys(s.model):  # remove every item after position t
@@ -323,8 +327,15 @@ def test_multi_position_loss_equals_a_per_position_loop(demo_prepared, demo_data
         query = s.model.encode_user_positions(alone)[0, t]  # [D]
         scores = (items if candidates == "full" else items[cand]) @ query
         label = p.targets[b, t] if candidates == "full" else torch.tensor(row)
+        if exclude_seen:  # the items up to position t leave, the positive's column stays
+            seen = {int(i) for i in inputs[b, :t + 1] if i >= 0}
+            drop = torch.tensor([int(i) in seen for i in ids]) & (torch.arange(len(ids))
+                                                                  != label)
+            scores = scores.masked_fill(drop, float("-inf"))
+            masked += int(drop.sum())
         per_position.append(F.cross_entropy(scores[None] / s.model.temperature(), label[None]))
     assert len(per_position) == int(p.trained.sum()) > 8
+    assert (masked > len(per_position)) == exclude_seen  # the mask is not empty
     expected = torch.stack(per_position).mean()
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-4)
 
