@@ -86,6 +86,7 @@ class Positions(NamedTuple):
     inputs: dict[str, torch.Tensor]  # user-tower inputs, the history cut to [B, L]
     masked: torch.Tensor | None  # [B, L] bool mask-token positions (mlm), else None
     targets: torch.Tensor  # [B, L] catalogue row each position predicts (-1: none)
+    seen: torch.Tensor  # [B, L] catalogue row of each input position's item (-1: padding)
     trained: torch.Tensor  # [B, L] bool positions with a loss
     weights: torch.Tensor  # [B, L] float32 weight of each position's target
 
@@ -114,15 +115,16 @@ def positions_of(batch: Mapping[str, torch.Tensor], history_keys: frozenset[str]
     window = slice(None, -1) if objective is Objective.CLM else slice(1, None)
     inputs = {k: v[:, window] if k in history_keys else v for k, v in inputs.items()}
     targets = items[:, 1:]  # clm: the next item; mlm: the position's own item
+    seen = items[:, window]
     if objective is Objective.CLM:
-        return Positions(inputs, None, targets, (items[:, :-1] >= 0) & (targets >= 0),
+        return Positions(inputs, None, targets, seen, (seen >= 0) & (targets >= 0),
                          weights[:, 1:])
     real = targets >= 0
     draw = torch.rand(targets.shape, generator=generator).to(targets.device)
     last = torch.rand(targets.shape[0], generator=generator).to(targets.device)
     masked = (draw < mask_probability) & real
     masked[:, -1] |= (last < mask_probability) & real[:, -1]  # as at inference
-    return Positions(inputs, masked, targets, masked, weights[:, 1:])
+    return Positions(inputs, masked, targets, seen, masked, weights[:, 1:])
 
 
 def shuffle_ties(batch: Mapping[str, torch.Tensor], history_keys: frozenset[str],
@@ -262,9 +264,7 @@ class SequenceTask(RetrievalTask):
         weights, total = global_normaliser(weights)  # positions differ per rank
         banned = None
         if self.exclude_seen:
-            window = batch[SEQUENCE_ITEMS].long()
-            window = window[:, :-1] if self.objective is Objective.CLM else window[:, 1:]
-            banned = seen_mask(window, cand_ids, p.trained, positive,
+            banned = seen_mask(p.seen, cand_ids, p.trained, positive,
                                causal=self.objective is Objective.CLM)
         main = retrieval_loss(query, candidates, positive, cand_ids, cfg, out["temperature"],
                               candidate_log_q=log_q, weights=weights, weight_total=total,
