@@ -86,6 +86,30 @@ def test_softmax_ce_and_label_smoothing_over_unmasked_columns():
     assert softmax_cross_entropy(masked, pos, 0.2, valid).item() == pytest.approx(smoothed.item())
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.15])
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_softmax_ce_equals_log_softmax_reference(smoothing, masked):
+    # the fused forward/backward against autograd through log_softmax (the textbook form):
+    # same per-row losses and the same gradient, zero at dropped columns
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(7, 11, generator=gen, dtype=torch.float64) * 3).requires_grad_(True)
+    pos = torch.randint(0, 11, (7,), generator=gen)
+    valid = torch.rand(7, 11, generator=gen) > 0.4 if masked else torch.ones(7, 11, dtype=bool)
+    valid[torch.arange(7), pos] = True
+    row_w = torch.rand(7, generator=gen, dtype=torch.float64)
+    got = softmax_cross_entropy(logits, pos, smoothing, valid if masked else None)
+    (got * row_w).sum().backward()
+    got_grad, logits.grad = logits.grad.clone(), None
+    log_p = F.log_softmax(logits.masked_fill(~valid, mask_value(torch.float64)), dim=1)
+    want = -(1 - smoothing) * log_p.gather(1, pos[:, None])[:, 0] \
+        - smoothing * (log_p * valid).sum(1) / valid.sum(1)
+    (want * row_w).sum().backward()
+    torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_grad, logits.grad, rtol=1e-12, atol=1e-12)
+    assert got_grad[~valid].eq(0).all() and logits.grad[valid].ne(0).all()
+    assert masked == bool((~valid).any())  # the masked case drops some columns
+
+
 def test_pointwise_bce_mean_over_valid_columns():
     # logits [2, 0], positive 0: BCE = [log(1 + e^-2), log(1 + e^0)] = [0.126928, 0.693147]
     # mean = 0.410038; a masked third column is left out of the mean

@@ -13,8 +13,8 @@ logits the softmax sees, ``s / t - log q``. Subtracting log q first would scale 
 correction by ``1 / t`` (20x at t = 0.05) and over-correct.
 
 A masked column gets :func:`mask_value` (a very large negative number, not ``-inf``, so a
-row whose every negative is masked still has a finite softmax) through ``torch.where``, so
-its gradient is exactly zero. Masks are boolean ``[B, N]`` tensors, True = column dropped.
+row whose every negative is masked still has a finite softmax), so its gradient is exactly
+zero. Masks are boolean ``[B, N]`` tensors, True = column dropped.
 
 Under DDP the caller passes the globally gathered candidates and the global column of each
 row's positive (``training.distributed``); nothing here knows about ranks.
@@ -152,6 +152,53 @@ def hard_negative_mask(scores: torch.Tensor, positive_index: torch.Tensor, k: in
     return keep
 
 
+class _SoftmaxCrossEntropy(torch.autograd.Function):
+    """Per-row softmax CE with dropped columns and label smoothing, forward and backward fused.
+
+    The loss of row i is ``-(1 - e) log p_i,pos - e mean_valid(log p_i)`` with ``log p`` the
+    log-softmax of the logits after masking; its gradient is ``p - (1 - e) onehot - e valid /
+    count``, zero at dropped columns (their probability underflows to 0). Fused, the
+    backward is one pass that turns the saved log-probabilities into that gradient, instead
+    of a scatter of the gathered positive, a log-softmax backward and the mask's backward:
+    on the full-catalogue sequence loss, [positions, catalogue] is the largest tensor of a
+    step. Half-precision logits are computed in float32 (as autocast does for
+    ``log_softmax``).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, positive_index, drop, label_smoothing):  # noqa: D102
+        x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        if drop is not None:
+            x = x.masked_fill(drop, mask_value(x.dtype))
+        log_p = torch.log_softmax(x, dim=1)  # [B, N]
+        loss = -log_p.gather(1, positive_index[:, None])[:, 0]
+        share = None
+        if label_smoothing:
+            if drop is None:
+                share = torch.full_like(loss, label_smoothing / x.shape[1])
+                uniform = -log_p.mean(dim=1)
+            else:
+                count = (~drop).sum(dim=1).to(x.dtype)
+                share = label_smoothing / count
+                uniform = -log_p.masked_fill(drop, 0.0).sum(dim=1) / count
+            loss = (1.0 - label_smoothing) * loss + label_smoothing * uniform
+        ctx.save_for_backward(log_p, positive_index, drop, share)
+        ctx.label_smoothing, ctx.dtype = label_smoothing, logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        log_p, positive_index, drop, share = ctx.saved_tensors
+        g = log_p.exp()  # [B, N] softmax; 0 at dropped columns
+        if share is not None:
+            g.sub_(share[:, None])
+            if drop is not None:
+                g.masked_fill_(drop, 0.0)
+        rows = torch.arange(len(g), device=g.device)
+        g[rows, positive_index] -= 1.0 - ctx.label_smoothing
+        return g.mul_(grad[:, None]).to(ctx.dtype), None, None, None
+
+
 def softmax_cross_entropy(
     logits: torch.Tensor,
     positive_index: torch.Tensor,
@@ -160,13 +207,15 @@ def softmax_cross_entropy(
 ) -> torch.Tensor:
     """Per-row softmax cross-entropy with the positive's column as the label.
 
-    Label smoothing spreads ``label_smoothing`` uniformly over the row's valid columns
-    (positive included), so with no mask it equals ``F.cross_entropy(label_smoothing=...)``
-    and a masked column never receives target mass.
+    Columns outside ``valid_mask`` take no part: they get :func:`mask_value` (the caller's
+    tensor is not changed) and no target mass. Label smoothing spreads ``label_smoothing``
+    uniformly over the row's valid columns (positive included), so with no mask it equals
+    ``F.cross_entropy(label_smoothing=...)``. Forward and backward are fused
+    (:class:`_SoftmaxCrossEntropy`).
 
     Args:
-        logits: [B, N] logits (masked columns already at :func:`mask_value`).
-        positive_index: [B] column of each row's positive.
+        logits: [B, N] logits.
+        positive_index: [B] column of each row's positive (always valid).
         label_smoothing: in [0, 1).
         valid_mask: [B, N] bool, True where the column takes part; default all.
 
@@ -175,13 +224,8 @@ def softmax_cross_entropy(
     """
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing {label_smoothing} must be in [0, 1)")
-    log_p = F.log_softmax(logits, dim=1)  # [B, N]
-    nll = -log_p.gather(1, positive_index[:, None])[:, 0]  # [B]
-    if not label_smoothing:
-        return nll
-    valid = torch.ones_like(logits, dtype=torch.bool) if valid_mask is None else valid_mask
-    uniform = -(log_p * valid).sum(dim=1) / valid.sum(dim=1)  # [B] CE against uniform
-    return (1.0 - label_smoothing) * nll + label_smoothing * uniform
+    drop = None if valid_mask is None else ~valid_mask
+    return _SoftmaxCrossEntropy.apply(logits, positive_index, drop, label_smoothing)
 
 
 def pointwise_bce(
@@ -279,6 +323,11 @@ def weighted_mean(
     return (weights * losses).sum() / torch.clamp(torch.as_tensor(total), min=1e-12)
 
 
+def _union(drop: torch.Tensor | None, more: torch.Tensor) -> torch.Tensor:
+    """``drop | more``, where ``drop`` None means no column dropped yet."""
+    return more if drop is None else drop | more
+
+
 def _check_inputs(
     query: torch.Tensor,
     candidates: torch.Tensor,
@@ -372,27 +421,31 @@ def retrieval_loss(
     if cfg.logq_correction:
         scores = logq_correction(scores, candidate_log_q)
     column_ids = candidate_ids.expand(len(query), -1)  # [B, N]
-    drop = torch.zeros_like(scores, dtype=torch.bool) if banned is None else banned
+    drop = banned  # [B, N] bool, True = column left out; None = none yet
     if row_negatives is not None:
         row_scores = torch.einsum("bd,bmd->bm", query, row_negatives)  # [B, M]
+        shared = torch.zeros_like(scores, dtype=torch.bool) if drop is None else drop
         scores = torch.cat([scores, row_scores], dim=1)
         column_ids = torch.cat([column_ids, row_negative_ids], dim=1)  # [B, N + M]
-        drop = torch.cat([drop, row_negative_ids < 0], dim=1)
+        drop = torch.cat([shared, row_negative_ids < 0], dim=1)
     if cfg.mask_accidental_hits:
         positive_ids = candidate_ids[positive_index]  # [B]
-        drop = drop | accidental_hit_mask(positive_ids, column_ids, positive_index)
-    scores = mask_scores(scores, drop)
+        drop = _union(drop, accidental_hit_mask(positive_ids, column_ids, positive_index))
     if cfg.hard_negatives:
-        # not in place: the previous mask is saved for mask_scores' backward
-        drop = drop | ~hard_negative_mask(scores, positive_index, cfg.hard_negatives)
-        scores = mask_scores(scores, drop)
-    if cfg.kind is LossKind.BCE:
-        per_row = pointwise_bce(scores, positive_index, ~drop)
-    elif cfg.kind is LossKind.GBCE:
-        if num_items is None:
-            raise ValueError("loss.kind=gbce needs num_items (the catalogue size) for its beta")
-        beta = gbce_beta((~drop).sum(dim=1) - 1, num_items, cfg.gbce_t)
-        per_row = generalized_bce(scores, positive_index, beta, ~drop)
+        with torch.no_grad():  # a choice of columns: no gradient through the ranking
+            ranked = scores if drop is None else mask_scores(scores, drop)
+            drop = _union(drop, ~hard_negative_mask(ranked, positive_index, cfg.hard_negatives))
+    if cfg.kind is LossKind.SOFTMAX:  # masks inside, fused with its backward
+        per_row = _SoftmaxCrossEntropy.apply(scores, positive_index, drop, cfg.label_smoothing)
     else:
-        per_row = softmax_cross_entropy(scores, positive_index, cfg.label_smoothing, ~drop)
+        valid = torch.ones_like(scores, dtype=torch.bool) if drop is None else ~drop
+        scores = scores if drop is None else mask_scores(scores, drop)
+        if cfg.kind is LossKind.BCE:
+            per_row = pointwise_bce(scores, positive_index, valid)
+        else:
+            if num_items is None:
+                raise ValueError("loss.kind=gbce needs num_items (the catalogue size) for "
+                                 "its beta")
+            beta = gbce_beta(valid.sum(dim=1) - 1, num_items, cfg.gbce_t)
+            per_row = generalized_bce(scores, positive_index, beta, valid)
     return weighted_mean(per_row, weights, weight_total)
