@@ -17,16 +17,28 @@ import sys
 from jobs.cli import parse_job_args, user_errors
 from jobs.ray_setup import ensure_ray
 from pipeline.config import Config
-from pipeline.prepare import run_prepare, validate_inputs
+from pipeline.prepare import in_process, run_prepare, validate_inputs
 from pipeline.run_dir import PrepareManifest
 
 
 def run(cfg: Config, run_dir) -> PrepareManifest:
-    """Check the inputs (before Ray starts: a bad file fails fast), then prepare."""
+    """Check the inputs (before Ray starts: a bad file fails fast), then prepare.
+
+    Small inputs (``prepare.local_max_rows``) are prepared in this process, larger ones
+    through Ray Data.
+    """
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
     files = validate_inputs(cfg)
-    ensure_ray()
-    return run_prepare(cfg, run_dir, files=files,
-                       log=lambda m: print(m, file=sys.stderr, flush=True))
+    rows, limit = sum(files["interactions"].rows), cfg.prepare.local_max_rows
+    local = in_process(cfg, files)
+    log(f"[prepare] {rows:,} interactions "
+        + (f"<= prepare.local_max_rows={limit:,}: in this process" if local else
+           f"> prepare.local_max_rows={limit:,}: through Ray Data"))
+    if not local:
+        ensure_ray()
+    return run_prepare(cfg, run_dir, files=files, log=log, ray_data=not local)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import parse_config
-from pipeline.prepare import run_prepare
+from pipeline.prepare import in_process, run_prepare, validate_inputs
 from tests.conftest import TINY_CONFIG
 
 
@@ -35,6 +35,27 @@ def prepared(ray_session, tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     manifest = run_prepare(tiny_cfg(tiny_data), run_dir, log=lambda m: None)
     return run_dir, manifest
+
+
+def test_in_process_prepare_writes_what_ray_data_writes(prepared, tiny_data, tmp_path):
+    # the job's small-input path (prepare.local_max_rows) against the Ray Data path: every
+    # split, the catalogue, the user table and the fitted state are the same
+    ray_dir, _ = prepared
+    local_dir = tmp_path / "local"
+    cfg = tiny_cfg(tiny_data)
+    files = validate_inputs(cfg)
+    assert sum(files["interactions"].rows) == 11 and in_process(cfg, files)
+    assert in_process(tiny_cfg(tiny_data, local_max_rows=11), files)
+    assert not in_process(tiny_cfg(tiny_data, local_max_rows=10), files)
+    assert not in_process(tiny_cfg(tiny_data, local_max_rows=0), files)
+    manifest = run_prepare(cfg, local_dir, files=files, log=lambda m: None, ray_data=False)
+    assert manifest.rows == {"train": 4, "validation": 3, "test": 3, "sequences": 1}
+    for name in ("train", "validation", "test", "sequences"):
+        assert read_split(local_dir, name) == read_split(ray_dir, name), name
+    for name in ("items.parquet", "users.parquet", "feature_state.json"):
+        a, b = (d / "prepared" / name for d in (local_dir, ray_dir))
+        assert a.read_bytes() == b.read_bytes() if name.endswith(".json") else \
+            pq.read_table(a).equals(pq.read_table(b)), name
 
 
 def test_rows_histories_and_features(prepared):

@@ -45,4 +45,10 @@ class PrepareConfig(StrictModel):
         "training row (prepare warns)."
     )
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs per Ray Data transform task.")
+    local_max_rows: int = Field(
+        default=1_000_000, ge=0, description="Inputs of at most this many interactions are "
+        "read, split and written in the job's own process with pyarrow (Ray Data's fixed "
+        "start-up costs more than it saves there); larger ones through Ray Data. 0: always "
+        "Ray Data."
+    )
     rows_per_file: int = Field(default=1_000_000, ge=1000, description="Output file size.")
