@@ -231,6 +231,24 @@ def test_clm_attention_sees_items_up_to_t_and_mlm_sees_both_sides():
     assert _changed_positions(both, 1, masked) == [0, 1, 2, 3, 4]
 
 
+def test_attention_dropout_is_its_own_setting():
+    # in training mode only dropout's randomness can make two passes differ: with the
+    # attention weights' dropout at 0 (and none elsewhere) they agree, at 0.5 they do not;
+    # unset, it follows dropout
+    def two_passes(**cfg):
+        layer = SequenceTransformer(6, 5, TransformerConfig(dim=8, num_layers=2, **cfg)).train()
+        x, mask = torch.randn(2, 5, 6), torch.ones(2, 5, dtype=torch.bool)
+        return layer.states(x, mask)[0], layer.states(x, mask)[0], layer
+
+    a, b, layer = two_passes(dropout=0.0, attention_dropout=0.0)
+    assert torch.equal(a, b) and layer.blocks[0].p == 0.0
+    a, b, layer = two_passes(dropout=0.0, attention_dropout=0.5)
+    assert not torch.allclose(a, b) and layer.blocks[0].p == 0.5
+    a, b, layer = two_passes(dropout=0.3, attention_dropout=0.0)
+    assert not torch.allclose(a, b) and layer.blocks[1].p == 0.0
+    assert two_passes(dropout=0.3)[2].blocks[0].p == 0.3
+
+
 # -- config errors name the reason and the fix --------------------------------------------
 
 

@@ -134,7 +134,8 @@ class SelfAttentionBlock(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         d = cfg.dim
-        self.heads, self.p = cfg.num_heads, cfg.dropout
+        self.heads = cfg.num_heads
+        self.p = cfg.dropout if cfg.attention_dropout is None else cfg.attention_dropout
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.ff = nn.Sequential(nn.Linear(d, cfg.ff_multiplier * d), nn.GELU(),
