@@ -2,7 +2,8 @@
 
 Inputs: the trained model and ``prepared/items.parquet`` / ``users.parquet``; the ``index``
 section of the config. Outputs: ``RUN_DIR/embeddings/{items,users}/model_version=V/``
-(Parquet written by Ray Data batch inference in an actor pool, with ``_run.json``) and
+(Parquet written by Ray Data batch inference in an actor pool, or in this process for
+tables up to ``index.local_max_rows`` rows, with ``_run.json``) and
 ``RUN_DIR/index/`` (FAISS index, id map, manifest with the measured recall).
 
     python -m jobs.build_index --config configs/ml100k.yaml --output-dir runs/ml100k
@@ -32,8 +33,7 @@ def run(cfg: Config, run_dir: Path) -> IndexManifest:
     """Embed both tables, then build and check the index; returns the index manifest."""
     run = RunDir(run_dir)
     meta = read_model_meta(run.model)
-    ensure_ray()
-    folders = embed_towers(run, cfg.index, meta, log=_log)
+    folders = embed_towers(run, cfg.index, meta, log=_log, start_ray=ensure_ray)
     items = read_embeddings(folders[ITEM], key_column(meta, ITEM))[2]
     users = read_embeddings(folders[USER], key_column(meta, USER))[2]
     return build_index(cfg.index, run, meta, items, users, seed=cfg.train.seed, log=_log,

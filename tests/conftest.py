@@ -160,7 +160,7 @@ def demo_prepared(ray_session, demo_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_trained(demo_prepared, demo_data, tmp_path_factory) -> Path:
-    """A RUN_DIR with a model (plain-process training) and a Flat index (Ray Data)."""
+    """A RUN_DIR with a model (plain-process training) and a Flat index (Ray Data embeds)."""
     import shutil
 
     from jobs import build_index
@@ -170,5 +170,5 @@ def demo_trained(demo_prepared, demo_data, tmp_path_factory) -> Path:
     shutil.copytree(demo_prepared / "prepared", run_dir / "prepared")
     cfg = demo_config(demo_data)
     run_plain(cfg, run_dir, log=lambda m: None)
-    build_index.run(cfg, run_dir)
+    build_index.run(demo_config(demo_data, "index.local_max_rows=0"), run_dir)
     return run_dir

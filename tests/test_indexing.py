@@ -38,6 +38,35 @@ def test_embeddings_are_partitioned_by_model_version(demo_trained):
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)  # cosine
 
 
+def test_small_tables_embed_in_process_as_the_actor_pool_does(demo_trained, demo_data,
+                                                               tmp_path):
+    # index.local_max_rows: the same TowerEmbedder in this process (batches of 50 rows here)
+    # writes the keys, rows and vectors the Ray Data actor pool wrote for demo_trained
+    import shutil
+
+    from indexing.embed import embed_table, in_process
+    from pipeline.columns import ITEM, USER
+    from tests.conftest import demo_config
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(demo_trained, run_dir, ignore=shutil.ignore_patterns("embeddings", "index"))
+    cfg = demo_config(demo_data, "index.batch_size=50").index
+    assert in_process(cfg, cfg.local_max_rows) and not in_process(cfg, cfg.local_max_rows + 1)
+    meta = read_model_meta(run_dir / "model")
+    for tower, key in ((ITEM, "item_id"), (USER, "user_id")):
+        started = []
+        folder, where = embed_table(RunDir(run_dir), tower, key, meta, cfg,
+                                    start_ray=lambda: started.append(1))
+        assert where.startswith("in this process") and not started  # Ray never asked for
+        ours = read_embeddings(folder, key)
+        pool = read_embeddings(RunDir(demo_trained).embeddings(tower, meta.model_version), key)
+        assert len(ours[1]) > 50  # more than one batch
+        for a, b in zip(ours, pool, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+        assert json.loads((folder / "_run.json").read_text())["model_version"] \
+            == meta.model_version
+
+
 def test_manifest_describes_the_index_and_guards_the_version(demo_trained):
     manifest = read_index_manifest(RunDir(demo_trained))
     meta = read_model_meta(demo_trained / "model")

@@ -20,5 +20,10 @@ class IndexConfig(StrictModel):
     recall_users: int = Field(default=1000, ge=1, description="Users sampled for recall.")
     batch_size: int = Field(default=4096, ge=1, description="Rows per inference batch.")
     num_actors: int = Field(default=1, ge=1, description="Inference actors.")
+    local_max_rows: int = Field(
+        default=100_000, ge=0, description="Tables (items, users) of at most this many rows "
+        "are embedded in the job's process; larger ones by Ray Data in an actor pool. 0: "
+        "always the pool."
+    )
     num_cpus_per_actor: float = Field(default=1.0, gt=0, description="CPUs per actor.")
     use_gpu: bool = Field(default=False, description="One GPU per inference actor.")
