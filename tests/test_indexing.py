@@ -53,10 +53,10 @@ def test_small_tables_embed_in_process_as_the_actor_pool_does(demo_trained, demo
     cfg = demo_config(demo_data, "index.batch_size=50").index
     assert in_process(cfg, cfg.local_max_rows) and not in_process(cfg, cfg.local_max_rows + 1)
     meta = read_model_meta(run_dir / "model")
+    started = []
     for tower, key in ((ITEM, "item_id"), (USER, "user_id")):
-        started = []
         folder, where = embed_table(RunDir(run_dir), tower, key, meta, cfg,
-                                    start_ray=lambda: started.append(1))
+                                    start_ray=lambda: started.append(tower))
         assert where.startswith("in this process") and not started  # Ray never asked for
         ours = read_embeddings(folder, key)
         pool = read_embeddings(RunDir(demo_trained).embeddings(tower, meta.model_version), key)
