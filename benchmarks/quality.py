@@ -1,7 +1,7 @@
 """Retrieval quality: the whole pipeline per seed, next to tuned EASE and ALS on the same split.
 
 Each seed runs, in a fresh subprocess and timed as a whole, exactly what a user runs:
-``python -m jobs.pipeline --config CONFIG`` (prepare -> Ray Train -> build_index ->
+``python -m jobs.pipeline --config CONFIG`` (prepare -> train -> build_index ->
 evaluate) on the data set's tables written to a temporary folder (never inside the
 repository). Tuned EASE and tuned implicit ALS (:mod:`benchmarks.baselines`) are fitted on
 the first run's ``prepared/`` split, so every row ranks the same targets with the same
