@@ -815,8 +815,7 @@ def test_schemathesis_finds_no_5xx_and_no_contract_violation(server, tmp_path):
     """>= 1,000 generated requests through HAProxy, every schemathesis check passing."""
     from benchmarks.api_fuzz import fuzz, summary
 
-    report = fuzz(str(server.base_url), 1000, tmp_path / "report.json", seed=0,
-                  max_time_s=420)
+    report = fuzz(str(server.base_url), 1000, tmp_path / "report.json", seed=0, timeout_s=600)
     print(summary(report))
     assert report["test_cases"]["generated"] >= 1000, summary(report)
     assert report["operations"]["tested"] == 5, summary(report)
