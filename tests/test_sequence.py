@@ -231,6 +231,23 @@ def test_clm_attention_sees_items_up_to_t_and_mlm_sees_both_sides():
     assert _changed_positions(both, 1, masked) == [0, 1, 2, 3, 4]
 
 
+def test_block_dropout_keeps_the_mean_and_masks_the_gradient():
+    # towers.bodies.dropout: about p of the entries zeroed, the rest scaled by 1 / (1 - p),
+    # the gradient the same mask; identity in eval mode or at p = 0
+    from towers.bodies import dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(200, 500, requires_grad=True)
+    y = dropout(x, 0.3, training=True)
+    zeroed = (y == 0).float().mean().item()
+    assert abs(zeroed - 0.3) < 0.005  # 100,000 draws: the std of the fraction is 0.0014
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.7))
+    assert abs(y.mean().item() - 1.0) < 0.01
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d(sum y)/dx = mask / (1 - p) = y here
+    assert dropout(x, 0.3, training=False) is x and dropout(x, 0.0, training=True) is x
+
+
 def test_attention_dropout_is_its_own_setting():
     # in training mode only dropout's randomness can make two passes differ: with the
     # attention weights' dropout at 0 (and none elsewhere) they agree, at 0.5 they do not;

@@ -128,6 +128,18 @@ class SequencePool(nn.Module):
         return (torch.softmax(scores, -1).unsqueeze(-1) * h).sum(1)
 
 
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Inverted dropout with a mask drawn by ``rand_like`` (``nn.Dropout``'s distribution).
+
+    On CPU, ``torch.rand_like`` plus a compare costs about half of the ``bernoulli_`` that
+    ``nn.Dropout`` draws its mask with (1.3 against 2.3 ms for a [32, 50, 64] tensor, one
+    thread): the 4 dropouts of a 2-block transformer were 9 % of an ML-100K training step.
+    """
+    if not training or p == 0.0:
+        return x
+    return x * ((torch.rand_like(x) >= p).to(x.dtype) * (1.0 / (1.0 - p)))
+
+
 class SelfAttentionBlock(nn.Module):
     """Pre-norm transformer block (nanoGPT's layout) with a boolean attention mask."""
 
@@ -140,7 +152,7 @@ class SelfAttentionBlock(nn.Module):
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.ff = nn.Sequential(nn.Linear(d, cfg.ff_multiplier * d), nn.GELU(),
                                 nn.Linear(cfg.ff_multiplier * d, d))
-        self.drop = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
 
     def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
         """Attend: x [B, L, D], allowed [B, 1, L, L] (query, key) -> [B, L, D]."""
@@ -149,8 +161,9 @@ class SelfAttentionBlock(nn.Module):
                    for t in self.qkv(self.ln1(x)).split(d, dim=2))  # [B, H, L, D/H] each
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
                                            dropout_p=self.p if self.training else 0.0)
-        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(b, n, d)))
-        return x + self.drop(self.ff(self.ln2(x)))
+        x = x + dropout(self.proj(y.transpose(1, 2).reshape(b, n, d)), self.dropout,
+                        self.training)
+        return x + dropout(self.ff(self.ln2(x)), self.dropout, self.training)
 
 
 class SequenceTransformer(nn.Module):
