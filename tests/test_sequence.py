@@ -266,6 +266,30 @@ def test_attention_dropout_is_its_own_setting():
     assert two_passes(dropout=0.3)[2].blocks[0].p == 0.3
 
 
+@pytest.mark.parametrize("pooling", ["last", "mean", "max", "attention"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_inference_cuts_padding_and_computes_only_what_pooling_reads(pooling, causal):
+    # forward cuts the leading columns that are padding in every row and, pooling the last
+    # position, runs the last block for that position only: the result equals pooling every
+    # position's state over the whole window, and each row alone (cut to its own length)
+    torch.manual_seed(0)
+    layer = SequenceTransformer(6, 12, TransformerConfig(dim=8, num_layers=2, causal=causal,
+                                                         pooling=pooling)).eval()
+    x = torch.randn(4, 12, 6)
+    lengths = torch.tensor([0, 3, 7, 5])  # no row is full: 5 leading columns are cut
+    mask = torch.arange(12) >= 12 - lengths[:, None]
+    got = layer(x, mask)
+    states, attendable = layer.states(x, mask)
+    assert got.shape == (4, 8)
+    assert torch.allclose(got, layer.pool(states, attendable), atol=1e-6)
+    for row, n in enumerate(lengths.tolist()):
+        keep = slice(12 - max(n, 1), None)
+        alone = layer(x[row:row + 1, keep], mask[row:row + 1, keep])
+        assert torch.allclose(alone[0], got[row], atol=1e-6)
+    last, _ = layer.states(x, mask, last_only=True)
+    assert last.shape == (4, 1, 8) and torch.allclose(last[:, 0], states[:, -1], atol=1e-6)
+
+
 # -- config errors name the reason and the fix --------------------------------------------
 
 

@@ -154,14 +154,20 @@ class SelfAttentionBlock(nn.Module):
                                 nn.Linear(cfg.ff_multiplier * d, d))
         self.dropout = cfg.dropout
 
-    def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
-        """Attend: x [B, L, D], allowed [B, 1, L, L] (query, key) -> [B, L, D]."""
+    def forward(self, x: Tensor, allowed: Tensor, last_only: bool = False) -> Tensor:
+        """Attend: x [B, L, D], allowed [B, 1, L, L] (query, key) -> [B, L, D].
+
+        With ``last_only`` only the last position queries (keys and values are still every
+        position): -> [B, 1, D], the last row of the full output, for a fraction of its cost.
+        """
         b, n, d = x.shape
         q, k, v = (t.reshape(b, n, self.heads, d // self.heads).transpose(1, 2)
                    for t in self.qkv(self.ln1(x)).split(d, dim=2))  # [B, H, L, D/H] each
+        if last_only:
+            q, x, allowed = q[:, :, -1:], x[:, -1:], allowed[:, :, -1:]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
                                            dropout_p=self.p if self.training else 0.0)
-        x = x + dropout(self.proj(y.transpose(1, 2).reshape(b, n, d)), self.dropout,
+        x = x + dropout(self.proj(y.transpose(1, 2).reshape(b, x.shape[1], d)), self.dropout,
                         self.training)
         return x + dropout(self.ff(self.ln2(x)), self.dropout, self.training)
 
@@ -194,18 +200,21 @@ class SequenceTransformer(nn.Module):
         """The transformer width ``dim``."""
         return self.width
 
-    def states(self, x: Tensor, mask: Tensor, masked: Tensor | None = None
-               ) -> tuple[Tensor, Tensor]:
+    def states(self, x: Tensor, mask: Tensor, masked: Tensor | None = None,
+               last_only: bool = False) -> tuple[Tensor, Tensor]:
         """Every position's state.
 
         Args:
-            x: [B, L, E] embedded history.
-            mask: [B, L] bool, True at real positions.
-            masked: [B, L] bool, True where the input is replaced by the mask token
+            x: [B, L', E] embedded history, L' <= L: the most recent L' positions of the
+                window (the learned positions are the last L').
+            mask: [B, L'] bool, True at real positions.
+            masked: [B, L'] bool, True where the input is replaced by the mask token
                 (training with the mlm objective), or None.
+            last_only: the last block computes the last position only (``pooling=last``).
 
         Returns:
-            [B, L, dim] states and the [B, L] mask of positions that count as real.
+            [B, L', dim] states ([B, 1, dim] with ``last_only``) and the [B, L'] mask of
+            positions that count as real.
         """
         if masked is not None:
             x = torch.where(masked.unsqueeze(-1), self.mask_token.to(x.dtype), x)
@@ -213,22 +222,34 @@ class SequenceTransformer(nn.Module):
         mask = attendable(mask)
         n = x.shape[1]
         eye = torch.eye(n, dtype=torch.bool, device=x.device)
-        allowed = mask[:, None, None, :]  # [B, 1, 1, L] keys
+        allowed = mask[:, None, None, :]  # [B, 1, 1, L'] keys
         if self.causal:
             allowed = allowed & torch.ones_like(eye).tril()
-        allowed = allowed | eye  # [B, 1, L, L]
-        h = self.input(x) + self.position
-        for block in self.blocks:
-            h = block(h, allowed)
+        allowed = allowed | eye  # [B, 1, L', L']
+        h = self.input(x) + self.position[self.position.shape[0] - n:]
+        for i, block in enumerate(self.blocks):
+            h = block(h, allowed, last_only and i == len(self.blocks) - 1)
         return self.norm(h), mask
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        """Encode a history: x [B, L, E], mask [B, L] -> [B, dim]."""
+        """Encode a history: x [B, L, E], mask [B, L] -> [B, dim].
+
+        Leading positions that are padding in every row are cut first, outside
+        ``torch.export`` / ``torch.compile`` (histories are pre-padded and a real position
+        never attends to padding, so the result is the same); with ``pooling=last`` the
+        last block computes the last position only.
+        """
         if self.mask_token is not None:  # predict the next item from a mask after the last
             token = self.mask_token.to(x.dtype).expand(x.shape[0], 1, -1)  # [B, 1, E]
             x = torch.cat([x[:, 1:], token], 1)
             mask = torch.cat([mask[:, 1:], torch.ones_like(mask[:, :1])], 1)
-        return self.pool(*self.states(x, mask))
+        if not torch.compiler.is_compiling():  # an exported program keeps static shapes
+            real = attendable(mask).any(0)  # [L] columns holding a real position of a row
+            start = int(real.float().argmax())  # the first such column (the last always is)
+            x, mask = x[:, start:], mask[:, start:]
+        last = self.pool.mode is SequencePooling.LAST
+        h, mask = self.states(x, mask, last_only=last)
+        return h[:, -1] if last else self.pool(h, mask)
 
 
 class SequenceCNN(nn.Module):
