@@ -72,25 +72,30 @@ def als(x: np.ndarray, params: dict) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(model.user_factors), np.asarray(model.item_factors)
 
 
-def score(fit: Fit, params: dict, eval_set: EvalSet, num_items: int) -> dict[str, float]:
-    """Fit on the split's histories and rank its targets: masked exact metrics."""
+def score(fit: Fit, params: dict, eval_set: EvalSet, num_items: int
+          ) -> dict[str, dict[str, float]]:
+    """Fit on the split's histories and rank its targets: exact metrics.
+
+    Masked, unmasked and over new targets (:func:`~indexing.metrics.retrieval_metrics`).
+    """
     users, items = fit(history_matrix(eval_set, num_items), params)
-    metrics = retrieval_metrics(torch.from_numpy(np.ascontiguousarray(users)),
-                                torch.from_numpy(np.ascontiguousarray(items)),
-                                eval_set.targets, eval_set.history_offsets,
-                                eval_set.history_items)
-    return metrics["masked"]
+    return retrieval_metrics(torch.from_numpy(np.ascontiguousarray(users)),
+                             torch.from_numpy(np.ascontiguousarray(items)),
+                             eval_set.targets, eval_set.history_offsets,
+                             eval_set.history_items)
 
 
 def tuned(name: str, fit: Fit, grid: Iterable[dict], run: RunDir) -> dict:
-    """Choose params on validation, then refit on train + validation and score test once."""
+    """Choose params on validation (masked), refit on train + validation, score test once."""
     num_items = read_prepare_manifest(run).items
     validation, test = load_eval_set(run, "validation"), load_eval_set(run, "test")
     start = time.perf_counter()
-    tried = [(params, score(fit, params, validation, num_items)) for params in grid]
+    tried = [(params, score(fit, params, validation, num_items)["masked"]) for params in grid]
     best, best_val = max(tried, key=lambda pm: pm[1][SELECT_BY])
+    test_metrics = score(fit, best, test, num_items)
     return {"model": name, "params": best, "validation": best_val,
-            "test": score(fit, best, test, num_items),
+            "test": test_metrics["masked"], "test_unmasked": test_metrics["unmasked"],
+            "test_new_targets": test_metrics["new_targets"],
             "tried": [{"params": p, SELECT_BY: m[SELECT_BY]} for p, m in tried],
             "seconds": round(time.perf_counter() - start, 1)}
 

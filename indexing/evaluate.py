@@ -114,7 +114,10 @@ def index_metrics(index: TopK, user_emb: torch.Tensor, item_emb: torch.Tensor,
 
 def split_metrics(user_emb: torch.Tensor, item_emb: torch.Tensor, index: TopK,
                   eval_set: EvalSet) -> dict[str, Any]:
-    """``{"exact": {...}, "index": {...}, "unmasked": {"exact", "index"}}`` for one split.
+    """``{"exact", "index", "unmasked": {"exact", "index"}, "new_targets", "users"}``.
+
+    ``new_targets``: the exact masked figures over the users whose target is not already in
+    their history, and their ``share`` (:func:`~indexing.metrics.retrieval_metrics`).
 
     Args:
         user_emb: [U, D] embeddings of the split's users (row = eval_set row).
@@ -127,7 +130,7 @@ def split_metrics(user_emb: torch.Tensor, item_emb: torch.Tensor, index: TopK,
     through = index_metrics(index, user_emb, item_emb, eval_set)
     return {"exact": exact["masked"], "index": through["masked"],
             "unmasked": {"exact": exact["unmasked"], "index": through["unmasked"]},
-            "users": len(eval_set)}
+            "new_targets": exact["new_targets"], "users": len(eval_set)}
 
 
 def evaluate_run(run_dir: Path) -> dict[str, Any]:

@@ -6,6 +6,12 @@ remove the user's history items from the ranking first (the target itself is nev
 removed); "unmasked" keep them. HR@K = mean(rank < K); NDCG@10 = mean(1 / log2(rank + 2))
 over targets ranked in the top 10.
 
+Where a user's target is an item already in their history (re-consumption: none in
+MovieLens, many in shopping or listening data), the masked ranking leaves that one history
+item in and removes the others, so any model that scores history items above new ones ranks
+such a target first. "New targets" are the masked figures over the other users alone (the
+targets a model has to find among items the user never had).
+
 Embeddings must be finite and a target's score a number: a NaN compares false with
 everything, so it would rank first and count as a hit. Both are errors here.
 """
@@ -102,6 +108,16 @@ def history_mask(
     return mask
 
 
+def repeated_targets(targets: np.ndarray, history_offsets: np.ndarray,
+                     history_items: np.ndarray) -> np.ndarray:
+    """[U] bool: the user's target is one of their history items (CSR history)."""
+    counts = np.diff(history_offsets)
+    rows = np.repeat(np.arange(len(counts)), counts)
+    items = history_items[history_offsets[0]:history_offsets[-1]]
+    hit = items == np.asarray(targets)[rows]
+    return np.bincount(rows[hit], minlength=len(counts)) > 0
+
+
 def metrics_from_ranks(ranks: torch.Tensor, ks=DEFAULT_KS) -> dict[str, float]:
     """HR@K for each K and NDCG@10 from [U] ranks."""
     r = ranks.double()
@@ -132,7 +148,10 @@ def retrieval_metrics(
         chunk: users scored at once (memory is chunk x I floats).
 
     Returns:
-        ``{"masked": {...}, "unmasked": {...}}`` with HR@K and NDCG@10.
+        ``{"masked": {...}, "unmasked": {...}, "new_targets": {...}}`` with HR@K and
+        NDCG@10; ``new_targets`` are the masked figures over the users whose target is
+        not in their history, its ``share`` their fraction of all users (no figures when
+        there are none).
 
     Raises:
         ValueError: an embedding is not finite, or a target score is NaN.
@@ -146,5 +165,11 @@ def retrieval_metrics(
             mask = history_mask(history_offsets, history_items, rows, len(item_emb), t[rows])
             masked.append(target_ranks(scores, t[rows], mask))
             unmasked.append(target_ranks(scores, t[rows]))
-    return {"masked": metrics_from_ranks(torch.cat(masked), ks),
-            "unmasked": metrics_from_ranks(torch.cat(unmasked), ks)}
+    masked_ranks = torch.cat(masked)
+    new = torch.from_numpy(~repeated_targets(np.asarray(targets), history_offsets,
+                                             history_items))
+    return {"masked": metrics_from_ranks(masked_ranks, ks),
+            "unmasked": metrics_from_ranks(torch.cat(unmasked), ks),
+            "new_targets": {"share": float(new.double().mean()) if len(new) else 0.0,
+                            **(metrics_from_ranks(masked_ranks[new], ks) if new.any()
+                               else {})}}

@@ -126,6 +126,13 @@ def test_evaluate_through_a_flat_index_equals_exact(demo_trained, tmp_path):
             want = _oracle_metrics(_numpy_ranks(users.numpy(), items.numpy(), eval_set, masked))
             got = exact if masked else out[split]["unmasked"]["exact"]
             assert got == pytest.approx(want, abs=1e-9), (split, name)
+        # the masked figures over the targets not already in the user's history
+        off, hist = eval_set.history_offsets, eval_set.history_items
+        new = np.array([t not in hist[off[i]:off[i + 1]]
+                        for i, t in enumerate(eval_set.targets)])
+        ranks = _numpy_ranks(users.numpy(), items.numpy(), eval_set, True)
+        assert out[split]["new_targets"] == pytest.approx(
+            {"share": new.mean(), **_oracle_metrics(ranks[new])}, abs=1e-9), split
     assert out["index_recall"]["recall@20"] == pytest.approx(1.0)
     assert out["test"]["users"] == 300
 

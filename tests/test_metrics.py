@@ -37,14 +37,22 @@ def test_retrieval_metrics_match_numpy_oracle(seed):
     u, v = rng.normal(size=(users, d)), rng.normal(size=(items, d))
     targets = rng.integers(0, items, users)
     hist = [rng.choice(items, rng.integers(0, 15), replace=False) for _ in range(users)]
+    for i in range(0, users, 4):  # a quarter of the targets are repeats of a history item
+        if len(hist[i]):
+            targets[i] = hist[i][-1]
     offsets = np.r_[0, np.cumsum([len(h) for h in hist])]
     flat = np.concatenate(hist)
     got = retrieval_metrics(torch.tensor(u), torch.tensor(v), targets, offsets, flat, chunk=10)
     s = u @ v.T
-    for kind in ("masked", "unmasked"):
+    repeat = np.array([t in set(h) for t, h in zip(targets, hist, strict=True)])
+    assert 5 <= repeat.sum() <= 15
+    assert got["new_targets"]["share"] == pytest.approx(1 - repeat.mean())
+    everyone = np.ones(users, bool)
+    for kind, users_of in (("masked", everyone), ("unmasked", everyone),
+                           ("new_targets", ~repeat)):
         ranks = []
-        for i in range(users):
-            drop = set(hist[i]) - {targets[i]} if kind == "masked" else set()
+        for i in np.flatnonzero(users_of):
+            drop = set(hist[i]) - {targets[i]} if kind != "unmasked" else set()
             ranks.append(sum(1 for j in range(items)
                              if j not in drop and s[i, j] > s[i, targets[i]]))
         ranks = np.array(ranks)
@@ -52,6 +60,26 @@ def test_retrieval_metrics_match_numpy_oracle(seed):
         assert got[kind]["HR@50"] == pytest.approx(np.mean(ranks < 50))
         ndcg = np.mean(np.where(ranks < 10, 1 / np.log2(ranks + 2), 0))
         assert got[kind]["NDCG@10"] == pytest.approx(ndcg)
+
+
+def test_new_targets_hand_worked():
+    # 3 users, 4 items; user 0's target (item 2) is in its history, users 1 and 2's are
+    # not, so the new-target figures count users 1 and 2 alone.
+    users = torch.eye(3, 4)
+    items = torch.tensor([[4.0, 0, 0, 0], [0, 3, 0, 0], [0, 0, 2, 0], [0, 0, 0, 1]])
+    # scores: u0 -> [4, 0, 0, 0], u1 -> [0, 3, 0, 0], u2 -> [0, 0, 2, 0]
+    targets = np.array([2, 3, 2])
+    offsets = np.array([0, 2, 3, 3])
+    history = np.array([1, 2, 0])  # user 0: items 1, 2; user 1: item 0; user 2: none
+    got = retrieval_metrics(users, items, targets, offsets, history)
+    # masked ranks: u0 target 2 (score 0) below item 0 (4): rank 1; u1 target 3 (0) below
+    # item 1 (3), item 0 removed: rank 1; u2 target 2 (2): rank 0
+    assert got["masked"]["HR@10"] == 1.0
+    assert got["masked"]["NDCG@10"] == pytest.approx((2 / math.log2(3) + 1) / 3)
+    assert got["new_targets"]["share"] == pytest.approx(2 / 3)
+    assert got["new_targets"]["NDCG@10"] == pytest.approx((1 / math.log2(3) + 1) / 2)
+    everyone_repeats = retrieval_metrics(users[:1], items, targets[:1], offsets[:2], history)
+    assert everyone_repeats["new_targets"] == {"share": 0.0}
 
 
 def test_most_popular_baseline_hand_worked():
