@@ -15,7 +15,11 @@ from pipeline.sources.demo import (
     EMBEDDING_DIM,
     MIN_PER_USER,
     REGIMES,
+    World,
+    _follow_sequels,
+    _repeated,
     _sample_rows,
+    _without_repeats,
     chunk_bounds,
     generate_demo_data,
     interaction_counts,
@@ -212,5 +216,39 @@ def test_regimes_shape_histories_time_and_user_features(tmp_path, regime, median
     ties = (ts[1:] == ts[:-1])[same_user].mean()
     assert ties > 0.5 if regime == "sparse" else ties < 0.01
     assert (np.diff(ts)[same_user] >= 0).all()  # still in time order per user
+    pairs = users.astype(np.int64) * (shape.items + 1) + inter["item_id"].to_numpy()
+    repeated = 1 - len(np.unique(pairs)) / len(pairs)
+    # long: MovieLens-like, each (user, item) once; sparse keeps re-purchases (seed 0: 10 %)
+    assert repeated == 0 if regime == "long" else 0.05 < repeated < 0.2
     with pytest.raises(ValueError, match="regime 'huge' is not one of"):
         generate_demo_data(str(tmp_path / "x"), regime="huge")
+
+
+def test_without_repeats_spends_a_whole_catalogue():
+    """Users who meet every item (one topic spent halfway) each get a permutation."""
+    rng = np.random.default_rng(0)
+    n_items, n_users = 12, 3
+    popularity = np.r_[np.full(6, 0.3), np.full(6, 0.0)] / 1.8  # topic 0 = items 0..5
+    item_cdf = np.cumsum(np.stack([popularity, popularity[::-1]]), axis=1)
+    item_cdf[:, -1] = 1.0
+    sequel = np.r_[np.roll(np.arange(6), -1), 6 + np.roll(np.arange(6), -1)]
+    world = World(item_cdf=item_cdf, sequel=sequel, taste=np.zeros((n_users, 2)),
+                  drift=np.zeros((n_users, 2)), counts=np.full(n_users, n_items),
+                  start=np.zeros(n_users, dtype=np.int64))
+    user = np.repeat(np.arange(n_users), n_items)
+    topics = np.zeros(n_users * n_items, dtype=np.int64)  # topic 0 runs out after 6 items
+    items = _sample_rows(item_cdf, topics, rng.random(len(topics)))
+    follow = (rng.random(len(items)) < 0.5) & (np.arange(len(items)) % n_items > 0)
+    items = _follow_sequels(items, sequel, follow)
+    out = _without_repeats(rng, world, items, user, topics, follow)
+    for u in range(n_users):
+        assert sorted(out[user == u]) == list(range(n_items))
+    assert (items == _follow_sequels(items, sequel, follow)).all()  # inputs not modified
+    first = np.arange(len(items)) % n_items == 0  # the earliest row is never a repeat
+    assert (out[first] == items[first]).all() and _repeated(user, items, n_items).sum() > 9
+
+
+def test_no_repeat_regime_refuses_a_user_with_more_rows_than_items(tmp_path):
+    with pytest.raises(ValueError, match="has no repeats, but a user draws .* from 20 items"):
+        generate_demo_data(str(tmp_path / "x"), regime="long", n_users=10, n_items=20,
+                           n_interactions=2000, seed=0)

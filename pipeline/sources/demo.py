@@ -29,11 +29,14 @@ so that defaults can be checked beyond one kind of data set:
 * ``default``: 5,000 users, 2,000 items, 300,000 interactions (median 35 per user), user
   features, second-level timestamps;
 * ``long``: MovieLens-like long histories: 1,000 users, 1,700 items, 100,000 interactions
-  (median about 60 per user);
+  (median about 60 per user), and, as in MovieLens (one rating per user and movie), no
+  user meets an item twice: a draw the user already had is drawn again (a sequel the user
+  already had is replaced by a fresh draw);
 * ``sparse``: e-commerce-like: 12,000 users, 3,000 items, 270,000 interactions (median
   about 17 per user), item side features only (the user table holds ``user_id`` alone), and
   day-level timestamps, so many interactions of a user tie (the split then orders them by
-  file row, which is the order they happened in).
+  file row, which is the order they happened in). Re-purchases stay (11 % of the rows), as
+  in ``default`` (popular items come back: 20-30 % of the rows).
 
 Users are generated in chunks of about ``chunk_rows`` interactions, one users file and one
 interactions file per chunk, so 10^7 interactions never sit in memory at once. The output
@@ -93,11 +96,12 @@ class Regime:
     interactions: int
     user_features: bool  # False: the user table holds user_id only
     time_step: int  # timestamps are rounded down to a multiple of this many seconds
+    repeats: bool = True  # False: a user meets each item at most once
 
 
 REGIMES: dict[str, Regime] = {
     "default": Regime(5000, 2000, 300_000, user_features=True, time_step=1),
-    "long": Regime(1000, 1700, 100_000, user_features=True, time_step=1),
+    "long": Regime(1000, 1700, 100_000, user_features=True, time_step=1, repeats=False),
     "sparse": Regime(12_000, 3000, 270_000, user_features=False, time_step=86400),
 }
 
@@ -163,12 +167,16 @@ def generate_demo_data(
     if not shape.user_features:
         users = users.select(["user_id"])
     world = make_world(rng, mixture, taste, n_interactions)
+    if not shape.repeats and world.counts.max() > n_items:
+        raise ValueError(
+            f"regime {regime!r} has no repeats, but a user draws {world.counts.max()} "
+            f"interactions from {n_items} items; raise n_items or lower n_interactions")
     _write(items, out_dir / "items", 0)
     bounds = chunk_bounds(world.counts, chunk_rows)
     t0 = time.perf_counter()
     for index, (lo, hi) in enumerate(bounds):
         inter = make_interactions(np.random.default_rng([seed, 1, index]), world, lo, hi,
-                                  shape.time_step)
+                                  shape.time_step, shape.repeats)
         _write(users.slice(lo, hi - lo), out_dir / "users", index)
         _write(inter, out_dir / "interactions", index)
         if log is not None:
@@ -342,11 +350,13 @@ def chunk_bounds(counts: np.ndarray, chunk_rows: int) -> list[tuple[int, int]]:
 
 
 def make_interactions(rng: np.random.Generator, world: World, lo: int, hi: int,
-                      time_step: int = 1) -> pa.Table:
+                      time_step: int = 1, repeats: bool = True) -> pa.Table:
     """The interactions of users ``lo..hi-1``, each user's rows in time order.
 
     Timestamps are rounded down to a multiple of ``time_step`` seconds (86400: day-level,
-    with ties inside a day; the rows stay in the order they happened).
+    with ties inside a day; the rows stay in the order they happened). ``repeats=False``:
+    no user meets an item twice (:func:`_without_repeats`; each user's count must be at
+    most the catalogue size).
     """
     counts = world.counts[lo:hi]
     n = int(counts.sum())
@@ -358,7 +368,10 @@ def make_interactions(rng: np.random.Generator, world: World, lo: int, hi: int,
     fresh = _sample_rows(topic_cdf, user * N_PHASES + phase, rng.random(n))
     topics = fresh[_last_fresh(rng.random(n) < P_SAME_TOPIC, pos)]
     items = _sample_rows(world.item_cdf, topics, rng.random(n))
-    items = _follow_sequels(items, world.sequel, (rng.random(n) < P_SEQUEL) & (pos > 0))
+    follow = (rng.random(n) < P_SEQUEL) & (pos > 0)
+    items = _follow_sequels(items, world.sequel, follow)
+    if not repeats:
+        items = _without_repeats(rng, world, items, user, topics, follow)
     gap = 1 + np.where(rng.random(n) < 0.7, rng.exponential(600.0, n),
                        rng.exponential(2 * 86400.0, n)).astype(np.int64)
     gap[pos == 0] = 0
@@ -446,6 +459,63 @@ def _follow_sequels(items: np.ndarray, sequel: np.ndarray, follow: np.ndarray) -
     for step in range(1, int(depth.max(initial=0)) + 1):
         rows = np.flatnonzero(depth == step)  # their predecessors are already final
         items[rows] = sequel[items[rows - 1]]
+    return items
+
+
+def _repeated(user: np.ndarray, items: np.ndarray, n_items: int) -> np.ndarray:
+    """[N] bool: the row's item already occurs at an earlier row of the same user."""
+    key = user.astype(np.int64) * n_items + items
+    order = np.argsort(key, kind="stable")  # equal keys stay in row order
+    same = key[order[1:]] == key[order[:-1]]
+    repeated = np.zeros(len(items), dtype=bool)
+    repeated[order[1:][same]] = True
+    return repeated
+
+
+def _without_repeats(rng: np.random.Generator, world: World, items: np.ndarray,
+                     user: np.ndarray, topics: np.ndarray, follow: np.ndarray,
+                     rounds: int = 20) -> np.ndarray:
+    """Redraw every repeated (user, item) row until each user meets an item once.
+
+    A repeated row is drawn again from its topic's popularity (a repeated sequel stops
+    following and is drawn fresh), and sequels follow the new draws, for up to ``rounds``
+    rounds; the few repeats left (a user who has had most of a topic) take an item the
+    user never meets, drawn from the topic's popularity or, the topic spent, uniformly.
+
+    Args:
+        rng: the chunk's generator (drawn from only when a repeat is found).
+        world: popularity per topic and sequels.
+        items: [N] item index per row (sequels followed); not modified.
+        user: [N] user index within the chunk, rows grouped by user in time order.
+        topics: [N] topic of each row.
+        follow: [N] bool, the row was drawn as its predecessor's sequel; not modified.
+        rounds: redraw rounds before the remaining repeats are placed one by one.
+
+    Returns:
+        [N] item indexes, no (user, item) pair twice.
+    """
+    n_items = world.item_cdf.shape[1]
+    items, follow = items.copy(), follow.copy()
+    for _ in range(rounds):
+        repeated = _repeated(user, items, n_items)
+        if not repeated.any():
+            return items
+        rows = np.flatnonzero(repeated)
+        follow[rows] = False
+        items[rows] = _sample_rows(world.item_cdf, topics[rows], rng.random(len(rows)))
+        items = _follow_sequels(items, world.sequel, follow)
+    rows = np.flatnonzero(_repeated(user, items, n_items))
+    if len(rows):
+        first = np.searchsorted(user, user[rows], side="left")
+        last = np.searchsorted(user, user[rows], side="right")
+        popularity = np.diff(world.item_cdf, axis=1, prepend=0.0)  # [K, I]
+        for row, lo, hi in zip(rows, first, last, strict=True):
+            taken = np.zeros(n_items, dtype=bool)
+            taken[items[lo:hi]] = True
+            weights = np.where(taken, 0.0, popularity[topics[row]])
+            if weights.sum() <= 0:
+                weights = (~taken).astype(np.float64)
+            items[row] = rng.choice(n_items, p=weights / weights.sum())
     return items
 
 
