@@ -31,7 +31,7 @@ if [ -n "$movielens" ]; then
     [ -d "$data/interactions" ] || python -m jobs.convert_movielens --src "$movielens" --out "$data"
 else
     # The demo's time budget (under 5 minutes, install included): this data size and at
-    # most 3 epochs of the sequence mode (configs/demo.yaml trains up to 30).
+    # most 3 epochs of the sequence mode (configs/demo.yaml trains up to 60).
     config=configs/demo.yaml data="$root/data/demo" run="$root/runs/demo"
     budget=(--set train.epochs=3)
     [ -d "$data/interactions" ] || python -m jobs.make_demo_data --out "$data" \
