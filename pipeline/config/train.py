@@ -69,8 +69,10 @@ class TrainConfig(StrictModel):
         default=None, gt=0,
         description="Evaluate, save and serve an exponential moving average of the weights "
                     "over about this many epochs (per-step decay 1 - 1 / (average_epochs x "
-                    "steps per epoch), so it means the same on any data size); null: the "
-                    "last step's weights.",
+                    "steps per epoch), so it means the same on any data size); over the "
+                    "first steps TF's warm-up caps the decay at (1 + n) / (10 + n) at step n, "
+                    "an average over about a ninth of the steps so far, until that span "
+                    "reaches the one asked; null: the last step's weights.",
     )
     precision: Precision = Field(default=Precision.AUTO, description="Autocast precision.")
     seed: int = Field(default=0, description="Seed of weights, shuffling and negatives.")
