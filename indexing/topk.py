@@ -166,12 +166,15 @@ def _dense_top(scores: np.ndarray, owner: np.ndarray, banned: np.ndarray, k: int
     scores[owner, banned] = -np.inf
     kept = min(k, n)
     at = np.arange(q)[:, None]
-    best = np.argpartition(scores, n - kept, axis=1)[:, n - kept:] if kept < n else \
-        np.tile(np.arange(n, dtype=np.intp), (q, 1))
+    if kept < n:  # the k best at the end, the best of the rest just before them
+        part = np.argpartition(scores, (n - kept - 1, n - kept), axis=1)
+        best = part[:, n - kept:]
+    else:
+        best = np.tile(np.arange(n, dtype=np.intp), (q, 1))
     top = scores[at, best]
     if kept < n:  # equal scores across the k-th place: the lower rows win, as exact search
-        floor = top.min(axis=1)
-        crowded = np.count_nonzero(scores >= floor[:, None], axis=1) > kept
+        floor = scores[at[:, 0], part[:, n - kept]]  # the k-th best score
+        crowded = scores[at[:, 0], part[:, n - kept - 1]] >= floor  # a row left out ties it
         if crowded.any():
             for i in np.flatnonzero(crowded & np.isfinite(floor)):  # rare: tied vectors
                 best[i] = np.argsort(-scores[i], kind="stable")[:kept]
@@ -253,9 +256,13 @@ class TopK:
         lengths = [0 if ids is None else len(ids) for ids in per_query]
         if not sum(lengths):
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        flat = np.concatenate([np.asarray(ids, np.int64).ravel()
-                               for ids in per_query if ids is not None])
-        owner = np.repeat(np.arange(len(per_query), dtype=np.int64), lengths)
+        if len(per_query) == 1:  # one query (the serving case): no concatenation, no repeat
+            flat = np.asarray(per_query[0], np.int64).ravel()
+            owner = np.zeros(len(flat), np.int64)
+        else:
+            flat = np.concatenate([np.asarray(ids, np.int64).ravel()
+                                   for ids in per_query if ids is not None])
+            owner = np.repeat(np.arange(len(per_query), dtype=np.int64), lengths)
         if self._identity_map():
             found = (flat >= 0) & (flat < self.count)
             return (owner, flat) if found.all() else (owner[found], flat[found])

@@ -269,12 +269,14 @@ class Retriever:
         """
         stored = self.user_vectors is not None
         rows = np.array([u.stored_row if stored else -1 for u in users], np.int64)
-        out = np.empty((len(users), self.user_tower.output_dim), np.float32)
         known = rows >= 0
-        out[known] = self.user_vectors[rows[known]] if known.any() else out[known]
-        if not known.all():
-            rest = [u for u, k in zip(users, known, strict=True) if not k]
-            out[~known] = self.forward(rest)
+        if known.all():  # every one stored (the common case): one gather
+            return self.user_vectors[rows]
+        out = np.empty((len(users), self.user_tower.output_dim), np.float32)
+        if known.any():
+            out[known] = self.user_vectors[rows[known]]
+        rest = [u for u, k in zip(users, known, strict=True) if not k]
+        out[~known] = self.forward(rest)
         return out
 
     def forward(self, users: list[EncodedUser]) -> np.ndarray:

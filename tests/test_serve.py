@@ -494,6 +494,28 @@ def test_a_huge_exclude_list_is_refused_naming_the_bound_and_serving_goes_on(ser
     assert server.post("/recommend", json={"user_id": 1, "k": 3}).status_code == 200
 
 
+def test_the_direct_path_and_fastapis_answer_alike(server):
+    """A JSON body with a length takes ServingAPI's direct path; a chunked one, FastAPI's."""
+    body = {"user_id": 1, "k": 7, "exclude_items": [3, 5]}
+    direct = server.post("/recommend", json=body)
+    raw = json.dumps(body).encode()
+    chunked = server.post("/recommend", content=iter([raw[:5], raw[5:]]),
+                          headers={"content-type": "application/json; charset=utf-8"})
+    assert direct.status_code == chunked.status_code == 200, (direct.text, chunked.text)
+    assert direct.json() == chunked.json() and len(direct.json()["items"]) == 7
+    assert direct.headers["content-type"] == chunked.headers["content-type"]
+    # errors raised past validation are answered by the app's handlers on both paths
+    for send in (lambda b: server.post("/score", json=b),
+                 lambda b: server.post("/score", content=iter([json.dumps(b).encode()]),
+                                       headers={"content-type": "application/json"})):
+        assert_names(send({"user_id": 1, "item_ids": [1, 987654]}), 404, "item_ids", 987654)
+        assert_names(send({"user_id": 1, "features": {"age": "old"}, "item_ids": [1]}), 422,
+                     "age", "old")
+    # not JSON: FastAPI's own answer
+    r = server.post("/recommend", content=b"user_id=1", headers={"content-type": "text/plain"})
+    assert r.status_code == 422, r.text
+
+
 def test_openapi_is_the_enforced_contract(server, retriever):
     doc = server.get("/openapi.json").json()
     paths, schemas = doc["paths"], doc["components"]["schemas"]

@@ -76,9 +76,10 @@ def test_faiss_pads_when_k_exceeds_catalogue(factory):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_exact_equals_numpy_oracle_with_ties_and_exclusion(seed):
+@pytest.mark.parametrize("factory", ["exact", "Flat"])  # Flat: one product, masked per query
+def test_exact_equals_numpy_oracle_with_ties_and_exclusion(seed, factory):
     items, ids, queries = _integer_data(seed)
-    topk = ExactTopK(items, ids, "dot")
+    topk = build_topk(items, ids, "dot", factory)
     for k in (1, 10, 300, 310):
         assert all(np.array_equal(a, b) for a, b in
                    zip(topk.search(queries, k), _oracle(items, ids, queries, k), strict=True))
@@ -88,6 +89,10 @@ def test_exact_equals_numpy_oracle_with_ties_and_exclusion(seed):
     want = _oracle(items, ids, queries, 10, exclude)
     assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
     assert not any(np.isin(got[1][i], exclude[i]).any() for i in range(len(queries)))
+    for i in range(len(queries)):  # one query at a time, as a served request
+        alone = topk.search(queries[i:i + 1], 10, exclude=exclude[i:i + 1])
+        assert np.array_equal(alone[1], want[1][i:i + 1]), i
+        assert np.array_equal(alone[0], want[0][i:i + 1]), i
 
 
 @pytest.mark.parametrize("similarity", ["dot", "cosine"])
