@@ -253,16 +253,16 @@ def build_api(service: Service, cfg: ServeConfig) -> FastAPI:
         return Response(content=await service.score(body), media_type=JSON)
 
     app.post("/recommend", response_model=RecommendResponse,
-                responses=_documented(400, 413, 422),
-                summary="The top k catalogue items for a user",
-                description="For a known user id, raw features and/or a history; optionally "
-                "within a filter or an allow-list.")(recommend)
+             responses=_documented(400, 413, 422),
+             summary="The top k catalogue items for a user",
+             description="For a known user id, raw features and/or a history; optionally "
+             "within a filter or an allow-list.")(recommend)
     app.post("/similar-items", response_model=SimilarItemsResponse,
-                responses=_documented(400, 404, 413, 422),
-                summary="The catalogue items nearest to one item")(similar_items)
+             responses=_documented(400, 404, 413, 422),
+             summary="The catalogue items nearest to one item")(similar_items)
     app.post("/score", response_model=ScoreResponse,
-                responses=_documented(400, 404, 413, 422),
-                summary="The user's score for each given item, in request order")(score)
+             responses=_documented(400, 404, 413, 422),
+             summary="The user's score for each given item, in request order")(score)
     app.get("/healthz", response_model=HealthResponse,
             summary="Liveness and the model version served")(service.health)
     app.get("/version", response_model=VersionResponse,
