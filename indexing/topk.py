@@ -163,6 +163,9 @@ def _dense_top(scores: np.ndarray, owner: np.ndarray, banned: np.ndarray, k: int
         ``(scores [Q, k], rows [Q, k])`` padded with ``-inf`` / ``-1``.
     """
     q, n = scores.shape
+    if q == 1:  # one query (the serving case): the same rule over a 1-d row, fewer calls
+        top, rows = _dense_top_one(scores[0], banned, k)
+        return top[None], rows[None]
     scores[owner, banned] = -np.inf
     kept = min(k, n)
     at = np.arange(q)[:, None]
@@ -188,6 +191,49 @@ def _dense_top(scores: np.ndarray, owner: np.ndarray, banned: np.ndarray, k: int
     out_rows = np.full((q, k), PAD_ID, dtype=np.int64)
     out_scores[:, :kept], out_rows[:, :kept] = top, rows
     return out_scores, out_rows
+
+
+def _dense_top_one(scores: np.ndarray, banned: np.ndarray, k: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_dense_top` of one query's score row [N] (overwritten): ``([k], [k])``.
+
+    The same result in about half the time of the 2-d calls (a one-query search of the
+    demo run's 2,000 items: 64 -> 36 us, measured 2026-12-03).
+    """
+    n = len(scores)
+    scores[banned] = -np.inf
+    kept = min(k, n)
+    if kept < n:
+        part = np.argpartition(scores, (n - kept - 1, n - kept))
+        best, floor = part[n - kept:], scores[part[n - kept]]
+        if scores[part[n - kept - 1]] >= floor and np.isfinite(floor):  # a tie left out
+            best = np.argsort(-scores, kind="stable")[:kept]
+    else:
+        best = np.arange(n, dtype=np.intp)
+    top = scores[best]
+    order = np.lexsort((best, -top))
+    top, rows = top[order], best[order].astype(np.int64, copy=False)
+    rows[top == -np.inf] = PAD_ID
+    if kept == k:
+        return top, rows
+    out_scores = np.full(k, -np.inf, dtype=np.float32)
+    out_rows = np.full(k, PAD_ID, dtype=np.int64)
+    out_scores[:kept], out_rows[:kept] = top, rows
+    return out_scores, out_rows
+
+
+def _distinct_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(distinct rows [M, D], inverse [N])`` with ``distinct[inverse] == vectors``.
+
+    ``(vectors, None)`` when every row is distinct (the usual case: no gather at search).
+    Rows compare by their bytes.
+    """
+    rows = np.ascontiguousarray(vectors, dtype=np.float32)
+    keys = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    if len(first) == len(rows):
+        return rows, None
+    return rows[first], inverse.reshape(-1).astype(np.intp)
 
 
 def _best_of(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -554,19 +600,25 @@ class FaissTopK(TopK):
 
         What faiss's Flat search computes anyway, without its per-call overhead, the
         widened search and the mask after it. Up to ``DENSE_MAX_ITEMS`` items (larger Flat
-        indexes use faiss's search). Products are summed in float64 and rounded to
-        float32: a float32 matrix product rounds identical rows differently by where
-        they fall in its blocks, which would break ties between equal items out of row
-        order.
+        indexes use faiss's search). Identical rows are scored once and share that score
+        (:func:`_distinct_rows`): a float32 matrix product rounds identical rows
+        differently by where they fall in its blocks, which would break ties between equal
+        items out of row order. Float32, not float64 products rounded down: the vectors are
+        read from memory once per request, and a served request finds them out of cache;
+        2,000 x 64 float64 took 160 us against 54 us in float32 with the caches flushed
+        before each product (31 against 14 us warm; measured 2026-12-03).
         """
         if self.__dict__.get("_dense") is None:
             index = faiss.downcast_index(self.index)
-            self._dense = _stored_vectors(index).astype(np.float64) \
+            self._dense = _distinct_rows(_stored_vectors(index)) \
                 if isinstance(index, faiss.IndexFlat) and self.count <= DENSE_MAX_ITEMS \
                 else False
         if self._dense is False:
             return super()._search_excluding(queries, k, owner, banned, longest)
-        scores = (queries.astype(np.float64) @ self._dense.T).astype(np.float32)  # [Q, N]
+        vectors, inverse = self._dense
+        scores = (vectors @ queries[0])[None] if len(queries) == 1 else queries @ vectors.T
+        if inverse is not None:  # [Q, distinct rows] -> [Q, N]
+            scores = scores.take(inverse, axis=1)
         return _dense_top(scores, owner, banned, k)
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:

@@ -95,6 +95,22 @@ def test_exact_equals_numpy_oracle_with_ties_and_exclusion(seed, factory):
         assert np.array_equal(alone[0], want[0][i:i + 1]), i
 
 
+@pytest.mark.parametrize("batch", [1, 7])
+def test_flat_gives_identical_rows_one_score_in_row_order(batch):
+    """Copies of one real-valued vector anywhere in the catalogue tie exactly, lower row first."""
+    rng = np.random.default_rng(5)
+    items = rng.normal(size=(2003, 64)).astype(np.float32)
+    queries = rng.normal(size=(batch, 64)).astype(np.float32)
+    best = items[np.argmax(queries[0] @ items.T)] * 2  # above every row for the first query
+    copies = np.array([1998, 5, 2002, 640, 1001])  # block heads, middles and the tail
+    items[copies] = best
+    ids = np.arange(2003, dtype=np.int64) + 10
+    scores, got = build_topk(items, ids, "dot", "Flat").search(
+        queries, 8, exclude=[np.array([640 + 10])] + [None] * (batch - 1))
+    assert got[0, :4].tolist() == [5 + 10, 1001 + 10, 1998 + 10, 2002 + 10]  # 640 excluded
+    assert len(set(scores[0, :4].tolist())) == 1 and scores[0, 4] < scores[0, 3]
+
+
 @pytest.mark.parametrize("similarity", ["dot", "cosine"])
 def test_flat_equals_exact_on_random_data(similarity):
     rng = np.random.default_rng(3)
