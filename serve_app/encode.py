@@ -95,6 +95,11 @@ class IdMap:
     def __len__(self) -> int:
         return len(self.index)
 
+    def row(self, value: RawId) -> int:
+        """The row of one value (-1 where it is not a key)."""
+        found = self.index.lookup_one(value)  # vocab index: row + 2
+        return found - RESERVED if found >= RESERVED else -1
+
     def rows(self, values: list[RawId]) -> np.ndarray:
         """[N] int64 rows of ``values`` (-1 where a value is not a key)."""
         if not values:
@@ -144,7 +149,7 @@ class RequestEncoder:
 
     def user_row(self, user_id: RawId | None) -> int:
         """Row of ``user_id`` in users.parquet, or -1 when unknown or absent."""
-        return -1 if user_id is None else int(self.user_map.rows([user_id])[0])
+        return -1 if user_id is None else self.user_map.row(user_id)
 
     def item_rows(self, item_ids: list[RawId]) -> np.ndarray:
         """[N] catalogue rows of raw item ids (-1 for ids not in the catalogue)."""

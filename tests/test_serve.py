@@ -210,6 +210,7 @@ def test_id_keys_follow_the_prepare_lookup_rule(retriever):
     arrow = lookup(variants[1:2], item_map.index.vocab)[0] - 2  # the Arrow path, alone
     assert rows[0] == rows[1] == arrow == 5
     assert (rows[2:] == -1).all()
+    assert [item_map.row(v) for v in variants] == rows.tolist()  # one at a time: the same
 
 
 def test_user_embedding_equals_the_batch_jobs(batch_embeddings, demo_trained):

@@ -147,6 +147,8 @@ def test_vocab_index_agrees_with_the_arrow_lookup_on_10000_random_keys(kind):
     # a request's few values: the dict path, same answers one by one
     for key, index in list(zip(keys, want, strict=True))[:300]:
         assert dict_path.lookup([key])[0] == index
+    # one value at a time (a request's user id), every key, nulls and OOV included
+    assert [dict_path.lookup_one(key) for key in keys] == want.tolist()
 
 
 def test_vocab_index_casts_by_the_one_rule():
