@@ -5,8 +5,10 @@ ingress mode (``serve_app.ingress``, isolated files and ports), Serve on a free 
 port, and two applications behind the same ingress: ``/`` the retrieval app of the run
 (its ``serve`` config: one replica, 0.5 CPU) and ``/floor`` a bare deployment with the same
 resources that reads the body and returns a constant. Each (path, concurrency) gets a 1 s
-warm-up, then ``--seconds`` of closed-loop load from ``benchmarks.loadgen`` (``wrk`` when
-installed). The load generator shares the machine's two cores with the server.
+warm-up, then 6 s of closed-loop load from ``benchmarks.loadgen`` (``wrk`` when installed)
+in three 2 s turns taken alternately with the other path (A B B A A B): p50 and p99 are the
+medians of the turns, req/s their mean. The load generator shares the machine's two cores
+with the server.
 
 1. The demo run (5,000 users, 2,000 items, Flat index; ``--tiny``: 300 / 120):
    HAProxy ingress with batching (the shipped default), HAProxy without batching, the
@@ -39,7 +41,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCURRENCY = {"tiny": (1, 16), "full": (1, 16, 64)}
-SECONDS = {"tiny": 1.0, "full": 5.0}
+SECONDS = {"tiny": 1.0, "full": 6.0}  # per path and concurrency, in ROUNDS turns
+ROUNDS = {"tiny": 2, "full": 3}
 DEMO_SIZES = {"tiny": (300, 120, 9_000), "full": (5_000, 2_000, 150_000)}
 # users, items, interactions. Few users on purpose: training validates every epoch on the
 # whole catalogue, 1,024 users x 10^6 items of float32 scores at a time (4 GiB and more);
@@ -119,17 +122,45 @@ def request_bodies(run_dir: Path, count: int = 1000, **extra) -> list[dict]:
     return [{"user_id": u, "k": 10, **extra} for u in table["user_id"].to_pylist()[:count]]
 
 
-def measure(url: str, bodies: list[dict], concurrency: tuple[int, ...], seconds: float
-            ) -> dict[str, dict]:
-    """Warm-up then load at each concurrency."""
+def merged(rounds: list[dict]) -> dict:
+    """One figure from rounds of load: median p50 and p99, mean req/s, summed counts."""
+    return {"requests": sum(r["requests"] for r in rounds),
+            "p50_ms": round(float(np.median([r["p50_ms"] for r in rounds])), 3),
+            "p99_ms": round(float(np.median([r["p99_ms"] for r in rounds])), 3),
+            "rps": round(float(np.mean([r["rps"] for r in rounds])), 1),
+            "non_2xx": sum(r["non_2xx"] for r in rounds),
+            "errors": sum(r["errors"] for r in rounds), "tool": rounds[0]["tool"],
+            "round_p50_ms": [r["p50_ms"] for r in rounds]}
+
+
+def measure(urls: dict[str, str], bodies: list[dict], concurrency: tuple[int, ...],
+            seconds: float, rounds: int = 1) -> dict[str, dict[str, dict]]:
+    """Warm-up then load at each concurrency, the paths of ``urls`` taking turns.
+
+    Each path gets ``rounds`` rounds of ``seconds / rounds``, in the order A B B A A B ...,
+    so that both see the same machine: on these shared 2 cores the floor alone moved from
+    0.48 to 0.83 ms p50 between two runs minutes apart (2026-12-03), which a ratio of
+    figures taken one after the other would carry.
+
+    Returns:
+        path name -> ``c{concurrency}`` -> :func:`merged` figures.
+    """
     from benchmarks.loadgen import load
 
-    out = {}
+    out: dict[str, dict[str, dict]] = {name: {} for name in urls}
+    names = list(urls)
     for c in concurrency:
-        load(url, bodies, c, 1.0)
-        out[f"c{c}"] = load(url, bodies, c, seconds)
-        if out[f"c{c}"]["non_2xx"] >= out[f"c{c}"]["requests"] > 0:  # a wrong URL, not load
-            raise RuntimeError(f"{url} at concurrency {c}: {out[f'c{c}']}")
+        taken: dict[str, list[dict]] = {name: [] for name in names}
+        for name in names:
+            load(urls[name], bodies, c, 1.0)
+        for r in range(rounds):
+            for name in (names if r % 2 == 0 else names[::-1]):
+                got = load(urls[name], bodies, c, seconds / rounds)
+                if got["non_2xx"] >= got["requests"] > 0:  # a wrong URL, not load
+                    raise RuntimeError(f"{urls[name]} at concurrency {c}: {got}")
+                taken[name].append(got)
+        for name in names:
+            out[name][f"c{c}"] = merged(taken[name])
     return out
 
 
@@ -224,8 +255,7 @@ def side(args: argparse.Namespace) -> dict:
                   "server": {"num_cpus": cfg.num_cpus, "max_batch_size": cfg.max_batch_size,
                              "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
                              "max_ongoing_requests": opts["max_ongoing_requests"]}}
-        for name, url in urls.items():
-            result[name] = measure(url, bodies, concurrency, args.seconds)
+        result.update(measure(urls, bodies, concurrency, args.seconds, args.rounds))
         result["replica_rss_mib"] = replica_rss_mib()
         if args.large:
             result["recall"] = served_recall(urls["recommend"], Path(args.run_dir))
@@ -243,7 +273,8 @@ def run_side(run_dir: Path, ingress: str, batching: bool, size: str, large: bool
     """:func:`side` in a subprocess (its own Ray with its own ingress environment)."""
     cmd = [sys.executable, "-m", "benchmarks.serve_latency", "--side", "--run-dir",
            str(run_dir), "--ingress", ingress, "--concurrency",
-           ",".join(map(str, CONCURRENCY[size])), "--seconds", str(SECONDS[size])]
+           ",".join(map(str, CONCURRENCY[size])), "--seconds", str(SECONDS[size]),
+           "--rounds", str(ROUNDS[size])]
     cmd += ["--batching"] if batching else ["--no-batching"]
     cmd += ["--large"] if large else []
     env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_AUTH_MODE="disabled")
@@ -312,7 +343,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batching", action=argparse.BooleanOptionalAction, default=True,
                    help=argparse.SUPPRESS)
     p.add_argument("--concurrency", default="1,16,64", help=argparse.SUPPRESS)
-    p.add_argument("--seconds", type=float, default=5.0, help=argparse.SUPPRESS)
+    p.add_argument("--seconds", type=float, default=6.0, help=argparse.SUPPRESS)
+    p.add_argument("--rounds", type=int, default=3, help=argparse.SUPPRESS)
     p.add_argument("--large", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.side:

@@ -46,6 +46,8 @@ def test_serve_latency_tiny_writes_every_figure(demo_trained, tmp_path):
                 assert r["requests"] > 0 and r["non_2xx"] == 0 and r["errors"] == 0, r
                 for key in FIGURES:
                     assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0
+                assert len(r["round_p50_ms"]) == 2  # two turns, alternating with the other
+                assert min(r["round_p50_ms"]) <= r["p50_ms"] <= max(r["round_p50_ms"])
             rec, floor, ratio = (cell[k][concurrency] for k in ("recommend", "floor", "ratio"))
             assert ratio["p50"] == pytest.approx(rec["p50_ms"] / floor["p50_ms"], rel=1e-2)
             assert ratio["rps"] == pytest.approx(rec["rps"] / floor["rps"], rel=1e-2)
