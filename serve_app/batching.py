@@ -7,9 +7,11 @@ the previous batch ran, so a lone request never waits) without its per-batch mac
 task that waits on an event with ``asyncio.wait_for`` and updates metric gauges, which
 measured about 0.7 ms per request at concurrency 1 on the demo run (README, "Serving
 latency"). Here a request appends itself and its future to a list; the first one of a
-batch schedules one flush with ``loop.call_soon`` (or ``call_later`` for a positive
-timeout), which runs after every request already ready on the loop has appended itself,
-and answers them all with one call of the batch function.
+batch yields one turn of the loop (``asyncio.sleep(0)``), during which every request
+already ready on the loop appends itself, then answers them all with one call of the batch
+function and returns its own result without waiting to be woken. With a positive timeout
+the first one schedules the flush with ``call_later`` instead (or ``call_soon`` once the
+batch is full).
 
 The batch function runs synchronously on the loop (the Retriever's forward and index
 search hold no awaits): requests that arrive while it runs queue up in the loop and form
@@ -24,6 +26,7 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+_LEADING = object()  # ``_flush_at`` while the batch's first caller runs the flush itself
 
 
 class MicroBatcher(Generic[T, R]):
@@ -41,7 +44,7 @@ class MicroBatcher(Generic[T, R]):
         self.fn = fn
         self.configure(max_batch_size, batch_wait_timeout_s)
         self._pending: list[tuple[T, asyncio.Future]] = []
-        self._flush_at: asyncio.Handle | asyncio.TimerHandle | None = None
+        self._flush_at: asyncio.Handle | asyncio.TimerHandle | object | None = None
         self.batches = 0  # calls of fn so far, and the items they answered
         self.items = 0
 
@@ -62,14 +65,32 @@ class MicroBatcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._pending.append((item, future))
+        if self._flush_at is None and self.batch_wait_timeout_s == 0:
+            return await self._lead(future)
         if self._flush_at is None:
-            self._flush_at = loop.call_soon(self._flush) if self.batch_wait_timeout_s == 0 \
-                else loop.call_later(self.batch_wait_timeout_s, self._flush)
+            self._flush_at = loop.call_later(self.batch_wait_timeout_s, self._flush)
         elif len(self._pending) >= self.max_batch_size and \
                 isinstance(self._flush_at, asyncio.TimerHandle):
             self._flush_at.cancel()  # a full batch does not wait for the timeout
             self._flush_at = loop.call_soon(self._flush)
         return await future
+
+    async def _lead(self, future: asyncio.Future) -> R:
+        """The first item of a batch: one turn of the loop, then flush and take its result.
+
+        Every request already ready on the loop queues behind it during that turn, as
+        behind a ``call_soon`` flush, but the first caller answers the batch itself rather
+        than wait one more turn to be woken (8 -> 4 us a request on a bare uvloop loop).
+        """
+        self._flush_at = _LEADING
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:  # the others are still answered, on the next turn
+            future.cancel()
+            self._flush_at = asyncio.get_running_loop().call_soon(self._flush)
+            raise
+        self._flush()
+        return future.result()
 
     def _flush(self) -> None:
         """Answer every queued item, ``max_batch_size`` at a time."""

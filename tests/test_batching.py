@@ -113,6 +113,23 @@ def test_a_cancelled_caller_is_left_out_of_the_batch():
     assert fn.calls == [[0, 2]]
 
 
+def test_a_cancelled_first_caller_still_gets_its_batch_answered():
+    """The first caller flushes its batch itself; cancelled first, it hands the flush on."""
+    fn = Recorder()
+    batcher = MicroBatcher(fn, max_batch_size=16)
+
+    async def main():
+        tasks = [asyncio.ensure_future(batcher.submit(i)) for i in range(3)]
+        await asyncio.sleep(0)  # the first yields its turn, the others queue behind it
+        tasks[0].cancel()
+        got = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+        return got, await batcher.submit(7)  # and the batcher keeps working
+
+    (first, *rest), after = asyncio.run(main())
+    assert isinstance(first, asyncio.CancelledError) and rest == [10, 20] and after == 70
+    assert fn.calls == [[1, 2], [7]]
+
+
 def test_a_wrong_result_count_is_an_error_not_a_misrouted_answer():
     batcher = MicroBatcher(lambda items: items[:-1], max_batch_size=16)
 
