@@ -309,21 +309,26 @@ def test_masked_top_keeps_order_and_pads():
 
 
 def test_flat_scored_in_numpy_equals_faiss_flat_search(filtered_case, monkeypatch):
-    """Flat indexes up to DENSE_MAX_ITEMS are scored and masked in numpy: same answers as
-    faiss's own Flat search widened and masked (the path of larger Flat indexes)."""
+    """Flat indexes up to DENSE_MAX_ITEMS are scored and masked in numpy, every exclusion
+    list in one search: same answers as faiss's own Flat search widened and masked, with
+    the lists above WIDEN_MAX searched alone (the path of larger Flat indexes)."""
     import indexing.topk as topk_module
 
     items, ids, queries, exclude, _ = filtered_case
     short = [e[:60] for e in exclude]  # every list short enough to be searched together
-    dense = build_topk(items, ids, "cosine", "Flat")
-    got = dense.search(queries, 25, exclude=short)
-    assert dense._dense is not False  # the numpy path ran
-    monkeypatch.setattr(topk_module, "DENSE_MAX_ITEMS", 0)
-    searched = build_topk(items, ids, "cosine", "Flat")
-    want = searched.search(queries, 25, exclude=short)
-    assert searched._dense is False
-    assert np.array_equal(got[1], want[1]) and np.allclose(got[0], want[0], atol=1e-6)
-    assert not any(np.isin(got[1][i], short[i]).any() for i in range(len(queries)))
+    dense_max = topk_module.DENSE_MAX_ITEMS
+    for lists in (short, exclude):  # exclude: 300 and 5,000 ids, above WIDEN_MAX
+        monkeypatch.setattr(topk_module, "DENSE_MAX_ITEMS", dense_max)
+        dense = build_topk(items, ids, "cosine", "Flat")
+        dense._search_alone = None  # the numpy path searches every query together
+        got = dense.search(queries, 25, exclude=lists)
+        assert dense._dense is not False  # the numpy path ran
+        monkeypatch.setattr(topk_module, "DENSE_MAX_ITEMS", 0)
+        searched = build_topk(items, ids, "cosine", "Flat")
+        want = searched.search(queries, 25, exclude=lists)
+        assert searched._dense is False
+        assert np.array_equal(got[1], want[1]) and np.allclose(got[0], want[0], atol=1e-6)
+        assert not any(np.isin(got[1][i], lists[i]).any() for i in range(len(queries)))
     # k beyond the catalogue: every row but the excluded, then padding, on both paths
     few = build_topk(items[:30], ids[:30], "dot", "Flat")
     s, r = few.search(queries[:2], 40, exclude=[ids[:5], None])
