@@ -59,6 +59,12 @@ BRUTE_FORCE_MAX = 8192  # allow-lists up to this size are ranked exactly by brut
 # under a bitmap of the same rows answered in 30 and 93 ms (p50, benchmarks.serve_latency);
 # scoring all 10^6 rows and masking took 15-22 ms whatever the list.
 BRUTE_FORCE_FRACTION = 0.25
+# The most search effort index.target_recall may ask of an ANN index: efSearch 1,024 of HNSW
+# (3.2 ms a query at 10^6 items of dim 32 on one thread, about half of scoring every item)
+# and an eighth of an IVF index's lists (0.90 recall@100 on the same items at IVF1024 with
+# nprobe 128, 1.8 ms; measured 2026-12-03).
+EF_SEARCH_MAX = 1024
+NPROBE_MAX_FRACTION = 1 / 8
 # Brute force over more rows than this fraction of the catalogue scores every stored vector
 # and picks the rows' scores: at 10^6 items of dim 32 (one thread) one product over all
 # took 7.3 ms whatever the list, gathering 81,512 rows and scoring them 5.7 ms, 244,457
@@ -273,6 +279,14 @@ class TopK:
         self.ids = ids
         self.similarity = Similarity(similarity)
         self.dim = dim
+        self.params: dict = {}  # faiss parameters by name, as saved
+
+    def search_effort(self) -> tuple[str, int, int] | None:
+        """(parameter, its value, the most it may be raised to) trading speed for recall.
+
+        None for an index searched exactly (exact, Flat) or with no such parameter.
+        """
+        return None
 
     @property
     def count(self) -> int:
@@ -688,6 +702,27 @@ class FaissTopK(TopK):
         mask[exclude] = False
         bits = np.packbits(mask, bitorder="little")  # faiss reads bit i & 7 of byte i >> 3
         return faiss.IDSelectorBitmap(self.count, faiss.swig_ptr(bits)), [bits]
+
+    def search_effort(self) -> tuple[str, int, int] | None:
+        """The search effort of an HNSW or IVF index, else None.
+
+        HNSW: efSearch, up to ``EF_SEARCH_MAX``; IVF: nprobe, up to ``NPROBE_MAX_FRACTION``
+        of its lists (never below the value set).
+        """
+        index = faiss.downcast_index(self.index)
+        if isinstance(index, faiss.IndexHNSW):
+            value = int(index.hnsw.efSearch)
+            return "efSearch", value, max(value, EF_SEARCH_MAX)
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None:
+            value = int(ivf.nprobe)
+            return "nprobe", value, max(value, int(ivf.nlist * NPROBE_MAX_FRACTION))
+        return None
+
+    def set_params(self, params: dict) -> None:
+        """Change search parameters (kept in ``params``, so saved with the index)."""
+        _apply_params(self.index, params, self.factory)
+        self.params.update(params)
 
     def _metadata(self) -> dict:
         return {"kind": self.kind, "factory": self.factory, "similarity": self.similarity.value,

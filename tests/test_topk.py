@@ -334,3 +334,58 @@ def test_flat_scored_in_numpy_equals_faiss_flat_search(filtered_case, monkeypatc
     s, r = few.search(queries[:2], 40, exclude=[ids[:5], None])
     assert (r[0] >= 0).sum() == 25 and (r[1] >= 0).sum() == 30
     assert np.isneginf(s[0, 25:]).all() and (r[0, 25:] == -1).all()
+
+
+def _crowded_case():
+    """Item vectors in a narrow cone, queries nearly orthogonal to it (a barely trained
+    model's regime): ANN indexes need far more search effort here than on spread data."""
+    rng = np.random.default_rng(5)
+    items = rng.normal(size=(20_000, 16)).astype(np.float32)
+    items[:, 0] += 8.0
+    queries = rng.normal(size=(200, 16)).astype(np.float32)
+    queries[:, 0] = 0.0
+    ids = np.arange(20_000, dtype=np.int64)
+    want = build_topk(items, ids, "cosine", "exact").search(queries, 50)[1]
+    return items, ids, queries, want
+
+
+def test_reach_recall_raises_ef_search_until_the_target_and_saves_it(tmp_path):
+    from indexing.build import overlap, reach_recall
+
+    items, ids, queries, want = _crowded_case()
+    index = build_topk(items, ids, "cosine", "HNSW32", {"efSearch": 16})
+    before = overlap(index.search(queries, 50)[1], want)
+    logs: list[str] = []
+    recall = reach_recall(index, queries, want, 0.9, logs.append)
+    ef = index.params["efSearch"]
+    assert before < 0.85 and recall >= 0.9 and 16 < ef <= 1024 and ef & (ef - 1) == 0
+    assert "below index.target_recall 0.9" in logs[0] and len(logs) == 1 + np.log2(ef / 16)
+    assert recall == overlap(index.search(queries, 50)[1], want)  # the setting searched
+    index.save(tmp_path / "ix")
+    loaded = load_topk(tmp_path / "ix")
+    assert loaded.params == {"efSearch": ef} and loaded.index.hnsw.efSearch == ef
+    assert np.array_equal(loaded.search(queries, 50)[1], index.search(queries, 50)[1])
+    # already at the target: nothing changes, nothing logged
+    logs.clear()
+    assert reach_recall(index, queries, want, 0.5, logs.append) == recall and not logs
+    assert index.params == {"efSearch": ef}
+
+
+def test_reach_recall_stops_at_the_cap_with_a_warning_and_leaves_exact_search_alone():
+    from indexing.build import reach_recall
+
+    items, ids, queries, want = _crowded_case()
+    ivf = build_topk(items, ids, "cosine", "IVF128,Flat", {"nprobe": 1})
+    assert ivf.search_effort() == ("nprobe", 1, 16)  # an eighth of 128 lists
+    logs: list[str] = []
+    recall = reach_recall(ivf, queries, want, 0.99, logs.append)
+    assert ivf.params == {"nprobe": 16} and ivf.index.nprobe == 16 and recall < 0.99
+    assert "WARNING: recall@50" in logs[-1] and "at nprobe 16" in logs[-1]
+    untouched = build_topk(items, ids, "cosine", "HNSW32", {"efSearch": 16})
+    assert reach_recall(untouched, queries, want, None) < 0.9  # no target: as configured
+    assert untouched.params == {"efSearch": 16}
+    for exact in (build_topk(items, ids, "cosine", "Flat"),
+                  build_topk(items, ids, "cosine", "exact")):
+        assert exact.search_effort() is None
+        assert reach_recall(exact, queries, want, 0.99) == pytest.approx(1.0)
+        assert exact.params == {}

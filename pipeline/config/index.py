@@ -17,6 +17,11 @@ class IndexConfig(StrictModel):
         default_factory=dict, description="Search parameters, e.g. {nprobe: 16, efSearch: 64}."
     )
     recall_k: int = Field(default=100, ge=1, description="K of the recall@K check.")
+    target_recall: float | None = Field(
+        default=0.9, gt=0, le=1, description="The build doubles an ANN index's search "
+        "effort (efSearch of HNSW up to 1,024, nprobe of IVF up to an eighth of its lists) "
+        "from params until the recall@K check reaches this; null: params as given."
+    )
     recall_users: int = Field(default=1000, ge=1, description="Users sampled for recall.")
     batch_size: int = Field(default=4096, ge=1, description="Rows per inference batch.")
     num_actors: int = Field(default=1, ge=1, description="Inference actors.")
