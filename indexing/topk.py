@@ -9,7 +9,7 @@ Exclusions and allow-lists apply per query, so one long list never widens its ne
 search: queries with at most ``WIDEN_MAX`` exclusions and no allow-list are searched
 together, with ``k`` + their longest exclusion list and masked in one vectorised step (a
 Flat index up to ``DENSE_MAX_ITEMS``: every score in one product, the excluded pairs set
-to -inf, so there no exclusion list is too long to join); each other query is searched
+to -inf, so no exclusion list is too long to join them); each other query is searched
 alone, by brute force over its allowed items when they are at most ``BRUTE_FORCE_MAX`` or
 ``BRUTE_FORCE_FRACTION`` of the catalogue (exact), else through the index with a faiss
 ``IDSelector`` (a bitmap of the allowed items, a hash set of the excluded ones), falling
