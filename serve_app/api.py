@@ -15,6 +15,7 @@ Every 4xx body is ``{"detail": [{"type", "loc", "msg", "input"}]}``; 404 (an unk
 # No ``from __future__ import annotations``: FastAPI reads the route bodies' annotations,
 # which name classes local to build_api, so they must be objects, not strings.
 import inspect
+import json
 from typing import Any, Protocol
 
 from fastapi import FastAPI, HTTPException, Request
@@ -36,7 +37,9 @@ from serve_app.schemas import (
     ScoreResponse,
     SimilarItemsResponse,
     VersionResponse,
+    cap_errors,
     explain,
+    json_safe,
     request_models,
 )
 
@@ -198,8 +201,18 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
-def _errors(status: int, errors: list[dict[str, Any]]) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"detail": errors})
+class ErrorJSON(JSONResponse):
+    """A 4xx body: strict JSON in UTF-8 whatever the request held (see ``json_safe``)."""
+
+    def render(self, content: Any) -> bytes:
+        """``content`` as compact JSON; NaN, Infinity and lone surrogates made text."""
+        return json.dumps(json_safe(content), ensure_ascii=False, allow_nan=False,
+                          separators=(",", ":")).encode("utf-8")
+
+
+def _errors(status: int, errors: list[dict[str, Any]],
+            limit: int = ServeConfig().max_errors) -> JSONResponse:
+    return ErrorJSON(status_code=status, content={"detail": cap_errors(errors, limit)})
 
 
 def _documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -215,15 +228,15 @@ def _documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
 def _add_error_handlers(app: FastAPI, cfg: ServeConfig) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
-        return _errors(422, explain(list(err.errors()), cfg))
+        return _errors(422, explain(list(err.errors()), cfg), cfg.max_errors)
 
     @app.exception_handler(RequestError)
     async def _refused(_: Request, err: RequestError) -> JSONResponse:
-        return _errors(err.status_code, [err.detail()])
+        return _errors(err.status_code, [err.detail()], cfg.max_errors)
 
     @app.exception_handler(ContractError)
     async def _off_contract(_: Request, err: ContractError) -> JSONResponse:
-        return _errors(422, err.errors)
+        return _errors(422, err.errors, cfg.max_errors)
 
     @app.exception_handler(BodyTooLarge)
     async def _too_large(_: Request, err: BodyTooLarge) -> JSONResponse:
@@ -232,7 +245,7 @@ def _add_error_handlers(app: FastAPI, cfg: ServeConfig) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
         # e.g. 400 for a body that is not UTF-8, 405 for a wrong method: the same shape
-        return JSONResponse(status_code=err.status_code, headers=err.headers, content={
+        return ErrorJSON(status_code=err.status_code, headers=err.headers, content={
             "detail": [{"type": "http_error", "loc": ["body"] if err.status_code == 400 else [],
                         "msg": str(err.detail), "input": None}]})
 

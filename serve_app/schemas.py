@@ -18,6 +18,7 @@ against the loaded run by :mod:`serve_app.contract`. Every 4xx body has one shap
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
@@ -194,14 +195,14 @@ def request_models(cfg: ServeConfig) -> RequestModels:  # noqa: C901 - one class
 
     Args:
         cfg: the deployment's serve config: max_k, max_history, max_exclude_items,
-            max_allow_items, max_values, max_string_length.
+            max_allow_items, max_values, max_keys, max_string_length.
     """
     Str = Annotated[StrictStr, Field(max_length=cfg.max_string_length)]
     Id = Union[Int64, Str]
     K = integer(1, cfg.max_k)
     # features / filter values stay as sent: the run's contract (serve_app.contract)
     # validates them, with one JSON type per feature kind, and writes their schema
-    RunPart = dict[Str, Any]
+    RunPart = Annotated[dict[Str, Any], Field(max_length=cfg.max_keys)]
 
     class UserQuery(_Strict):
         """Who the user is: a known id, raw feature values, a history, or any mix of them."""
@@ -215,7 +216,8 @@ def request_models(cfg: ServeConfig) -> RequestModels:  # noqa: C901 - one class
             default=None, description="Raw user feature values keyed by source column (e.g. "
             "{'age': 31, 'country': 'DE'}); they override the stored values. Unseen "
             "categories take the out-of-vocabulary row, null the padding / fill value. The "
-            "columns and their types are those of the run being served.")
+            "columns and their types are those of the run being served; at most "
+            f"{cfg.max_keys} keys (serve.max_keys).")
         history: Annotated[list[Id], Field(max_length=cfg.max_history)] = Field(
             default=None, description="Raw item ids the user interacted with, oldest first; "
             f"replaces the stored history (at most {cfg.max_history}, serve.max_history). "
@@ -238,7 +240,8 @@ def request_models(cfg: ServeConfig) -> RequestModels:  # noqa: C901 - one class
             default=None, description="Item attributes the answer must have: {attribute: "
             "[values]}, any of the values (OR) for every attribute given (AND), over the "
             "run's categorical and multi-hot item features. Exact: the top k among matching "
-            "items. Values outside the attribute's vocabulary match nothing.")
+            "items. Values outside the attribute's vocabulary match nothing. At most "
+            f"{cfg.max_keys} attributes (serve.max_keys).")
         allow_items: Annotated[list[Id], Field(max_length=cfg.max_allow_items)] = Field(
             default=None, description="Only these raw item ids may be returned (with "
             f"filter: both must hold); at most {cfg.max_allow_items} "
@@ -275,7 +278,7 @@ BOUND_TYPES = ("too_long", "string_too_long", "less_than_equal", "greater_than_e
 # field -> the serve setting that bounds it, to name it in the 422 message
 BOUNDS = {"k": "max_k", "item_ids": "max_k", "history": "max_history",
           "exclude_items": "max_exclude_items", "allow_items": "max_allow_items",
-          "features": "max_values", "filter": "max_values"}
+          "features": "max_keys", "filter": "max_keys"}
 
 
 class RequestError(ValueError):
@@ -311,11 +314,50 @@ def summarize(value: Any, limit: int = 20) -> Any:
     """A value as echoed in an error: long lists become ``"<list of N>"``."""
     if isinstance(value, (list, tuple)) and len(value) > limit:
         return f"<list of {len(value)}>"
+    if isinstance(value, dict) and len(value) > limit:
+        return f"<object of {len(value)} keys>"
     if isinstance(value, (bytes, bytearray)):
         return f"<{len(value)} bytes>"
     if isinstance(value, str) and len(value) > 200:
         return f"<string of {len(value)} characters>"
     return value
+
+
+def json_safe(value: Any) -> Any:
+    r"""``value`` with what strict JSON cannot hold made text, so any 4xx body encodes.
+
+    A request parsed by Python's ``json`` may hold NaN and +-Infinity (not JSON numbers:
+    echoed as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``) and lone surrogates
+    such as ``"\ud800"`` (not encodable as UTF-8: each becomes U+FFFD), in values and in
+    object keys alike. Anything that is not a JSON type is echoed as its type name.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value).replace("inf", "Infinity") \
+            .replace("nan", "NaN")
+    if isinstance(value, bool | int | None):
+        return value
+    if isinstance(value, dict):
+        return {json_safe(str(k)): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return f"<{type(value).__name__}>"
+
+
+def cap_errors(errors: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """At most ``limit`` entries: the first ``limit - 1`` and one that counts the rest."""
+    if len(errors) <= limit:
+        return errors
+    rest = len(errors) - (limit - 1)
+    return [*errors[:limit - 1], {
+        "type": "too_many_errors", "loc": ["body"], "input": None,
+        "msg": f"{rest} more errors not listed; at most {limit} entries are "
+               "(serve.max_errors)"}]
 
 
 def _is_union_tag(part: Any) -> bool:

@@ -49,6 +49,12 @@ class ServeConfig(StrictModel):
     max_values: int = Field(
         default=100, ge=1, description="Most values in one list-valued feature or in one "
         "filter attribute.")
+    max_keys: int = Field(
+        default=64, ge=1, description="Most keys in a request's features and in its filter "
+        "(each a run column or attribute); more is a 422 before any key is checked.")
+    max_errors: int = Field(
+        default=20, ge=1, description="Most entries in the detail list of a 4xx answer; the "
+        "last one says how many more were found.")
     max_string_length: int = Field(
         default=1024, ge=1, description="Longest string anywhere in a request (ids, feature "
         "values, filter values), in characters.")
