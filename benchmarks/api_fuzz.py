@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.record import add_record_flag, save_record
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "benchmarks" / "schemathesis.toml"
 FUZZED_OPERATIONS = 3  # the POST routes; the two GETs take no input
@@ -77,6 +79,14 @@ def summary(report: dict) -> str:
             f"errored; failures: {failures}; {report['running_time']} s")
 
 
+def record_figures(report: dict, cases: int) -> dict:
+    """The record's figures: the case counts and each failure's title and count."""
+    return {"cases_asked": cases, "test_cases": report["test_cases"],
+            "operations_tested": report["operations"]["tested"],
+            "failures": [{"title": f["title"], "count": f["count"]} for f in report["failures"]],
+            "running_time_s": report["running_time"]}
+
+
 def start_ray() -> None:
     """Local Ray (2 CPUs) with the HAProxy ingress and this process's own files and ports."""
     from serve_app import ingress
@@ -119,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", type=int, default=5000, help="Generated cases to reach.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "api_fuzz.json"))
+    add_record_flag(p)
     args = p.parse_args(argv)
     start_ray()
     with tempfile.TemporaryDirectory(prefix="bench-fuzz-") as tmp:
@@ -135,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.output).write_text(json.dumps(report, indent=1))
     print(summary(report))
     print(f"wrote {args.output}")
+    save_record(args, "api_fuzz", record_figures(report, args.cases), module="benchmarks.api_fuzz")
     ok = not report["failures"] and not report["test_cases"]["errored"]
     return 0 if ok and report["test_cases"]["generated"] >= args.cases else 1
 

@@ -21,7 +21,8 @@ IVF-PQ build 10x slower than one thread did.
     python -m benchmarks.index_types --sizes 1000000 --ef-construction 20
     python -m benchmarks.index_types --tiny                         # 10^4; run by the tests
 
-Prints a table per size and writes ``benchmarks/results/index_types.json``.
+Prints a table per size, writes ``benchmarks/results/index_types.json`` and one record per
+size, ``results/index_types-N.json`` (:mod:`benchmarks.record`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.record import add_record_flag, save_record
 
 ROOT = Path(__file__).resolve().parents[1]
 DIM = 64
@@ -181,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" /
                                            "index_types.json"))
+    add_record_flag(p)
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when libgomp loads
     import faiss
@@ -199,6 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(results, indent=1))
     print(f"wrote {args.output}")
+    for n, figures in results.items():
+        save_record(args, "index_types", figures, module="benchmarks.index_types", setting=n)
     return results
 
 

@@ -11,7 +11,8 @@ its peak memory is the largest sum of RSS over that subprocess's whole process t
     python -m benchmarks.prepare_throughput --datasets ml100k  # one dataset
     python -m benchmarks.prepare_throughput --tiny             # seconds; run by the tests
 
-Prints a table and writes ``benchmarks/results/prepare_throughput.json``.
+Prints a table, writes ``benchmarks/results/prepare_throughput.json`` and one record per
+data set, ``results/prepare_throughput-DATA.json`` (:mod:`benchmarks.record`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 from benchmarks._measure import run_watched
+from benchmarks.record import add_record_flag, save_record
 
 ROOT = Path(__file__).resolve().parents[1]
 ML100K = ROOT.parent / "shared" / "data" / "ml-100k"
@@ -93,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tiny", action="store_true", help="Only the tiny generated dataset.")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" /
                                            "prepare_throughput.json"))
+    add_record_flag(p)
     p.add_argument("--side", choices=["ray", "local"], help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -113,6 +116,9 @@ def main(argv: list[str] | None = None) -> dict:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(results, indent=1))
     print(f"wrote {args.output}")
+    for name, figures in results.items():
+        save_record(args, "prepare_throughput", figures, module="benchmarks.prepare_throughput",
+                    setting=name)
     return results
 
 

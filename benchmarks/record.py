@@ -2,7 +2,8 @@
 
 Every benchmark ends with :func:`write_record`, which writes ``results/NAME.json`` (one file
 per benchmark and setting, the latest run only: git history keeps the others). The docs'
-results page and its plots are rendered from these files, never typed by hand.
+results page and its plots are rendered from these files, never typed by hand
+(``python -m jobs.docs``, which reads them through :mod:`reports.records`).
 
 A record is::
 
@@ -23,13 +24,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "results"
+from reports.records import RESULTS, ROOT, read_record, record_name
 
-
-def record_name(benchmark: str, setting: str | None = None) -> str:
-    """File stem of a record: ``benchmark`` or ``benchmark-setting``."""
-    return benchmark if not setting else f"{benchmark}-{setting}"
+__all__ = ["RESULTS", "ROOT", "add_record_flag", "command", "commit", "machine",
+           "read_record", "record_dir", "record_name", "save_record", "setting_of",
+           "write_record"]
 
 
 def machine() -> dict:
@@ -92,10 +91,45 @@ def write_record(benchmark: str, figures: dict, *, module: str, argv: list[str] 
     return out
 
 
-def read_record(path: Path) -> dict:
-    """One record, checked for the keys every record carries."""
-    body = json.loads(Path(path).read_text())
-    missing = {"benchmark", "command", "commit", "date", "machine", "figures"} - body.keys()
-    if missing:
-        raise ValueError(f"{path}: not a benchmark record, missing {sorted(missing)}")
-    return body
+def add_record_flag(parser) -> None:
+    """``--record-dir``: where the run's record goes (a ``--tiny`` run writes none by default)."""
+    parser.add_argument(
+        "--record-dir", help="Folder for the committed record results/NAME.json (default: "
+        "results/; a --tiny run writes no record unless this is given), e.g. --record-dir "
+        "/tmp/records.")
+    parser.add_argument(
+        "--setting", help="Name of this run's setting in the record's file name, for a run "
+        "smaller or otherwise unlike the default, e.g. --setting 1-start.")
+
+
+def setting_of(args, default: str | None = None) -> str | None:
+    """The record's setting: ``--setting`` joined to the benchmark's own (data set, size)."""
+    given = getattr(args, "setting", None)
+    return "-".join(s for s in (default, given) if s) or None
+
+
+def record_dir(args) -> Path | None:
+    """The folder a benchmark's record goes to, from its parsed flags; None: no record."""
+    if getattr(args, "record_dir", None):
+        return Path(args.record_dir)
+    return None if getattr(args, "tiny", False) else RESULTS
+
+
+def save_record(args, benchmark: str, figures: dict, *, module: str,
+                setting: str | None = None) -> Path | None:
+    """Write a run's record where its flags say (:func:`record_dir`); returns the path or None.
+
+    Args:
+        args: the benchmark's parsed flags (``--record-dir``, ``--setting``, ``--tiny``).
+        benchmark: the benchmark's name.
+        figures: what it measured.
+        module: the benchmark's module, for the command line.
+        setting: the benchmark's own setting (data set, size), joined with ``--setting``.
+    """
+    out = record_dir(args)
+    if out is None:
+        return None
+    path = write_record(benchmark, figures, module=module, setting=setting_of(args, setting),
+                        out_dir=out)
+    print(f"record {path}")
+    return path

@@ -11,7 +11,8 @@ its own. The rule ``sequence.full_softmax_max_items`` is set from this table.
     python -m benchmarks.sequence_candidates --items 2000 50000 --steps 5
     python -m benchmarks.sequence_candidates --tiny                   # tests
 
-Writes ``benchmarks/results/sequence_candidates.json``.
+Writes ``benchmarks/results/sequence_candidates.json`` and the record
+``results/sequence_candidates.json`` (:mod:`benchmarks.record`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 from benchmarks._measure import ROOT, run_watched
+from benchmarks.record import add_record_flag, save_record
 
 
 def step_seconds(items: int, full: bool, negatives: int, batch: int, length: int,
@@ -104,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--tiny", action="store_true", help="Two small catalogues, short windows.")
+    add_record_flag(p)
     p.add_argument("--side", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--full", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" /
@@ -132,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.output}")
+    save_record(args, "sequence_candidates", result, module="benchmarks.sequence_candidates")
     return result
 
 

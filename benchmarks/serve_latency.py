@@ -26,7 +26,8 @@ with the server.
     python -m benchmarks.serve_latency --tiny           # seconds; run by the tests
     python -m benchmarks.serve_latency --run-dir RUN    # an existing run as the demo run
 
-Writes ``benchmarks/results/serve_latency.json``.
+Writes ``benchmarks/results/serve_latency.json`` and the record ``results/serve_latency.json``
+(``serve_latency-demo.json`` with ``--skip-large``; :mod:`benchmarks.record`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.record import add_record_flag, save_record
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCURRENCY = {"tiny": (1, 16), "full": (1, 16, 64)}
@@ -374,6 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "--tiny: 1).")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" /
                                            "serve_latency.json"))
+    add_record_flag(p)
     p.add_argument("--side", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ingress", default="haproxy", help=argparse.SUPPRESS)
     p.add_argument("--batching", action=argparse.BooleanOptionalAction, default=True,
@@ -410,6 +414,8 @@ def main(argv: list[str] | None = None) -> dict:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(results, indent=1))
     print(f"wrote {args.output}")
+    save_record(args, "serve_latency", results, module="benchmarks.serve_latency",
+                setting="demo" if args.skip_large or args.tiny else None)
     return results
 
 

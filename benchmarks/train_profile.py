@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from benchmarks._measure import add_side_flags, run_watched, side_env
+from benchmarks.record import add_record_flag, save_record
 from benchmarks.train_throughput import CONFIGS, TINY_OVERRIDES, make_data, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -285,6 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tiny", action="store_true", help="A tiny generated demo set instead.")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" /
                                            "train_profile.json"))
+    add_record_flag(p)
     add_side_flags(p, SIDES)
     args = p.parse_args(argv)
     if args.side:
@@ -297,6 +299,8 @@ def main(argv: list[str] | None = None) -> dict:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(results, indent=1))
     print(f"wrote {args.output}")
+    save_record(args, "train_profile", results[name], module="benchmarks.train_profile",
+                setting=name)
     return results
 
 

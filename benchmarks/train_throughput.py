@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 from benchmarks._measure import add_side_flags, run_watched, side_env
+from benchmarks.record import add_record_flag, save_record
 
 ROOT = Path(__file__).resolve().parents[1]
 ML100K = ROOT.parent / "shared" / "data" / "ml-100k"
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="Sides to run (the plain baseline always runs).")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" /
                                            "train_throughput.json"))
+    add_record_flag(p)
     add_side_flags(p, SIDES)
     args = p.parse_args(argv)
     if args.side:
@@ -204,6 +206,8 @@ def main(argv: list[str] | None = None) -> dict:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(results, indent=1))
     print(f"wrote {args.output}")
+    save_record(args, "train_throughput", results[name], module="benchmarks.train_throughput",
+                setting=name)
     return results
 
 
