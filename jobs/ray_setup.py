@@ -30,10 +30,12 @@ import logging
 import os
 
 from serve_app.ingress import free_port
+from towers.exported import WEIGHTS_ONLY_ENV
 
 _ENV_DEFAULTS = {
     "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "120",
     "SERVE_SOCKET_REUSE_PORT_ENABLED": "0",
+    **WEIGHTS_ONLY_ENV,  # no torch.load in any job or worker may fall back to pickle
 }
 _LOCAL_ENV_DEFAULTS = {
     "RAY_AUTH_MODE": "disabled",
@@ -55,7 +57,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         os.environ.setdefault(key, value)
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(log_to_driver=True, runtime_env={"env_vars": {"RAY_ADDRESS": address}})
+        ray.init(log_to_driver=True, runtime_env={"env_vars": {"RAY_ADDRESS": address,
+                                                               **WEIGHTS_ONLY_ENV}})
     else:
         for key, value in _LOCAL_ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)
@@ -63,7 +66,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         api = f"http://127.0.0.1:{port}"
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
                  dashboard_host="127.0.0.1", dashboard_port=port,
-                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}})
+                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api,
+                                           **WEIGHTS_ONLY_ENV}})
     quiet_ray_data()
 
 

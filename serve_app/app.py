@@ -66,6 +66,7 @@ from serve_app.api import build_api
 from serve_app.batching import MicroBatcher
 from serve_app.retriever import Answer, Retriever
 from serve_app.schemas import HealthResponse, ReloadConfig, RolloutStatus, VersionResponse
+from towers.exported import WEIGHTS_ONLY_ENV
 
 logger = logging.getLogger("ray.serve")
 DEPLOYMENT = "Retrieval"
@@ -240,7 +241,9 @@ def http_options(cfg: ServeConfig) -> dict[str, Any]:
 def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
     """Replicas (fixed or autoscaling), CPUs and queue depth from the serve config."""
     opts: dict[str, Any] = {
-        "ray_actor_options": {"num_cpus": cfg.num_cpus},
+        # no torch.load in the replica may fall back to pickle (towers.exported)
+        "ray_actor_options": {"num_cpus": cfg.num_cpus,
+                              "runtime_env": {"env_vars": dict(WEIGHTS_ONLY_ENV)}},
         # room for a full batch to run while the next one fills
         "max_ongoing_requests": max(2 * cfg.max_batch_size,
                                     math.ceil(2 * cfg.target_ongoing_requests)),
