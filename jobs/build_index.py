@@ -1,4 +1,4 @@
-"""Build index: ``RUN_DIR/model`` -> versioned item and user embeddings -> ``RUN_DIR/index``.
+r"""Build index: ``RUN_DIR/model`` -> versioned item and user embeddings -> ``RUN_DIR/index``.
 
 Inputs: the trained model and ``prepared/items.parquet`` / ``users.parquet``; the ``index``
 section of the config. Outputs: ``RUN_DIR/embeddings/{items,users}/model_version=V/``
@@ -42,7 +42,7 @@ def run(cfg: Config, run_dir: Path) -> IndexManifest:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and run."""
-    cfg, run_dir = parse_job_args(__doc__.splitlines()[0], argv)
+    cfg, run_dir = parse_job_args(__doc__, argv)
     with user_errors():
         run(cfg, run_dir)
 

@@ -1,4 +1,9 @@
-"""The flags every job shares: ``--config FILE --output-dir RUN_DIR [--set key=value ...]``."""
+"""The flags every job shares: ``--config FILE --output-dir RUN_DIR [--set key=value ...]``.
+
+One help path: ``python -m jobs.NAME --help`` lists every flag with an example, and shows
+the job's module docstring after them (inputs -> outputs, the local and the
+``ray job submit`` command lines).
+"""
 
 from __future__ import annotations
 
@@ -11,14 +16,25 @@ from pathlib import Path
 from pipeline.config import Config, load_config
 
 
-def job_parser(description: str) -> argparse.ArgumentParser:
-    """An argument parser with the common job flags."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True, help="Experiment YAML file.")
-    parser.add_argument("--output-dir", required=True, help="Run directory (RUN_DIR).")
+def doc_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser whose help is a job's docstring: its first line, then the rest after the flags."""
+    first, _, rest = doc.strip().partition("\n")
+    return argparse.ArgumentParser(description=first, epilog=rest.strip() or None,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def job_parser(doc: str) -> argparse.ArgumentParser:
+    """An argument parser with the common job flags; ``doc`` is the job's module docstring."""
+    parser = doc_parser(doc)
+    parser.add_argument("--config", required=True,
+                        help="Experiment YAML file, e.g. --config configs/demo.yaml.")
+    parser.add_argument("--output-dir", required=True,
+                        help="Run directory (RUN_DIR; created when missing), e.g. "
+                        "--output-dir runs/demo.")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="Override a config field, e.g. --set data.root=/data (repeatable).",
+        help="Override a config field (repeatable; YAML values, list entries by index), "
+        "e.g. --set data.root=/data --set features.user.0.min_count=5.",
     )
     return parser
 
@@ -39,9 +55,9 @@ def load_job_config(args: argparse.Namespace) -> Config:
         return load_config(args.config, args.overrides)
 
 
-def parse_job_args(description: str, argv: list[str] | None = None) -> tuple[Config, Path]:
+def parse_job_args(doc: str, argv: list[str] | None = None) -> tuple[Config, Path]:
     """Parse the common flags and load the config (exit code 2 on a config or flag error)."""
-    args = job_parser(description).parse_args(argv)
+    args = job_parser(doc).parse_args(argv)
     out = Path(args.output_dir)
     with user_errors(code=2):
         if out.exists() and not out.is_dir():

@@ -1,4 +1,4 @@
-"""Convert MovieLens: a downloaded MovieLens folder -> the three Parquet tables.
+r"""Convert MovieLens: a downloaded MovieLens folder -> the three Parquet tables.
 
 Inputs: ``--src``, an unpacked ml-100k, ml-1m or ml-20m/25m/latest folder.
 Outputs: ``OUT/interactions/``, ``OUT/users/``, ``OUT/items/`` (see
@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.cli import user_errors
+from jobs.cli import doc_parser, user_errors
 from pipeline.sources.movielens import convert_movielens
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The job's flags."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--src", required=True, help="The unpacked MovieLens folder.")
-    parser.add_argument("--out", required=True, help="Output folder, outside the repository.")
+    parser = doc_parser(__doc__)
+    parser.add_argument("--src", required=True,
+                        help="The unpacked MovieLens folder, e.g. --src ~/Downloads/ml-100k.")
+    parser.add_argument("--out", required=True,
+                        help="Output folder, outside the repository, e.g. --out data/ml100k.")
     return parser.parse_args(argv)
 
 

@@ -1,4 +1,4 @@
-"""Evaluate: ``RUN_DIR/model`` + ``RUN_DIR/index`` -> ``RUN_DIR/metrics.json``.
+r"""Evaluate: ``RUN_DIR/model`` + ``RUN_DIR/index`` -> ``RUN_DIR/metrics.json``.
 
 Test and validation targets ranked over the whole catalogue as ``../shared/EVALUATION.md``
 defines it: exact (brute force, the reference) and through the index; masked (history
@@ -46,7 +46,7 @@ def read_metrics(run_dir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and run."""
-    cfg, run_dir = parse_job_args(__doc__.splitlines()[0], argv)
+    cfg, run_dir = parse_job_args(__doc__, argv)
     with user_errors():
         run(cfg, run_dir)
 

@@ -1,4 +1,4 @@
-"""Make demo data: sizes and a seed -> the three synthetic Parquet tables configs/demo.yaml reads.
+r"""Make demo data: sizes and a seed -> the three synthetic Parquet tables configs/demo.yaml reads.
 
 Inputs: ``--regime`` (default, long, sparse: see :mod:`pipeline.sources.demo`), and
 ``--users``, ``--items``, ``--interactions`` (default: the regime's sizes), ``--seed``.
@@ -17,23 +17,27 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.cli import user_errors
+from jobs.cli import doc_parser, user_errors
 from pipeline.sources.demo import REGIMES, generate_demo_data
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The job's flags."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="Output folder (its tables must be empty).")
+    parser = doc_parser(__doc__)
+    parser.add_argument("--out", required=True,
+                        help="Output folder (its tables must be empty), e.g. --out data/demo.")
     parser.add_argument("--regime", choices=sorted(REGIMES), default="default",
                         help="Shape of the data: default, long (MovieLens-like histories) or "
                         "sparse (e-commerce: short histories, day-level time, no user "
-                        "features).")
-    parser.add_argument("--users", type=int, help="Number of users (default: the regime's).")
-    parser.add_argument("--items", type=int, help="Number of items (default: the regime's).")
+                        "features), e.g. --regime long.")
+    parser.add_argument("--users", type=int,
+                        help="Number of users (default: the regime's), e.g. --users 5000.")
+    parser.add_argument("--items", type=int,
+                        help="Number of items (default: the regime's), e.g. --items 2000.")
     parser.add_argument("--interactions", type=int,
-                        help="Total interactions, at least 5 per user (default: the regime's).")
-    parser.add_argument("--seed", type=int, default=0, help="Random seed.")
+                        help="Total interactions, at least 5 per user (default: the regime's), "
+                        "e.g. --interactions 300000.")
+    parser.add_argument("--seed", type=int, default=0, help="Random seed, e.g. --seed 1.")
     return parser.parse_args(argv)
 
 

@@ -1,4 +1,4 @@
-"""Pipeline: Parquet tables -> prepare -> train -> build_index -> evaluate, in one job.
+r"""Pipeline: Parquet tables -> prepare -> train -> build_index -> evaluate, in one job.
 
 Inputs: the whole config. Outputs: everything the four jobs write under RUN_DIR
 (``prepared/``, ``train/``, ``model/``, ``embeddings/``, ``index/``, ``metrics.json``) and a
@@ -75,9 +75,9 @@ def summary(metrics: dict, run_dir: Path, seconds: dict[str, float]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and run."""
-    parser = job_parser(__doc__.splitlines()[0])
+    parser = job_parser(__doc__)
     parser.add_argument("--skip", nargs="*", default=[], choices=[n for n, _ in STEPS],
-                        help="Steps to leave out (e.g. prepare when it already ran).")
+                        help="Steps to leave out, e.g. --skip prepare (when it already ran).")
     args = parser.parse_args(argv)
     cfg = load_job_config(args)
     with user_errors():

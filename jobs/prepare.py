@@ -1,4 +1,4 @@
-"""Prepare: three Parquet tables -> split, fitted feature state, encoded Parquet.
+r"""Prepare: three Parquet tables -> split, fitted feature state, encoded Parquet.
 
 Inputs: the ``data`` and ``features`` sections of the config.
 Outputs: ``RUN_DIR/prepared/`` (see :mod:`pipeline.prepare` for the layout).
@@ -43,7 +43,7 @@ def run(cfg: Config, run_dir) -> PrepareManifest:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and run."""
-    cfg, run_dir = parse_job_args(__doc__.splitlines()[0], argv)
+    cfg, run_dir = parse_job_args(__doc__, argv)
     with user_errors():
         run(cfg, run_dir)
 

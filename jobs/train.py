@@ -1,4 +1,4 @@
-"""Train: ``RUN_DIR/prepared/`` -> Ray Train DDP -> checkpoints and ``RUN_DIR/model/``.
+r"""Train: ``RUN_DIR/prepared/`` -> Ray Train DDP -> checkpoints and ``RUN_DIR/model/``.
 
 Inputs: the prepared splits and feature state; the ``model``, ``loss`` and ``train``
 sections of the config. Outputs: checkpoints under ``RUN_DIR/train/`` (or
@@ -40,10 +40,12 @@ def run(cfg: Config, run_dir: Path, no_ray: bool = False, device: str = "cpu") -
 
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and run."""
-    parser = job_parser(__doc__.splitlines()[0])
+    parser = job_parser(__doc__)
     parser.add_argument("--no-ray", action="store_true",
-                        help="Train in this process without Ray (same step and data).")
-    parser.add_argument("--device", default="cpu", help="Device for --no-ray (cpu, cuda).")
+                        help="Train in this process without Ray (same step and data), "
+                        "e.g. --no-ray.")
+    parser.add_argument("--device", default="cpu",
+                        help="Device for --no-ray (cpu, cuda), e.g. --device cuda.")
     args = parser.parse_args(argv)
     cfg = load_job_config(args)
     with user_errors():

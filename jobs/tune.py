@@ -1,4 +1,4 @@
-"""Tune: the config's ``tune.space`` searched on Ray Tune -> ``RUN_DIR/best_config.yaml``.
+r"""Tune: the config's ``tune.space`` searched on Ray Tune -> ``RUN_DIR/best_config.yaml``.
 
 Inputs: the whole config; ``RUN_DIR/prepared/`` (prepared first when missing). Outputs:
 ``RUN_DIR/tune/`` (Tune's results, one folder per trial, ``summary.json``), one MLflow
@@ -58,7 +58,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse flags and run."""
-    cfg, run_dir = parse_job_args(__doc__.splitlines()[0], argv)
+    cfg, run_dir = parse_job_args(__doc__, argv)
     with user_errors():
         run(cfg, run_dir)
 

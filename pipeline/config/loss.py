@@ -27,7 +27,9 @@ class NegativeSampling(str, enum.Enum):
 class LossConfig(StrictModel):
     """The retrieval loss on the [B, N] score matrix (TFRS-style retrieval task)."""
 
-    kind: LossKind = Field(default=LossKind.SOFTMAX, description="softmax or bce.")
+    kind: LossKind = Field(
+        default=LossKind.SOFTMAX, description="softmax (sampled softmax over the candidates), "
+        "bce (pointwise) or gbce (gSASRec's generalised BCE, calibrated by gbce_t).")
     logq_correction: bool = Field(
         default=True, description="Subtract log of each candidate's sampling probability."
     )
@@ -37,7 +39,9 @@ class LossConfig(StrictModel):
     extra_negatives: int = Field(
         default=0, ge=0, description="Negatives sampled per batch and shared by every row."
     )
-    negative_sampling: NegativeSampling = Field(default=NegativeSampling.UNIFORM)
+    negative_sampling: NegativeSampling = Field(
+        default=NegativeSampling.UNIFORM, description="How extra_negatives are drawn: uniformly "
+        "over the catalogue or by popularity^popularity_alpha.")
     popularity_alpha: float = Field(
         default=0.75, ge=0.0, le=1.0, description="Popularity sampling p ~ count^alpha."
     )

@@ -155,8 +155,9 @@ class TowerConfig(StrictModel):
         default=False, description="Learned per-feature dropout with its penalty in the loss."
     )
     mlp: MLPConfig = Field(default_factory=MLPConfig, description="MLP body / head.")
-    transformer: TransformerConfig = Field(default_factory=TransformerConfig)
-    cnn: CNNConfig = Field(default_factory=CNNConfig)
+    transformer: TransformerConfig = Field(default_factory=TransformerConfig,
+                                           description="The body for type=transformer.")
+    cnn: CNNConfig = Field(default_factory=CNNConfig, description="The body for type=cnn.")
     fusion: FusionConfig | None = Field(default=None, description="Required for type=fusion.")
 
     @model_validator(mode="after")

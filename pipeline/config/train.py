@@ -97,7 +97,8 @@ class TrainConfig(StrictModel):
         default=None, description="Ray Train storage (local path or URI); default RUN_DIR/train."
     )
     num_to_keep: int = Field(default=2, ge=1, description="Checkpoints kept (best included).")
-    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig,
+                                description="MLflow logging of params and per-epoch metrics.")
 
     @model_validator(mode="after")
     def _metric_known(self) -> TrainConfig:

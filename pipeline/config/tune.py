@@ -108,7 +108,8 @@ class TuneConfig(StrictModel):
         description="Trials at once; default: as many as the cluster's CPUs hold.",
     )
     seed: int = Field(default=0, description="Seed of the random search.")
-    asha: AshaConfig = Field(default_factory=AshaConfig)
+    asha: AshaConfig = Field(default_factory=AshaConfig,
+                           description="The ASHA scheduler that stops trailing trials.")
 
     @model_validator(mode="after")
     def _paths(self) -> TuneConfig:

@@ -22,7 +22,7 @@ from pipeline.transforms import hash_bucket, lookup
 class CategoricalFeature(FeatureConfig):
     """A single value per row (ids included) mapped to an embedding row."""
 
-    type: Literal["categorical"] = "categorical"
+    type: Literal["categorical"] = Field(default="categorical", description="The feature kind.")
     min_count: int = Field(default=1, ge=1, description="Values seen fewer times go to OOV.")
     max_vocab: int | None = Field(default=None, ge=1, description="Keep the most frequent N.")
     hash_buckets: int | None = Field(

@@ -17,7 +17,7 @@ _RAW = pa.list_(pa.float32())
 class DenseVectorFeature(FeatureConfig):
     """A fixed-length pretrained embedding column (list<float> of length `dim`)."""
 
-    type: Literal["dense_vector"] = "dense_vector"
+    type: Literal["dense_vector"] = Field(default="dense_vector", description="The feature kind.")
     dim: int = Field(ge=1, description="Expected vector length; other lengths are an error.")
 
 

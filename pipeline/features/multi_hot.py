@@ -16,7 +16,7 @@ from pipeline.transforms import encode_bag
 class MultiHotFeature(FeatureConfig):
     """A list column (e.g. genres, tags): a bag of vocabulary ids, padded to max_length."""
 
-    type: Literal["multi_hot"] = "multi_hot"
+    type: Literal["multi_hot"] = Field(default="multi_hot", description="The feature kind.")
     min_count: int = Field(default=1, ge=1, description="Values seen fewer times go to OOV.")
     max_length: int = Field(default=8, ge=1, description="Values kept per row (padded with 0).")
     embedding_dim: int = Field(default=16, ge=1, description="Embedding width.")

@@ -28,8 +28,11 @@ class NullFill(str, enum.Enum):
 class NumericFeature(FeatureConfig):
     """A scalar column: standardised, log-scaled or bucketised; nulls filled and flagged."""
 
-    type: Literal["numeric"] = "numeric"
-    transform: NumericTransform = Field(default=NumericTransform.STANDARDIZE)
+    type: Literal["numeric"] = Field(default="numeric", description="The feature kind.")
+    transform: NumericTransform = Field(
+        default=NumericTransform.STANDARDIZE, description="standardize (z-score), log (log1p of "
+        "max(x, 0), then z-score), bucketize (an embedded bucket id: quantiles or boundaries) "
+        "or none (the value as is).")
     num_buckets: int = Field(default=10, ge=2, description="Quantile buckets for bucketize.")
     boundaries: list[float] | None = Field(
         default=None, description="Explicit sorted bucket boundaries (bucketize only)."

@@ -21,7 +21,7 @@ from pipeline.transforms import encode_sequence
 class SequenceFeature(FeatureConfig):
     """The user's most recent item ids, derived from the interactions (user tower only)."""
 
-    type: Literal["sequence"] = "sequence"
+    type: Literal["sequence"] = Field(default="sequence", description="The feature kind.")
     max_length: int = Field(default=50, ge=1, description="Most recent items kept.")
     item_features: list[str] = Field(
         default_factory=list,

@@ -17,7 +17,7 @@ from pipeline.transforms import encode_text, tokenize
 class TextFeature(FeatureConfig):
     """A string column tokenised (lower-cased, split on non-alphanumerics) into token ids."""
 
-    type: Literal["text"] = "text"
+    type: Literal["text"] = Field(default="text", description="The feature kind.")
     min_count: int = Field(default=2, ge=1, description="Tokens seen fewer times go to OOV.")
     max_tokens: int = Field(default=16, ge=1, description="Tokens kept per row.")
     max_vocab: int | None = Field(default=50_000, ge=1, description="Keep the most frequent N.")
