@@ -48,7 +48,9 @@ def machine() -> dict:
     except (OSError, ValueError, IndexError):
         pass
     return {"cores": os.cpu_count(), "memory_gib": memory, "cpu_model": cpu,
-            "platform": platform.platform(), "python": platform.python_version()}
+            "platform": platform.platform(), "python": platform.python_version(),
+            # other work on a shared machine moves every timing: the load when it was written
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
 def commit() -> str:
