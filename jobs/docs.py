@@ -1,10 +1,11 @@
 """Docs: the config models and the committed records -> ``docs/config.md``, ``docs/results.md``.
 
 Inputs: the pydantic models of ``pipeline/config/`` and ``pipeline/features/``, and the
-benchmark records in ``results/*.json``. Outputs: ``docs/config.md``, ``docs/results.md``
-and the plots ``docs/img/*.png`` it shows (matplotlib, Agg). ``--check`` writes nothing
-and exits 1, naming each page, when a committed page differs from what it would write
-(the tests run it). Runs on the driver only: there is no ``ray job submit`` form.
+benchmark records in ``results/*.json``. Outputs: ``docs/config.md``, ``docs/results.md``,
+the plots ``docs/img/*.png`` it shows (matplotlib, Agg) and the results table of
+``README.md`` (between its ``results:begin`` / ``results:end`` markers). ``--check``
+writes nothing and exits 1, naming each page, when a committed page differs from what it
+would write (the tests run it). Runs on the driver only: there is no ``ray job submit`` form.
 
     python -m jobs.docs                  # regenerate both pages and the plots
     python -m jobs.docs --only config    # docs/config.md alone (no matplotlib needed)
@@ -31,9 +32,11 @@ def pages(only: tuple[str, ...], results: Path, docs: Path, plots: bool) -> dict
 
         out[docs / "config.md"] = render()
     if "results" in only:
-        from reports.results_page import render
+        from reports.results_page import render, with_readme_block
 
         out[docs / "results.md"] = render(results, docs / "img" if plots else None)
+        readme = docs.parent / "README.md"
+        out[readme] = with_readme_block(readme.read_text(), results)
     return out
 
 

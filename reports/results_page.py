@@ -228,3 +228,84 @@ TABLES: dict[str, Callable[[dict], str]] = {
     "prepare_throughput": _prepare_throughput, "sequence_candidates": _sequence_candidates,
     "api_fuzz": _api_fuzz,
 }
+
+
+# -- the README's short results table -----------------------------------------------------
+
+README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
+README_PLOTS = ("quality-", "serve_latency", "index_types")  # the pictures the README shows
+
+
+def readme_block(results: Path) -> str:
+    """The README's results table, each row one record's headline linking to its section."""
+    records = read_records(results)
+    rows = []
+    for name in _ordered(records):
+        headline = HEADLINES.get(records[name]["benchmark"])
+        if headline is not None:
+            figure = headline(records[name]["figures"])
+            link = f"docs/results.md#{_anchor(_title(records[name]))}"
+            rows.append([f"[{_title(records[name])}]({link})", figure,
+                         records[name]["date"][:10]])
+    if not any(r["benchmark"] == "quality" for r in records.values()):
+        rows.insert(0, ["ML-100K against the peers", "no record yet: `python -m "
+                        "benchmarks.quality --data ml100k`; measured before records: "
+                        "[experiments.md](docs/experiments.md#retrieval-quality-movielens-100k"
+                        "-test-targets-masked-exact-evaluationmd-protocol)", ""])
+    rows.append(["The demo's time, fresh clone", "not a benchmark record yet: `time bash "
+                 "scripts/demo.sh`; measured before: [experiments.md](docs/experiments.md"
+                 "#two-commands-the-suites-and-the-demos-times)", ""])
+    note = ("Rendered from the records in `results/` by `python -m jobs.docs`; the machine "
+            "and the command of each are on its page.\n\n")
+    drawn = plots.draw_all(records, None)
+    shown = sorted((f for f in drawn if f.startswith(README_PLOTS)),
+                   key=lambda f: [f.startswith(p) for p in README_PLOTS].index(True))[:3]
+    pictures = " ".join(f"<img src=\"docs/img/{f}\" width=\"32%\" alt=\"{drawn[f][0]}\">"
+                        for f in shown)
+    return "\n".join([README_BEGIN, note + _table(["measure", "figure", "date"], rows).rstrip(),
+                      *([f"\n{pictures}"] if pictures else []), README_END])
+
+
+def with_readme_block(readme: str, results: Path) -> str:
+    """``readme`` with its results block (between the two markers) rendered afresh."""
+    head, sep, rest = readme.partition(README_BEGIN)
+    _, sep2, tail = rest.partition(README_END)
+    if not (sep and sep2):
+        raise ValueError(f"README.md: the results block markers {README_BEGIN} ... "
+                         f"{README_END} are missing; accepted: both, in that order")
+    return head + readme_block(results) + tail
+
+
+def _quality_headline(f: dict) -> str:
+    s = f["summary"]
+    ours = ", ".join(f"{k} {num(s[k]['mean'], 4)}" for k in ("HR@10", "NDCG@10") if k in s)
+    peers = "; ".join(f"{b['model']} {num(b['test'].get('HR@10'), 4)}"
+                      for b in f.get("baselines", []))
+    return f"Towerline {ours}" + (f"; HR@10 of {peers}" if peers else "")
+
+
+def _serve_headline(f: dict) -> str:
+    cell = next(c for c in f["runs"]["demo"] if c["ingress"] == "haproxy" and c["batching"])
+    ratio = ", ".join(f"{num(cell['ratio'][c]['p50'], 2)}x at {c[1:]}" for c in cell["ratio"])
+    top = max(cell["recommend"], key=lambda c: cell["recommend"][c]["rps"])
+    return (f"p50 {num(cell['recommend']['c1']['p50_ms'], 2)} ms at concurrency 1; p50 over "
+            f"the bare deployment's: {ratio}; {num(cell['recommend'][top]['rps'], 0)} req/s "
+            f"at {top[1:]}")
+
+
+def _index_headline(f: dict) -> str:
+    return "; ".join(f"{n} recall@100 {num(x['recall_at_100'], 3)} at "
+                     f"{num(x['batch_qps'], 0)} queries/s" for n, x in f["indexes"].items())
+
+
+def _train_headline(f: dict) -> str:
+    sides = [s for s in ("ray_1_worker", "ray_2_workers") if f"ratio_{s}" in f]
+    return (f"one process {num(f['plain']['samples_per_s'], 0)} samples/s; Ray Train "
+            + ", ".join(f"{s.split('_')[1]} worker(s) {num(f[f'ratio_{s}'], 2)}x"
+                        for s in sides))
+
+
+HEADLINES: dict[str, Callable[[dict], str]] = {
+    "quality": _quality_headline, "serve_latency": _serve_headline,
+    "index_types": _index_headline, "train_throughput": _train_headline,
+}
