@@ -9,8 +9,12 @@ the check fail, and every plot the page shows must be committed and under 200 KB
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,3 +126,23 @@ def test_read_record_names_a_file_that_is_not_a_record(tmp_path):
 def test_num_formats():
     assert (num(1234.5678, 1), num(12, 2), num(None), num(0.12345, 4)) == \
         ("1,234.6", "12", "", "0.1235")
+
+
+def test_a_benchmark_writes_its_record(tmp_path):
+    """``--record-dir`` takes the record; the machine, commit and command are in it."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.index_types", "--tiny", "--output",
+         str(tmp_path / "raw.json"), "--record-dir", str(tmp_path / "rec"), "--setting", "t"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = read_record(tmp_path / "rec" / "index_types-10000-t.json")
+    assert record["command"] == shlex.join(
+        ["python", "-m", "benchmarks.index_types", "--tiny", "--output",
+         str(tmp_path / "raw.json"), "--record-dir", str(tmp_path / "rec"), "--setting", "t"])
+    assert record["setting"] == "10000-t" and re.fullmatch(r"[0-9a-f]{10}( \(dirty\))?",
+                                                             record["commit"])
+    assert record["machine"]["cores"] >= 1 and record["machine"]["cpu_model"]
+    assert record["figures"] == json.loads((tmp_path / "raw.json").read_text())["10000"]
+    assert not list(RESULTS.glob("*-10000.json")) + list(RESULTS.glob("*-10000-*.json")), \
+        "a --tiny run's record is never committed"
