@@ -44,6 +44,14 @@ def _figure(ncols: int = 1):
     return fig, axes
 
 
+def _plain_log_ticks(ax) -> None:
+    """Log axes labelled at the decades only (minor labels overlap on narrow plots)."""
+    from matplotlib.ticker import NullFormatter
+
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_minor_formatter(NullFormatter())
+
+
 def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -115,6 +123,7 @@ def _index_types(records: dict[str, dict]) -> Plot:
                 ax.annotate(f"{name} ({f['items']:,})", (x["batch_qps"], x["recall_at_100"]),
                             fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
+        _plain_log_ticks(ax)
         ax.set_xlabel("queries/s, batches of 1,000")
         ax.set_ylabel("recall@100 against exact")
         ax.set_title("Index types: recall against speed", fontsize=9)
@@ -133,7 +142,9 @@ def _sequence_candidates(records: dict[str, dict]) -> Plot:
         for side in ("full", "sampled"):
             ax.plot(items, [1000 * r[side]["step_s"] for r in rows], "-o", label=side)
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        _plain_log_ticks(ax)
+        ax.set_xticks(items, [f"{i:,}" for i in items])
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("catalogue items")
         ax.set_ylabel("ms per training step")
         ax.set_title("Full against sampled softmax", fontsize=9)
