@@ -103,3 +103,95 @@ def check_split(sp: split.Split, per_user: np.ndarray, cfg: C.Config, log: Log) 
             f"(prepare.min_user_interactions={k}): they get no training row, only "
             "validation / test targets with one or no item of history; set "
             f"prepare.min_user_interactions: {split.MIN_WITH_TRAINING} to leave them out")
+
+
+# a user holding more than this share of the usable interactions, and more than MEDIAN_TIMES
+# the median user's count, is named in a warning (a handful of users share any small table)
+DOMINANT_SHARE, MEDIAN_TIMES = 0.1, 20
+
+
+def repeated_rows(*keys: np.ndarray) -> np.ndarray:
+    """[N] bool: rows equal on every key to an earlier row (each first occurrence False).
+
+    Args:
+        *keys: [N] arrays each, e.g. user codes, catalogue rows and times.
+    """
+    n = len(keys[0])
+    order = np.lexsort((np.arange(n), *keys[::-1]))  # equal keys: earlier rows first
+    same = np.ones(max(n - 1, 0), bool)
+    for key in keys:
+        sorted_key = key[order]
+        same &= sorted_key[1:] == sorted_key[:-1]
+    out = np.zeros(n, bool)
+    out[order[1:][same]] = True
+    return out
+
+
+def check_duplicates(repeated: np.ndarray, rows: np.ndarray, cfg: C.Config, log: Log) -> None:
+    """Refuse or announce exact duplicate interactions, by ``prepare.duplicates``.
+
+    Args:
+        repeated: [N] bool from :func:`repeated_rows` over the usable interactions.
+        rows: [N] each usable interaction's row in the read table (for the error).
+        cfg: the config (``prepare.duplicates``, key column names).
+        log: where the warning goes.
+
+    Raises:
+        TableError: at the first repeat, when ``prepare.duplicates`` is ``error``.
+    """
+    n, mode, d = int(repeated.sum()), cfg.prepare.duplicates, cfg.data
+    if not n or mode is C.Duplicates.KEEP:
+        return
+    what = (f"{n:,} interactions repeat an earlier row's {d.user_id!r}, {d.item_id!r} and "
+            f"{d.timestamp!r} exactly (a file read twice, e.g. a backup copy in a subfolder "
+            "of the table's folder?)")
+    if mode is C.Duplicates.ERROR:
+        raise TableError(f"{what}; this is the first repeat; accepted: each (user, item, "
+                         "time) once, or set prepare.duplicates: drop (keep the first of "
+                         "each) or keep", row=int(rows[np.flatnonzero(repeated)[0]]))
+    log(f"[prepare] warning: dropping {what}; the first of each is kept "
+        "(prepare.duplicates: drop; 'error' refuses such data, 'keep' trains on them)")
+
+
+def capped_rows(codes: np.ndarray, ts: np.ndarray, cap: int | None) -> np.ndarray:
+    """[N] bool: each user's latest ``cap`` interactions by time (all when ``cap`` is None).
+
+    Ties in time keep the later row, as the split orders them.
+    """
+    keep = np.ones(len(codes), bool)
+    if cap is None:
+        return keep
+    order = np.lexsort((np.arange(len(codes)), ts, codes))  # per user, oldest first
+    sorted_codes = codes[order]
+    start = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
+    end = np.r_[start[1:], len(order)]
+    from_end = np.repeat(end, end - start) - np.arange(len(order))  # 1 = the user's newest
+    keep[order[from_end > cap]] = False
+    return keep
+
+
+def warn_dominant(codes: np.ndarray, user_ids: pa.ChunkedArray, cfg: C.Config,
+                  log: Log) -> None:
+    """Name the users holding more than ``DOMINANT_SHARE`` of the interactions.
+
+    Only users also above ``MEDIAN_TIMES`` times the median user's count: in a table of a
+    few users, each holds a large share.
+
+    Such a user fills the same share of the training rows and windows: the model learns
+    mostly that user. ``prepare.max_user_interactions`` caps them.
+    """
+    per_user = np.bincount(codes)
+    if len(per_user) < 2:
+        return
+    heavy = np.flatnonzero((per_user > DOMINANT_SHARE * len(codes))
+                           & (per_user > MEDIAN_TIMES * np.median(per_user[per_user > 0])))
+    if not len(heavy):
+        return
+    heavy = heavy[np.argsort(-per_user[heavy])][:5]
+    named = ", ".join(f"{user_ids[int(np.argmax(codes == c))].as_py()!r} {per_user[c]:,} "
+                      f"({per_user[c] / len(codes):.0%})" for c in heavy)
+    cap = cfg.prepare.max_user_interactions
+    log(f"[prepare] warning: users holding more than {DOMINANT_SHARE:.0%} of the "
+        f"{len(codes):,} interactions, and so of the training rows and windows: {named}; "
+        + ("set prepare.max_user_interactions to keep only each user's latest N"
+           if cap is None else f"prepare.max_user_interactions={cap} kept their latest {cap}"))

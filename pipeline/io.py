@@ -27,7 +27,8 @@ from pipeline.features.base import is_list_of, is_scalar_key
 
 _GLOB = set("*?[")
 ACCEPTED_PATHS = ("a Parquet file, a folder of .parquet files (names starting with '_' or '.' "
-                  "are skipped) or a glob such as 'DIR/*.parquet'")
+                  "are skipped; symlinked folders inside it are not followed) or a glob such "
+                  "as 'DIR/*.parquet'")
 
 
 @dataclass(frozen=True)
@@ -82,12 +83,35 @@ def resolve_files(name: str, uri: str) -> TableFiles:
     if not paths:
         raise FileNotFoundError(f"{name} table (data.{name}): no Parquet files at {uri!r}: "
                                 f"{found}; accepted: {ACCEPTED_PATHS}")
+    if isinstance(fs, pafs.LocalFileSystem):
+        _check_distinct(name, paths)
     return TableFiles(name, uri, fs, sorted(paths))
 
 
 def _listing(fs: pafs.FileSystem, base: str) -> list[pafs.FileInfo]:
-    """Everything under ``base`` (nothing when it does not exist)."""
-    return fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    """Everything under ``base`` (nothing when it does not exist).
+
+    On a local disk, symlinked folders are not followed: a link back up the tree
+    (``again -> .``, ``up -> ..``) would list the same files again, or another table's.
+    """
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    found = []
+    for folder, _, files in os.walk(base, followlinks=False):  # linked folders: not entered
+        found += [os.path.join(folder, f) for f in files]
+    return fs.get_file_info(found) if found else []
+
+
+def _check_distinct(name: str, paths: list[str]) -> None:
+    """Refuse two listed paths that are one file (a symlink to a file of the same table)."""
+    seen: dict[str, str] = {}
+    for path in sorted(paths):
+        real = os.path.realpath(path)
+        if real in seen:
+            raise ValueError(f"{name} table (data.{name}): {path} and {seen[real]} are the "
+                             f"same file ({real}); it would be read twice; accepted: each "
+                             "file once (remove the link)")
+        seen[real] = path
 
 
 def _is_data_file(path: str) -> bool:

@@ -283,6 +283,7 @@ def order_interactions(raw: pa.Table, items: pa.Table, cfg: C.Config, log: Log) 
     if (~ok).sum():
         log(f"[prepare] dropping {int((~ok).sum()):,} interactions with a null user or an "
             "item missing from the item table")
+    rows = np.flatnonzero(ok)  # each usable interaction's row in the read table
     raw = raw.filter(pa.array(ok))
     item_index = np.asarray(item_index[ok], dtype=np.int64)
     ts = raw[d.timestamp]
@@ -290,6 +291,10 @@ def order_interactions(raw: pa.Table, items: pa.Table, cfg: C.Config, log: Log) 
         ts = pc.cast(ts, pa.int64())
     ts = ts.to_numpy().astype(np.int64)
     codes = pc.dictionary_encode(raw[d.user_id]).combine_chunks().indices.to_numpy()
+    keep = usable_once(codes, item_index, ts, rows, raw[d.user_id], cfg, log)
+    if not keep.all():
+        raw, item_index, ts = raw.filter(pa.array(keep)), item_index[keep], ts[keep]
+        codes = pc.dictionary_encode(raw[d.user_id]).combine_chunks().indices.to_numpy()
     sp = split.leave_last_out(codes, ts, cfg.prepare.min_user_interactions)
     with in_table("interactions"):
         data_checks.check_split(sp, np.bincount(codes), cfg, log)
@@ -304,6 +309,33 @@ def order_interactions(raw: pa.Table, items: pa.Table, cfg: C.Config, log: Log) 
                         timestamp=ts[o], weight=weight, item_index=item_index[o], split=sp,
                         impressions=imp,
                         dropped=dropped_histories(raw, d, codes, ts, item_index, sp.order))
+
+
+def usable_once(codes: np.ndarray, item_index: np.ndarray, ts: np.ndarray, rows: np.ndarray,
+                user_ids: pa.ChunkedArray, cfg: C.Config, log: Log) -> np.ndarray:
+    """[N] bool: the interactions kept after ``prepare.duplicates`` and the per-user cap.
+
+    Exact duplicates (same user, item and time) are refused, dropped or kept; users holding
+    a large share are named; ``prepare.max_user_interactions`` keeps each user's latest.
+
+    Raises:
+        TableError: a duplicate, with ``prepare.duplicates: error``.
+    """
+    keep = np.ones(len(codes), bool)
+    with in_table("interactions"):
+        repeated = data_checks.repeated_rows(codes, item_index, ts)
+        data_checks.check_duplicates(repeated, rows, cfg, log)
+    if cfg.prepare.duplicates is not C.Duplicates.KEEP:
+        keep &= ~repeated
+    data_checks.warn_dominant(codes[keep], user_ids.filter(pa.array(keep)), cfg, log)
+    capped = np.zeros(len(codes), bool)
+    capped[np.flatnonzero(keep)] = data_checks.capped_rows(
+        codes[keep], ts[keep], cfg.prepare.max_user_interactions)
+    if (keep & ~capped).any():
+        log(f"[prepare] prepare.max_user_interactions={cfg.prepare.max_user_interactions}: "
+            f"left out {int((keep & ~capped).sum()):,} older interactions of "
+            f"{len(np.unique(codes[keep & ~capped])):,} user(s)")
+    return capped
 
 
 def dropped_histories(raw: pa.Table, d: C.DataConfig, codes: np.ndarray, ts: np.ndarray,

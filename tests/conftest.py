@@ -105,7 +105,8 @@ TINY_CONFIG = {
             {"name": "embedding", "type": "dense_vector", "dim": 2},
         ],
     },
-    "prepare": {"min_user_interactions": 3},
+    # u3's (11, 7) is there twice on purpose (ties broken by row): keep both
+    "prepare": {"min_user_interactions": 3, "duplicates": "keep"},
 }
 
 

@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from pipeline.config import checks
 from pipeline.config.base import StrictModel
-from pipeline.config.data import DataConfig, PrepareConfig
+from pipeline.config.data import DataConfig, Duplicates, PrepareConfig
 from pipeline.config.features import (
     CategoricalFeature,
     DenseVectorFeature,
@@ -47,7 +47,8 @@ from pipeline.config.tune import TuneConfig
 from pipeline.features.base import REGISTRY, FeatureConfig
 
 __all__ = [
-    "Candidates", "CategoricalFeature", "Config", "DataConfig", "DenseVectorFeature", "Feature",
+    "Candidates", "CategoricalFeature", "Config", "DataConfig", "DenseVectorFeature",
+    "Duplicates", "Feature",
     "FeaturesConfig", "IndexConfig", "LossConfig", "ModelConfig", "MultiHotFeature",
     "NullFill", "NumericFeature", "NumericTransform", "Pooling", "PrepareConfig",
     "Objective", "SequenceConfig", "SequenceFeature", "ServeConfig", "StrictModel",
@@ -59,16 +60,22 @@ __all__ = [
 class Config(StrictModel):
     """A whole experiment config. Sections added by later packages live here too."""
 
-    data: DataConfig
-    features: FeaturesConfig
-    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    loss: LossConfig = Field(default_factory=LossConfig)
-    sequence: SequenceConfig = Field(default_factory=SequenceConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    index: IndexConfig = Field(default_factory=IndexConfig)
-    serve: ServeConfig = Field(default_factory=ServeConfig)
-    tune: TuneConfig = Field(default_factory=TuneConfig)
+    data: DataConfig = Field(description="Where the three Parquet tables are, their keys.")
+    features: FeaturesConfig = Field(description="The inputs of each tower.")
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig,
+                                   description="How the prepare job splits and writes.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The two towers.")
+    loss: LossConfig = Field(default_factory=LossConfig,
+                             description="The training loss and its negatives.")
+    sequence: SequenceConfig = Field(default_factory=SequenceConfig,
+                                     description="The sequence training mode (off: no objective).")
+    train: TrainConfig = Field(default_factory=TrainConfig,
+                               description="The optimiser, epochs, Ray Train scaling.")
+    index: IndexConfig = Field(default_factory=IndexConfig,
+                               description="The FAISS index and the embedding batch job.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="The endpoint.")
+    tune: TuneConfig = Field(default_factory=TuneConfig,
+                             description="The search of jobs.tune (ignored by the other jobs).")
 
     @model_validator(mode="after")
     def _model_matches_features(self) -> Config:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import enum
 import os
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.config.base import StrictModel
 
@@ -36,6 +37,14 @@ class DataConfig(StrictModel):
         return str(Path(self.root) / path)
 
 
+class Duplicates(str, enum.Enum):
+    """What prepare does with interactions that repeat an earlier (user, item, time) row."""
+
+    ERROR = "error"  # refuse the data, naming the file and row of the first repeat
+    DROP = "drop"  # keep the first of each, with a warning that counts the rest
+    KEEP = "keep"  # keep them all (repeated events that really happened twice)
+
+
 class PrepareConfig(StrictModel):
     """How the prepare job splits and writes."""
 
@@ -44,6 +53,15 @@ class PrepareConfig(StrictModel):
         "(users.parquet keeps their history and seen items); below 3, some kept users get no "
         "training row (prepare warns)."
     )
+    duplicates: Duplicates = Field(
+        default=Duplicates.DROP, description="Interactions that repeat an earlier row's user, "
+        "item and timestamp exactly (a table read twice, a backup copy in a subfolder): "
+        "'drop' keeps the first and warns with the count; 'error' refuses the data; 'keep' "
+        "trains on them (a repeated last event makes validation equal test).")
+    max_user_interactions: int | None = Field(
+        default=None, ge=3, description="Keep only each user's latest N interactions, so that "
+        "one user (a bot, a shared account) cannot fill the training windows; None keeps "
+        "all. Prepare warns about users holding a large share either way.")
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs per Ray Data transform task.")
     local_max_rows: int = Field(
         default=1_000_000, ge=0, description="Inputs of at most this many interactions are "
@@ -52,3 +70,11 @@ class PrepareConfig(StrictModel):
         "Ray Data."
     )
     rows_per_file: int = Field(default=1_000_000, ge=1000, description="Output file size.")
+
+    @model_validator(mode="after")
+    def _cap_above_floor(self) -> PrepareConfig:
+        cap, floor = self.max_user_interactions, self.min_user_interactions
+        if cap is not None and cap < floor:
+            raise ValueError(f"max_user_interactions {cap} is below min_user_interactions "
+                             f"{floor}: every user would be left out")
+        return self
