@@ -44,9 +44,15 @@ def user_errors(code: int = 1) -> Iterator[None]:
     """Turn an error meant for people (bad value, missing file) into ``error: ...``, exit code."""
     try:
         yield
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:  # OSError: a full disk, a read-only folder, ...
+        print(f"error: {one_line(err)}", file=sys.stderr)
         raise SystemExit(code) from None
+
+
+def one_line(err: BaseException) -> str:
+    """An error as one line: its message's lines joined, the path kept (``[Errno 28] ...``)."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return text or type(err).__name__
 
 
 def load_job_config(args: argparse.Namespace) -> Config:

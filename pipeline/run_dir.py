@@ -8,6 +8,7 @@ Every job reads and writes one ``RUN_DIR``::
                                                                   <- jobs.prepare
       train/        Ray Train storage (checkpoints)               <- jobs.train
       plain/best/   the plain loop's best checkpoint              <- jobs.train --no-ray
+      plain/latest/ the plain loop's last epoch, optimizer included (resume)
       mlruns/       the default MLflow file store
       model/        model.pt, meta.json, user_tower.pt2 (+ .json), item_tower.pt2 (+ .json)
       embeddings/   items/model_version=V/, users/model_version=V/ <- jobs.build_index
@@ -98,6 +99,11 @@ class RunDir:
         return self.root / "plain" / "best"
 
     @property
+    def plain_latest(self) -> Path:
+        """``plain/latest/``: the plain loop's last epoch, with the optimizer (to resume)."""
+        return self.root / "plain" / "latest"
+
+    @property
     def mlruns(self) -> Path:
         """``mlruns/``: the default MLflow file store."""
         return self.root / "mlruns"
@@ -163,8 +169,12 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
             except OSError:  # not empty (someone else wrote there) or already gone
                 break
         raise
-    shutil.rmtree(final, ignore_errors=True)
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():  # two renames: ``final`` is missing only between them
+        final.rename(old)
     tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: str | Path, body: Any) -> None:

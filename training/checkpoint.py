@@ -46,21 +46,29 @@ class TrainState:
 
 def save_checkpoint(path: Path, model: torch.nn.Module, opt, scheduler, state: TrainState,
                     meta: ModelMeta, raw: torch.nn.Module | None = None) -> None:
-    """Write a checkpoint directory (``opt`` None: a model-only directory).
+    """Write a checkpoint directory (``opt`` None: a model-only directory), atomically.
+
+    The files go to a folder beside ``path`` that then replaces it, so a failed write (a
+    full disk, a kill) leaves the previous checkpoint whole, never a torn ``model.pt``.
 
     ``raw``: the stepped weights when ``model`` is their moving average (saved beside the
     optimizer, for resuming).
     """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path / MODEL_FILE)
-    if opt is not None:
-        saved = {"optimizer": opt.state_dict(), "scheduler": scheduler.state_dict()}
-        if raw is not None:
-            saved["raw_model"] = raw.state_dict()
-        torch.save(saved, path / OPTIM_FILE)
-    body = meta.model_copy(update={"train_state": asdict(state)})
-    write_json(path / META_FILE, body.model_dump(mode="json"))
+    try:
+        with atomic_dir(path) as tmp:
+            torch.save(model.state_dict(), tmp / MODEL_FILE)
+            if opt is not None:
+                saved = {"optimizer": opt.state_dict(), "scheduler": scheduler.state_dict()}
+                if raw is not None:
+                    saved["raw_model"] = raw.state_dict()
+                torch.save(saved, tmp / OPTIM_FILE)
+            body = meta.model_copy(update={"train_state": asdict(state)})
+            write_json(tmp / META_FILE, body.model_dump(mode="json"))
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise OSError(f"cannot write the checkpoint {path}: {reason}; the previous "
+                      "checkpoint there, if any, is kept (disk full or not writable?)") from None
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, opt=None, scheduler=None,

@@ -30,7 +30,7 @@ from pipeline.run_dir import ModelMeta, RunDir, read_catalogue
 from pipeline.state import FeatureStateSet
 from towers.model import build_two_tower, model_version
 from training import checkpoint as ckpt
-from training.data import epoch_batches, load_shard, shard_rows, train_table
+from training.data import epoch_batches, load_shard, shard_rows, train_table, window_lengths
 from training.distributed import epoch_stats_over_ranks
 from training.sequence import SequenceTask, SequenceTrainModule, history_keys
 from training.step import Task, make_optimizer, make_scheduler, train_epoch, weight_average
@@ -135,7 +135,9 @@ def train_one_epoch(s: Setup, state: ckpt.TrainState) -> dict[str, float]:
 
     Returns the epoch's figures for the whole worker group (every rank gets the same).
     """
-    batches = epoch_batches(s.shard, s.cfg.train.batch_size, s.cfg.train.seed, state.epoch)
+    lengths = window_lengths(s.shard) if s.cfg.sequence.enabled else None
+    batches = epoch_batches(s.shard, s.cfg.train.batch_size, s.cfg.train.seed, state.epoch,
+                            lengths)
     stats = train_epoch(s.module, s.task, batches, s.opt, s.scheduler, s.cfg.train, s.device,
                         after_step=s.update_average if s.averaged is not None else None)
     return epoch_stats_over_ranks(stats, s.device)
@@ -228,15 +230,24 @@ def run_plain(cfg: Config, run_dir: Path, log: Log = print,
     """Train in this process, without Ray: the same step over the same data.
 
     The best epoch is saved under ``RUN_DIR/plain/best`` and published to ``RUN_DIR/model/``.
+    Each epoch also replaces ``RUN_DIR/plain/latest`` (weights, optimizer, loop state), and
+    a run started again on the same RUN_DIR resumes after that epoch, as Ray Train does.
+    The checkpoints are written before the epoch goes to MLflow, so a killed run that
+    resumes never logs an epoch twice.
     """
     s = setup(cfg, run_dir, torch.device(device), world_size=1, rank=0)
-    state, best_dir = ckpt.TrainState(), s.run.plain_best
+    best_dir, latest_dir = s.run.plain_best, s.run.plain_latest
+    state = ckpt.TrainState()
+    if (latest_dir / ckpt.META_FILE).exists():
+        state = s.restore(latest_dir)
+        log(f"[train] resuming after epoch {state.epoch} from {latest_dir}")
     tracker = Tracker(cfg, run_dir)
     for metrics, is_best in epochs(s, state):
-        log(describe(metrics, cfg, state))
-        tracker.log(metrics, step=state.epoch)
         if is_best:
             s.save(best_dir, state, checkpoint_meta(s, metrics), optimizer=False)
+        s.save(latest_dir, state, checkpoint_meta(s, metrics, is_best=is_best))
+        tracker.log(metrics, step=state.epoch)
+        log(describe(metrics, cfg, state))
     tracker.close()
     ckpt.publish_model(best_dir, s.run)
     return {"best_epoch": state.best_epoch, "best_metric": state.best_metric,

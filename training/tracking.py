@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.config import Config
@@ -61,22 +63,38 @@ class Tracker:
         import mlflow
 
         run_dir = Path(run_dir).resolve()
-        mlflow.set_tracking_uri(tracking_uri(cfg, run_dir))
-        mlflow.set_experiment(cfg.train.mlflow.experiment)
-        id_file = RunDir(run_dir).mlflow_run_id
-        run_id = id_file.read_text().strip() if id_file.exists() else None
-        run = mlflow.start_run(run_id=run_id, run_name=run_dir.name)
-        if run_id is None:
-            id_file.write_text(run.info.run_id)
-            params = flatten({k: v for k, v in cfg.to_dict().items() if k != "features"})
-            mlflow.log_params(params)
+        self._uri = tracking_uri(cfg, run_dir)
+        with self._errors("starting the run"):
+            mlflow.set_tracking_uri(self._uri)
+            mlflow.set_experiment(cfg.train.mlflow.experiment)
+            id_file = RunDir(run_dir).mlflow_run_id
+            run_id = id_file.read_text().strip() if id_file.exists() else None
+            run = mlflow.start_run(run_id=run_id, run_name=run_dir.name)
+            if run_id is None:
+                id_file.write_text(run.info.run_id)
+                params = flatten({k: v for k, v in cfg.to_dict().items() if k != "features"})
+                mlflow.log_params(params)
         self._mlflow = mlflow
+
+    @contextmanager
+    def _errors(self, doing: str) -> Iterator[None]:
+        """An MLflow or file-system failure as one ``OSError`` line naming the store."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            yield
+        except (OSError, MlflowException) as err:
+            lines = [line for line in str(err).splitlines() if line.strip()]
+            raise OSError(f"MLflow tracking at {self._uri}: {doing} failed: "
+                          f"{lines[-1] if lines else type(err).__name__} (disk full or not "
+                          "writable? train.mlflow.enabled=false turns tracking off)") from None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Log numeric metrics at an epoch."""
         if self._mlflow is not None:
-            self._mlflow.log_metrics({metric_key(k): float(v) for k, v in metrics.items()},
-                                     step=step)
+            with self._errors(f"logging epoch {step}"):
+                self._mlflow.log_metrics(
+                    {metric_key(k): float(v) for k, v in metrics.items()}, step=step)
 
     def close(self) -> None:
         """End the MLflow run."""
