@@ -17,7 +17,15 @@ movielens=""
 if [ "${1:-}" = "--movielens" ]; then
     movielens="$(cd "${2:?--movielens needs the folder of the downloaded files}" && pwd)"
 fi
-export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
+# Token auth (docs/security.md): the head's GCS, raylet and dashboard agent listen on this
+# machine's network address, and the agent's job API runs any command it is sent; with a
+# token only holders of ~/.ray/auth_token (this user) get in. Jobs, `serve deploy` and the
+# dashboard API use the same token; the Serve endpoint itself stays on 127.0.0.1.
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ] \
+        && [ ! -s "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ]; then
+    ray get-auth-token --generate >/dev/null
+fi
 export RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S="${RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S:-120}"
 export SERVE_SOCKET_REUSE_PORT_ENABLED=0
 # Ray Train's spot-preemption watcher has nothing to watch on one machine (jobs inherit this
@@ -38,12 +46,13 @@ else
         --users 5000 --items 2000 --interactions 150000
 fi
 
-# 2. A local Ray head, started from this venv so jobs run with this project installed, and
+# 2. A local Ray head (token auth, addresses on 127.0.0.1; see above), started from this
+#    venv so jobs run with this project installed, and
 #    with the endpoint's ingress (serve.ingress of the config; default: Serve's bundled
 #    HAProxy in front of each replica), which Serve reads from the head's environment.
 if ! ray status --address 127.0.0.1:6379 >/dev/null 2>&1; then
     eval "$(python -m serve_app.ingress --config "$config")"
-    ray start --head --dashboard-host=127.0.0.1 --num-cpus="$(nproc)" --disable-usage-stats
+    ray start --head --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 --num-cpus="$(nproc)" --disable-usage-stats
 else
     echo "Ray is already running: Serve keeps the ingress it started with" \
          "(python -m serve_app.ingress shows what to export before ray start)" >&2
@@ -72,7 +81,7 @@ curl -s -X POST "$endpoint/recommend" -H 'content-type: application/json' \
     -d "{\"user_id\": $user, \"k\": 5}"
 echo
 echo
-echo "Ray dashboard:  $dashboard   (jobs, Train runs, Serve)"
+echo "Ray dashboard:  $dashboard   (jobs, Train runs, Serve; token: ray get-auth-token)"
 echo "API docs:       $endpoint/docs"
 echo "Metrics:        $run/metrics.json"
 echo "Stop:           serve shutdown -y --address $dashboard && ray stop"
