@@ -29,8 +29,11 @@ the batching settings and swaps it in with one assignment; a request keeps the r
 was encoded with until it is answered, so a rollout fails no request and never mixes two
 versions in one answer. Any failure to load (a missing or truncated file, a foreign index,
 a reordered catalogue, anything raised) leaves the old retriever serving: it is logged with
-its traceback and ``GET /version`` shows ``rollout.status = "refused"``; only the first
-load raises (the deployment refuses to start). Check a run with
+its traceback and ``GET /version`` shows ``rollout.status = "refused"``. Each run that
+loads is recorded beside the runs (``.towerline-last-good.json`` in their folder), so a
+replica that starts later (a crash, an OOM, a scale-up) while the configured run does not
+load serves that last good run, still ``refused``, instead of failing; only a first load
+with nothing to fall back to raises (the deployment refuses to start). Check a run with
 ``python -m serve_app.check RUN_DIR`` before pointing ``user_config`` at it.
 
     python -m serve_app.deploy_config RUN_DIR --out serve.yaml  # host / port of the run
@@ -46,6 +49,7 @@ bare ``serve run serve_app.app:build_app`` uses Serve's defaults (127.0.0.1:8000
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import os
@@ -60,7 +64,7 @@ from ray import serve
 from ray.serve import Application
 
 from pipeline.config.serve import ServeConfig
-from pipeline.run_dir import RunDir, read_model_meta
+from pipeline.run_dir import RunDir, read_model_meta, write_json
 from serve_app import ingress
 from serve_app.api import build_api
 from serve_app.batching import MicroBatcher
@@ -137,23 +141,49 @@ class RetrievalDeployment:
         and swapping the retriever would race the event loop that batches requests. Here
         only the load runs in a thread; the settings and the swap happen on the loop.
 
+        A run that loads is recorded as the last good one, beside it (:func:`last_good`).
+        A replica that starts (a restart after a crash or an OOM, a scale-up) while the
+        configured run does not load serves that last good run instead, with
+        ``rollout.status: "refused"``: a refused rollout never becomes an outage.
+
         Raises:
-            Exception: the first run directory does not load (nothing to fall back to;
-                the message names the file or the field).
+            Exception: the first run directory does not load and no other run has loaded
+                beside it (nothing to fall back to; the message names the file or field).
         """
+        wanted = str((user_config or {}).get("run_dir"))
         try:
             reload = ReloadConfig.model_validate(user_config)
-            fresh = await asyncio.get_running_loop().run_in_executor(
-                None, Retriever, reload.run_dir, self.config)
-        except Exception:  # noqa: BLE001 - any failure: keep serving what loads
+            fresh = await self._load(reload.run_dir)
+        except Exception as err:  # noqa: BLE001 - any failure: keep serving what loads
             if self._retriever is None:
-                raise
+                fallback = read_last_good(wanted)
+                try:
+                    previous = await self._load(fallback) if fallback else None
+                except Exception:  # noqa: BLE001 - it no longer loads either
+                    previous = None
+                if previous is None:
+                    raise err from None
+                logger.error("run %s does not load (%s: %s); this replica starts with the "
+                             "last run that loaded, %s", wanted, type(err).__name__, err,
+                             fallback)
+                self._swap(previous, ReloadConfig(run_dir=fallback))
+            else:
+                logger.exception("rollout to %s refused, still serving model %s from %s",
+                                 wanted, self._retriever.model_version,
+                                 self._retriever.run_dir)
             self._refused_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-            logger.exception("rollout to %s refused, still serving model %s from %s",
-                             (user_config or {}).get("run_dir"), self._retriever.model_version,
-                             self._retriever.run_dir)
             return
         self._refused_at = None
+        self._swap(fresh, reload)
+        write_last_good(fresh.run_dir)
+
+    async def _load(self, run_dir: str) -> Retriever:
+        """A :class:`Retriever` of ``run_dir``, loaded in a worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(
+            None, Retriever, run_dir, self.config)
+
+    def _swap(self, fresh: Retriever, reload: ReloadConfig) -> None:
+        """Apply ``reload``'s batching settings and serve ``fresh`` (on the event loop)."""
         self._set_batching(reload.max_batch_size or self.config.max_batch_size,
                            reload.batch_wait_timeout_s if reload.batch_wait_timeout_s
                            is not None else self.config.batch_wait_timeout_s)
@@ -209,6 +239,34 @@ class RetrievalDeployment:
         """(model version, the run's ``features`` / ``filter`` JSON schemas) for OpenAPI."""
         retriever = self._current()
         return retriever.model_version, retriever.contract.openapi()
+
+LAST_GOOD = ".towerline-last-good.json"  # beside the run directories
+
+
+def last_good_path(run_dir: str | Path) -> Path:
+    """The record of the last run that loaded, in the folder that holds ``run_dir``."""
+    return Path(run_dir).resolve().parent / LAST_GOOD
+
+
+def write_last_good(run_dir: str | Path) -> None:
+    """Record ``run_dir`` as the last run that loaded (a read-only folder: logged, skipped)."""
+    try:
+        write_json(last_good_path(run_dir), {
+            "run_dir": str(Path(run_dir).resolve()),
+            "loaded_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    except OSError as err:
+        logger.warning("cannot record %s as the last run that loaded: %s", run_dir, err)
+
+
+def read_last_good(run_dir: str | Path) -> str | None:
+    """The last run that loaded beside ``run_dir``, if any and if it is another run."""
+    try:
+        record = json.loads(last_good_path(run_dir).read_text(encoding="utf-8"))
+        good = str(record["run_dir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return good if Path(good) != Path(run_dir).resolve() else None
+
 
 def app_config(args: dict[str, Any]) -> tuple[Path, ServeConfig]:
     """Builder args -> (absolute run_dir, the run's saved ServeConfig with the overrides).

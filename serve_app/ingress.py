@@ -34,6 +34,7 @@ import argparse
 import os
 import random
 import socket
+import stat
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -58,14 +59,62 @@ DRAIN_S = "2"
 HAPROXY_FOLDER_MAX = 97 - 1 - 56 - len("/metrics.sock")
 
 
+# The Serve controller replaces an HTTP front that misses 3 health checks in a row (a
+# fixed threshold); Serve's 10 s timeout and period are too short for HAProxy's manager
+# actor to start on a machine whose cores are busy (4 failed starts of 5 at load 4-6).
+# Given a minute per check and HAProxy two minutes to start, a slow start is waited for;
+# a front that really died is still replaced, after about three minutes.
+STARTUP_ENV = {"RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
+               "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "20",
+               "RAY_SERVE_HAPROXY_STARTUP_TIMEOUT_S": "120"}
+
+
 def ingress_env(mode: Ingress | str) -> dict[str, str]:
-    """The environment variables of ``mode`` ("0" for the flags it leaves off)."""
+    """The environment variables of ``mode`` ("0" for the flags it leaves off).
+
+    HAProxy's files go to this user's private folder (:func:`private_folder`).
+    """
     mode = Ingress(mode)
     env = {flag: "0" for flag in _FLAGS}
     env.update(MODE_ENV[mode])
+    env.update(STARTUP_ENV)
     if mode is not Ingress.PROXY:
         env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = DRAIN_S
+    if mode is Ingress.HAPROXY:
+        env.update(haproxy_files(private_folder()))
     return env
+
+
+def private_folder(folder: str | None = None) -> str:
+    """``folder`` (default ``/tmp/tl-haproxy-UID``) made this user's, mode 0700.
+
+    Serve writes HAProxy's admin socket with ``mode 666 level admin`` (not settable): in
+    Serve's default ``/tmp/haproxy-serve`` any local user could ``disable server`` or
+    ``shutdown sessions`` through it. Inside a folder only its owner may enter, nobody
+    else reaches it.
+
+    Raises:
+        ValueError: the path exists but is not a folder of this user (refused, not used).
+    """
+    folder = folder or f"/tmp/tl-haproxy-{os.getuid()}"
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise ValueError(f"{folder} is not a folder of this user (uid {os.getuid()}); "
+                         "remove it: HAProxy's admin socket must not live there")
+    os.chmod(folder, 0o700)
+    return folder
+
+
+def haproxy_files(folder: str) -> dict[str, str]:
+    """Serve's settings that put HAProxy's config, sockets and state under ``folder``."""
+    return {
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{folder}/haproxy.cfg",
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{folder}/admin.sock",
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": folder,
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{folder}/server-state",
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{folder}/metrics.sock",
+    }
 
 
 # Ports handed out for a Ray about to start: below Linux's ephemeral range (32768 up), where
@@ -126,16 +175,10 @@ def isolated_env(mode: Ingress | str, scratch: str | None = None) -> dict[str, s
             raise ValueError(f"HAProxy folder {folder!r} is {len(folder)} characters; HAProxy's "
                              f"unix sockets (under it, in a 56-character subfolder) allow "
                              f"{HAPROXY_FOLDER_MAX} at most: use a shorter path, e.g. under /tmp")
-        os.makedirs(folder, exist_ok=True)
-        env.update({
-            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{folder}/haproxy.cfg",
-            "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{folder}/admin.sock",
-            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": folder,
-            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{folder}/server-state",
-            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{folder}/metrics.sock",
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-        })
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        env.update(haproxy_files(folder))
+        env.update({"RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+                    "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())})
     return env
 
 
