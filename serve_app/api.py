@@ -14,6 +14,7 @@ Every 4xx body is ``{"detail": [{"type", "loc", "msg", "input"}]}``; 404 (an unk
 
 # No ``from __future__ import annotations``: FastAPI reads the route bodies' annotations,
 # which name classes local to build_api, so they must be objects, not strings.
+import asyncio
 import inspect
 import json
 from typing import Any, Protocol
@@ -119,43 +120,51 @@ class ServingAPI(FastAPI):
     known user took 348 us through FastAPI (with a route class that validated the bytes
     itself) and 254 us here; a bare FastAPI route that reads the body and returns a
     constant takes 68 us.
+
+    Every request body (``POST``, ``PUT``, ``PATCH``) is read here first, whole, within
+    ``serve.body_timeout_s`` (a 408 past it) and ``serve.max_body_bytes`` (a 413), so a
+    client that trickles its body frees its replica slot after the deadline.
     """
 
     _direct: dict[str, tuple[Any, Any]] = {}  # path -> (body model, endpoint); none until set
     _body_limit = 0
+    _body_timeout = ServeConfig().body_timeout_s
 
-    def direct_routes(self, body_limit: int) -> None:
-        """Take the body routes registered so far onto the direct path (call once, last)."""
-        self._body_limit = body_limit
+    def direct_routes(self, body_limit: int, body_timeout: float) -> None:
+        """Take the body routes registered so far onto the direct path (call once, last).
+
+        Args:
+            body_limit: ``serve.max_body_bytes``.
+            body_timeout: ``serve.body_timeout_s``, for every request body.
+        """
+        self._body_limit, self._body_timeout = body_limit, body_timeout
         self._direct = {route.path: (route.body_field.field_info.annotation, route.endpoint)
                         for route in self.routes
                         if isinstance(route, APIRoute) and route.body_field is not None
                         and route.methods == {"POST"} and "{" not in route.path}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The direct path for a valid JSON body of a body route; FastAPI for the rest."""
-        route = self._direct.get(get_route_path(scope)) \
-            if scope["type"] == "http" and scope["method"] == "POST" else None
-        size = _declared_length(scope["headers"]) \
-            if route and _is_json(scope["headers"]) else None
-        if size is None or size > self._body_limit:
+        """The body within its deadline, then the direct path or FastAPI with it replayed."""
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await super().__call__(scope, receive, send)
-        chunks, more = [], True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left: nothing to answer
-                return
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
+        declared = _declared_length(scope["headers"])
+        if declared is not None and declared > self._body_limit:
+            return await super().__call__(scope, receive, send)  # 413 before reading it
+        try:
+            body = await read_body(receive, self._body_limit, self._body_timeout)
+        except ClientGone:
+            return
+        except (BodyTimeout, BodyTooLarge) as err:
+            return await _errors(err.status_code, err.errors)(scope, receive, send)
         replay = _replay(body, receive)
+        route = self._direct.get(get_route_path(scope)) if scope["method"] == "POST" else None
+        if route is None or declared is None or not _is_json(scope["headers"]):
+            return await super().__call__(scope, replay, send)
         model, endpoint = route
         try:
-            parsed = model.model_validate_json(body) if len(body) <= self._body_limit \
-                else None
+            parsed = model.model_validate_json(body)
         except ValidationError:
-            parsed = None  # FastAPI's handler reads the same bytes and names the errors
-        if parsed is None:
+            # FastAPI's handler reads the same bytes and names the errors
             return await super().__call__(scope, replay, send)
         try:
             response = await endpoint(parsed)
@@ -168,6 +177,51 @@ class ServingAPI(FastAPI):
             if inspect.isawaitable(response):  # Starlette also takes plain-function handlers
                 response = await response
         await response(scope, replay, send)
+
+
+class ClientGone(Exception):
+    """The client left before its body arrived: nothing to answer."""
+
+
+class BodyTimeout(HTTPException):
+    """A body that took longer than ``serve.body_timeout_s`` to arrive (HTTP 408)."""
+
+    def __init__(self, timeout: float, received: int):
+        super().__init__(408)
+        self.errors = [{"type": "body_timeout", "loc": ["body"], "input": None,
+                        "msg": f"the request body did not arrive within {timeout:g} s "
+                               f"(serve.body_timeout_s); {received:,} bytes came"}]
+
+
+async def read_body(receive: Receive, limit: int, timeout: float) -> bytes:
+    """The whole request body, at most ``limit`` bytes, within ``timeout`` seconds.
+
+    A request holds one of the replica's slots (``max_ongoing_requests``) from its headers
+    on; a client that sends its body a byte at a time would hold it for as long as it
+    likes. The deadline counts from the first read, over the whole body.
+
+    Raises:
+        BodyTimeout: the body was not complete in time.
+        BodyTooLarge: more than ``limit`` bytes came.
+        ClientGone: the client disconnected.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    chunks, size, more = [], 0, True
+    while more:
+        try:
+            message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
+        except asyncio.TimeoutError:
+            raise BodyTimeout(timeout, size) from None
+        if message["type"] != "http.request":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(None, limit)
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    return b"".join(chunks)
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -218,6 +272,7 @@ def _errors(status: int, errors: list[dict[str, Any]],
 def _documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` entries of the 4xx answers a route can give."""
     what = {400: "The body is not UTF-8 text.",
+            408: "The body did not arrive within serve.body_timeout_s.",
             404: "An item id is not in the catalogue.",
             413: "The body is above serve.max_body_bytes.",
             422: "A field is missing, of the wrong type, above a serve bound, or not "
@@ -272,15 +327,15 @@ def build_api(service: Service, cfg: ServeConfig) -> FastAPI:
         return Response(content=await service.score(body), media_type=JSON)
 
     app.post("/recommend", response_model=RecommendResponse,
-             responses=_documented(400, 413, 422),
+             responses=_documented(400, 408, 413, 422),
              summary="The top k catalogue items for a user",
              description="For a known user id, raw features and/or a history; optionally "
              "within a filter or an allow-list.")(recommend)
     app.post("/similar-items", response_model=SimilarItemsResponse,
-             responses=_documented(400, 404, 413, 422),
+             responses=_documented(400, 404, 408, 413, 422),
              summary="The catalogue items nearest to one item")(similar_items)
     app.post("/score", response_model=ScoreResponse,
-             responses=_documented(400, 404, 413, 422),
+             responses=_documented(400, 404, 408, 413, 422),
              summary="The user's score for each given item, in request order")(score)
     app.get("/healthz", response_model=HealthResponse,
             summary="Liveness and the model version served")(service.health)
@@ -288,7 +343,7 @@ def build_api(service: Service, cfg: ServeConfig) -> FastAPI:
             summary="Model version, feature-state hash, index summary, rollout status")(
         service.version)
     _serve_run_schema(app, service)
-    app.direct_routes(cfg.max_body_bytes)
+    app.direct_routes(cfg.max_body_bytes, cfg.body_timeout_s)
     return app
 
 

@@ -150,3 +150,115 @@ def test_cap_errors_counts_what_it_leaves_out():
     capped = cap_errors(errors, 3)
     assert [e["loc"] for e in capped[:2]] == [["body", 0], ["body", 1]]
     assert capped[2]["type"] == "too_many_errors" and capped[2]["msg"].startswith("3 more")
+
+
+# -- slow clients --------------------------------------------------------------------------
+
+SLOTS = 32  # the replica's max_ongoing_requests in Serve (deployment_options: 2 x 16)
+
+
+class Slots:
+    """At most ``n`` requests inside the app at once, the rest wait: Serve's replica slots."""
+
+    def __init__(self, app, n: int):
+        self.app, self.n, self.sem = app, n, None
+
+    async def __call__(self, scope, receive, send):
+        import asyncio
+
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        self.sem = self.sem or asyncio.Semaphore(self.n)
+        async with self.sem:
+            await self.app(scope, receive, send)
+
+
+@pytest.fixture
+def slotted_server():
+    """The API behind ``SLOTS`` slots on a uvicorn of 127.0.0.1 (body deadline 1 s)."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    cfg = ServeConfig(body_timeout_s=1.0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(Slots(build_api(Service(), cfg), SLOTS),
+                                           host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(100):
+        if server.started:
+            break
+        time.sleep(0.05)
+    yield port
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_a_trickled_body_gets_a_408_at_the_deadline():
+    import asyncio
+
+    app = build_api(Service(), ServeConfig(body_timeout_s=0.5))
+    sent: list[dict] = []
+
+    async def trickle():  # one byte every 0.1 s, for ever
+        await asyncio.sleep(0.1)
+        return {"type": "http.request", "body": b"{", "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/recommend", "raw_path": b"/recommend",
+             "query_string": b"", "root_path": "", "scheme": "http", "http_version": "1.1",
+             "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 1),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", b"900")]}
+    start = time.perf_counter()
+    asyncio.run(app(scope, trickle, send))
+    assert 0.5 <= time.perf_counter() - start < 1.5
+    assert sent[0]["status"] == 408
+    detail = strict_json(b"".join(m.get("body", b"") for m in sent[1:]))["detail"]
+    assert detail[0]["type"] == "body_timeout" and "serve.body_timeout_s" in detail[0]["msg"]
+
+
+def test_twice_the_slot_count_of_slow_clients_do_not_stop_normal_requests(slotted_server):
+    # 64 clients send headers, then one body byte each 0.3 s for 5 s: without a deadline
+    # they would hold all 32 slots for those 5 s (for as long as they kept sending)
+    import socket
+    import threading
+
+    import httpx
+
+    port, stop = slotted_server, threading.Event()
+
+    def slow_client():
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(b"POST /recommend HTTP/1.1\r\nhost: x\r\ncontent-type: "
+                         b"application/json\r\ncontent-length: 1000\r\n\r\n")
+            while not stop.wait(0.3):
+                try:
+                    conn.sendall(b" ")
+                except OSError:  # answered (408) and closed: the slot is free
+                    return
+
+    clients = [threading.Thread(target=slow_client, daemon=True) for _ in range(2 * SLOTS)]
+    for c in clients:
+        c.start()
+    time.sleep(0.5)  # every slot is taken by now
+    try:
+        start, answers = time.perf_counter(), []
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            for _ in range(5):
+                answers.append(http.post("/recommend", json={"user_id": 1}).status_code)
+        elapsed = time.perf_counter() - start
+    finally:
+        stop.set()
+        for c in clients:
+            c.join(timeout=5)
+    assert answers == [200] * 5
+    # each slow client is cut at 1 s (serve.body_timeout_s): the first normal request waits
+    # at most for the deadline of the slots ahead of it, well before the 5 s of trickling
+    assert elapsed < 4.0, elapsed

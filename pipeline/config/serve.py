@@ -60,6 +60,10 @@ class ServeConfig(StrictModel):
         "values, filter values), in characters.")
     max_body_bytes: int = Field(
         default=1 << 20, ge=1024, description="Largest request body; more is a 413.")
+    body_timeout_s: float = Field(
+        default=10.0, gt=0, description="Longest a request body may take to arrive, from its "
+        "first read; a slower client gets a 408 and frees its slot (max_ongoing_requests), "
+        "so clients that trickle their bodies cannot hold every slot.")
 
     @model_validator(mode="after")
     def _bounds(self) -> ServeConfig:
