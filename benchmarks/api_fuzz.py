@@ -12,8 +12,17 @@ per-run parts of the schema (``features`` columns, ``filter`` attributes) are th
     python -m benchmarks.api_fuzz --run-dir RUN        # an existing run
     python -m benchmarks.api_fuzz --cases 1000         # fewer
 
+Then a second phase that schemathesis cannot generate (it sends standard JSON only):
+``--hostile-cases`` requests (default 5,000) whose bodies hold NaN, Infinity, -Infinity,
+1e999, lone surrogates (U+D800 as a JSON escape) in every field, as values and as ``features`` /
+``filter`` keys, and oversized key sets (``serve.max_keys`` + 1 up to 20,000 keys); each
+answer must be below 500 and, when a 4xx, strict JSON (no NaN literal, valid UTF-8).
+
+    python -m benchmarks.api_fuzz --hostile-only       # only the second phase
+
 Prints the number of generated cases and the failures (exit 1 when there are any);
-writes ``benchmarks/results/api_fuzz.json`` (schemathesis's JSON run report).
+writes ``benchmarks/results/api_fuzz.json`` (schemathesis's JSON run report and the
+second phase's counts).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -87,6 +97,96 @@ def record_figures(report: dict, cases: int) -> dict:
             "running_time_s": report["running_time"]}
 
 
+# Python's json reads these; strict JSON has none of them (RFC 8259)
+NON_STANDARD = ("NaN", "Infinity", "-Infinity", "1e999", "-1e999", '"\\ud800"',
+                '"\\udfff"', '"a\\ud83d"', '"\\udc80\\ud800"', '["\\ud800", NaN]')
+POST_FIELDS = {"/recommend": ("user_id", "k", "history", "exclude_items", "allow_items",
+                              "exclude_seen", "features", "filter"),
+               "/similar-items": ("item_id", "k", "exclude_items", "allow_items", "filter"),
+               "/score": ("user_id", "item_ids", "history", "features")}
+KEY_COUNTS = (65, 100, 1000, 20_000)  # above serve.max_keys (64 by default), up to ~0.5 MB
+
+
+def hostile_cases(columns: list[str], attributes: list[str], n: int, seed: int = 0
+                  ) -> list[tuple[str, str]]:
+    """``n`` (path, raw JSON text) requests with non-standard literals or too many keys.
+
+    Args:
+        columns: the run's ``features`` columns (from ``/openapi.json``).
+        attributes: the run's ``filter`` attributes.
+        n: the number of cases.
+        seed: the generator's seed.
+    """
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        path = rng.choice(sorted(POST_FIELDS))
+        bad = rng.choice(NON_STANDARD)
+        if i % 10 == 9 and path != "/similar-items" or i % 10 == 8:  # a key-count case
+            part = "filter" if path == "/similar-items" or rng.random() < 0.5 and \
+                path == "/recommend" else "features"
+            keys = ", ".join(f'"k{j}": {rng.choice(["1", "[1]", bad])}'
+                             for j in range(rng.choice(KEY_COUNTS)))
+            who = '"item_id": 1' if path == "/similar-items" else '"user_id": 1'
+            extra = ', "item_ids": [1]' if path == "/score" else ""
+            out.append((path, f'{{{who}{extra}, "{part}": {{{keys}}}}}'))
+            continue
+        body = {"/recommend": {"user_id": "1"}, "/similar-items": {"item_id": "1"},
+                "/score": {"user_id": "1", "item_ids": "[1]"}}[path]
+        field = rng.choice(POST_FIELDS[path])
+        named = {"features": columns or ["age"], "filter": attributes or ["genre"]}
+        if field in named:
+            key = rng.choice([*named[field], bad if bad.startswith('"') else '"\\ud800"'])
+            key = key if key.startswith('"') else f'"{key}"'
+            body[field] = f"{{{key}: {rng.choice([bad, f'[{bad}]', f'[1, {bad}]'])}}}"
+        else:
+            body[field] = rng.choice([bad, f"[{bad}]", f"[1, {bad}, 2]"])
+        text = "{" + ", ".join(f'"{k}": {v}' for k, v in body.items()) + "}"
+        out.append((path, text))
+    return out
+
+
+def is_strict_json(raw: bytes) -> bool:
+    """Whether ``raw`` is strict JSON in UTF-8 (no NaN / Infinity literals)."""
+    def refuse(literal: str) -> None:
+        raise ValueError(literal)
+
+    try:
+        json.loads(raw.decode("utf-8"), parse_constant=refuse)
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return False
+    return True
+
+
+def hostile(base_url: str, n: int, seed: int = 0) -> dict:
+    """Send :func:`hostile_cases` to a live endpoint; status counts and the bad answers.
+
+    A bad answer is a 5xx, or a 4xx whose body is not strict JSON.
+    """
+    import httpx
+
+    with httpx.Client(base_url=base_url, timeout=60) as http:
+        schemas = http.get("/openapi.json").json()["components"]["schemas"]
+        props = schemas["RecommendRequest"]["properties"]
+        columns = sorted(props.get("features", {}).get("properties", {}))
+        attributes = sorted(props.get("filter", {}).get("properties", {}))
+        statuses: dict[int, int] = {}
+        bad: list[dict] = []
+        start = time.perf_counter()
+        for path, text in hostile_cases(columns, attributes, n, seed):
+            answer = http.post(path, content=text.encode("utf-8", "surrogatepass"),
+                               headers={"content-type": "application/json"})
+            statuses[answer.status_code] = statuses.get(answer.status_code, 0) + 1
+            if answer.status_code >= 500 or (answer.status_code >= 400
+                                             and not is_strict_json(answer.content)):
+                bad.append({"path": path, "body": text[:300], "status": answer.status_code,
+                            "answer": answer.text[:300]})
+    return {"cases": n, "statuses": {str(k): v for k, v in sorted(statuses.items())},
+            "server_errors": sum(v for k, v in statuses.items() if k >= 500),
+            "bad_answers": bad[:20], "bad_count": len(bad),
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
 def start_ray() -> None:
     """Local Ray (2 CPUs) with the HAProxy ingress and this process's own files and ports."""
     from serve_app import ingress
@@ -128,27 +228,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", help="A run directory (default: build a tiny demo run).")
     p.add_argument("--cases", type=int, default=5000, help="Generated cases to reach.")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hostile-cases", type=int, default=5000,
+                   help="Requests with NaN / Infinity / lone surrogates / too many keys.")
+    p.add_argument("--hostile-only", action="store_true",
+                   help="Skip schemathesis; run only the hostile-literal phase.")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "api_fuzz.json"))
     add_record_flag(p)
     args = p.parse_args(argv)
     start_ray()
+    report: dict = {"failures": [], "test_cases": {"generated": 0, "errored": 0}}
     with tempfile.TemporaryDirectory(prefix="bench-fuzz-") as tmp:
         run_dir = Path(args.run_dir).resolve() if args.run_dir else \
             build_run(Path(tmp), DEMO_SIZES["tiny"], [])
         base = serve_run(run_dir)
         try:
-            report = fuzz(base, args.cases, Path(tmp) / "report.json", args.seed)
+            if not args.hostile_only:
+                report = fuzz(base, args.cases, Path(tmp) / "report.json", args.seed)
+            report["hostile"] = hostile(base, args.hostile_cases, args.seed)
         finally:
             from ray import serve
 
             serve.shutdown()
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=1))
-    print(summary(report))
+    if not args.hostile_only:
+        print(summary(report))
+    h = report["hostile"]
+    print(f"hostile literals and key sets: {h['cases']:,} cases, statuses {h['statuses']}, "
+          f"{h['server_errors']} server errors, {h['bad_count']} answers not strict JSON "
+          f"({h['seconds']} s)")
     print(f"wrote {args.output}")
-    save_record(args, "api_fuzz", record_figures(report, args.cases), module="benchmarks.api_fuzz")
-    ok = not report["failures"] and not report["test_cases"]["errored"]
-    return 0 if ok and report["test_cases"]["generated"] >= args.cases else 1
+    figures = record_figures(report, args.cases) if not args.hostile_only else {}
+    figures["hostile"] = {k: h[k] for k in ("cases", "statuses", "server_errors",
+                                            "bad_count", "seconds")}
+    save_record(args, "api_fuzz", figures, module="benchmarks.api_fuzz")
+    ok = not report["failures"] and not report["test_cases"]["errored"] and not h["bad_count"]
+    enough = args.hostile_only or report["test_cases"]["generated"] >= args.cases
+    return 0 if ok and enough else 1
 
 
 if __name__ == "__main__":
