@@ -100,8 +100,10 @@ def _serve_latency(records: dict[str, dict]) -> Plot:
                                       ("floor", "--x", f"bare, {tag}")):
                 lat.plot(conc, [v["p50_ms"] for v in cell[key].values()], style, label=label)
                 rps.plot(conc, [v["rps"] for v in cell[key].values()], style, label=label)
+        ticks = sorted({int(c[1:]) for cell in cells for c in cell["recommend"]})
         for ax, label in ((lat, "p50 ms"), (rps, "req/s")):
             ax.set_xscale("log", base=2)
+            ax.set_xticks(ticks, [str(t) for t in ticks])
             ax.set_xlabel("concurrency")
             ax.set_ylabel(label)
         lat.set_title("HAProxy ingress, demo run", fontsize=9)

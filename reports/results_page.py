@@ -245,8 +245,9 @@ def readme_block(results: Path) -> str:
         if headline is not None:
             figure = headline(records[name]["figures"])
             link = f"docs/results.md#{_anchor(_title(records[name]))}"
+            load = records[name]["machine"].get("load_average")
             rows.append([f"[{_title(records[name])}]({link})", figure,
-                         records[name]["date"][:10]])
+                         records[name]["date"][:10] + (f", load {load[0]}" if load else "")])
     if not any(r["benchmark"] == "quality" for r in records.values()):
         rows.insert(0, ["ML-100K against the peers", "no record yet: `python -m "
                         "benchmarks.quality --data ml100k`; measured before records: "
@@ -262,7 +263,8 @@ def readme_block(results: Path) -> str:
                    key=lambda f: [f.startswith(p) for p in README_PLOTS].index(True))[:3]
     pictures = " ".join(f"<img src=\"docs/img/{f}\" width=\"32%\" alt=\"{drawn[f][0]}\">"
                         for f in shown)
-    return "\n".join([README_BEGIN, note + _table(["measure", "figure", "date"], rows).rstrip(),
+    return "\n".join([README_BEGIN, note + _table(["measure", "figure", "date, load average"],
+                                                     rows).rstrip(),
                       *([f"\n{pictures}"] if pictures else []), README_END])
 
 
