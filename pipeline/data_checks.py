@@ -37,6 +37,40 @@ def check_weights(values: pa.ChunkedArray, column: str) -> None:
             "null, NaN, infinite or negative values)", row=int(bad[0]))
 
 
+def _holds_text(typ: pa.DataType) -> bool:
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ):
+        return True
+    return (pa.types.is_list(typ) or pa.types.is_large_list(typ)) and \
+        _holds_text(typ.value_type)
+
+
+def check_utf8(table: pa.Table) -> None:
+    """Raise at the first string that is not UTF-8 text, naming its column.
+
+    Parquet stores strings as bytes and pyarrow reads them unchecked; a later step would
+    fail on them with a bare ``UnicodeDecodeError`` that names no column or row.
+    """
+    for name in table.column_names:
+        if not _holds_text(table.schema.field(name).type):
+            continue
+        row0 = 0
+        for chunk in table[name].chunks:
+            try:
+                chunk.validate(full=True)
+            except pa.ArrowInvalid:
+                for i in range(len(chunk)):
+                    try:
+                        chunk[i].as_py()
+                    except UnicodeDecodeError as err:
+                        raise TableError(
+                            f"column {name!r} holds bytes that are not UTF-8 text (this is "
+                            f"the first: {err.object[max(err.start - 8, 0):err.end + 8]!r}); "
+                            "accepted: UTF-8 strings (re-encode the column, e.g. from "
+                            "latin-1, when writing the file)", row=row0 + i) from None
+                raise
+            row0 += len(chunk)
+
+
 def check_no_null(values: pa.ChunkedArray, column: str, what: str, accepted: str) -> None:
     """Raise at the first null of a column every row needs."""
     if values.null_count:

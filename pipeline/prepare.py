@@ -243,13 +243,15 @@ def _read_local(tf: io.TableFiles, columns: list[str]) -> pa.Table:
 def checked_table(name: str, table: pa.Table, cfg: C.Config) -> pa.Table:
     """A read table, checked before the next table is read.
 
-    Users and items: unique non-null keys. Interactions: non-null times, valid weights.
+    Every table: UTF-8 strings. Users and items: unique non-null keys. Interactions:
+    non-null times, valid weights.
 
     Raises:
         TableError: at the first bad row (the caller names its file).
     """
     d = cfg.data
     with in_table(name):
+        data_checks.check_utf8(table)
         if name == "interactions":
             data_checks.check_no_null(table[d.timestamp], d.timestamp, "time",
                                       "integer unix time or a timestamp, never null (drop or "

@@ -129,3 +129,32 @@ def test_the_cap_cannot_be_below_the_floor():
     with pytest.raises(ValueError, match="max_user_interactions 3 is below "
                                          "min_user_interactions 4"):
         tiny_cfg("/tmp", min_user_interactions=4, max_user_interactions=3)
+
+
+def invalid_text(values: list[bytes]) -> pa.Array:
+    """A string array holding ``values`` as they are (pyarrow checks nothing on this path)."""
+    ends = [0]
+    for v in values:
+        ends.append(ends[-1] + len(v))
+    return pa.Array.from_buffers(pa.string(), len(values),
+                                 [None, pa.array(ends, pa.int32()).buffers()[1],
+                                  pa.py_buffer(b"".join(values))])
+
+
+@pytest.mark.parametrize("table,column,values,where", [
+    ("users.parquet", "gender", [b"F", b"\xff\xfeM", b"X"], "users table, file {}, row 1"),
+    ("items.parquet", "title", [b"a", b"b", b"c", b"caf\xe9", b"e"],
+     "items table, file {}, row 3"),
+])
+def test_non_utf8_text_names_the_table_file_row_and_column(tiny_data, tmp_path, table, column,
+                                                           values, where):
+    path = tiny_data / table
+    t = pq.read_table(path)
+    pq.write_table(t.set_column(t.schema.get_field_index(column), column,
+                                invalid_text(values)), path)
+    with pytest.raises(ValueError) as err:
+        run_prepare(tiny_cfg(tiny_data), tmp_path / "run", log=lambda m: None, ray_data=False)
+    message = str(err.value)
+    assert message.startswith(where.format(path) + f": column {column!r} holds bytes that "
+                              "are not UTF-8 text"), message
+    assert "\n" not in message
