@@ -59,12 +59,15 @@ DRAIN_S = "2"
 HAPROXY_FOLDER_MAX = 97 - 1 - 56 - len("/metrics.sock")
 
 
-# The Serve controller replaces an HTTP front that misses 3 health checks in a row (a
-# fixed threshold); Serve's 10 s timeout and period are too short for HAProxy's manager
-# actor to start on a machine whose cores are busy (4 failed starts of 5 at load 4-6).
-# Given a minute per check and HAProxy two minutes to start, a slow start is waited for;
-# a front that really died is still replaced, after about three minutes.
-STARTUP_ENV = {"RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
+# The Serve controller replaces an HTTP front that fails 3 checks in a row (a fixed
+# threshold). While it starts, each check is its ``ready()`` call with Serve's 5 s timeout
+# (RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S): on a machine whose cores are busy, HAProxy's
+# manager actor took longer, was killed after 15 s and `serve run` died with
+# ActorDiedError (4 starts of 5 at load 4-6). A minute per ready check, a minute per
+# health check every 20 s, and two minutes for HAProxy itself let a slow start finish; a
+# front that really died is still replaced, after about three minutes.
+STARTUP_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+               "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
                "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "20",
                "RAY_SERVE_HAPROXY_STARTUP_TIMEOUT_S": "120"}
 
