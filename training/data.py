@@ -28,10 +28,12 @@ import pyarrow.parquet as pq
 import torch
 
 from indexing.batches import to_tensors
-from pipeline.columns import model_columns
+from pipeline.columns import SEQUENCE_ITEMS, model_columns
 from pipeline.config import Config
 from pipeline.io import table_to_numpy
 from pipeline.run_dir import SEQUENCES, RunDir
+
+BUCKET_POOL = 64  # batches per length-sorted pool (bucketed_order)
 
 
 def train_table(run: RunDir, cfg: Config) -> Path:
@@ -97,8 +99,37 @@ def epoch_order(rows: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(rows))
 
 
-def epoch_batches(shard: Mapping[str, torch.Tensor], batch_size: int, seed: int, epoch: int
-                  ) -> Iterator[dict[str, torch.Tensor]]:
+def bucketed_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
+                   pool_batches: int = BUCKET_POOL) -> torch.Tensor:
+    """[rows] an epoch's order whose batches hold windows of similar length.
+
+    The rows are permuted as :func:`epoch_order` does, cut into pools of ``pool_batches``
+    batches, each pool sorted by length (stable) and cut into batches, and the batches
+    shuffled: every batch is still a random draw of its pool, but its windows need about
+    the same number of positions, so the padding the step trims (histories are padded in
+    front) is most of a short-history batch. The order depends on (seed, epoch) alone.
+
+    Args:
+        lengths: [rows] real positions of each window.
+        batch_size: B.
+        seed: ``train.seed``.
+        epoch: the 0-based epoch.
+        pool_batches: batches per sorted pool.
+    """
+    order = epoch_order(len(lengths), seed, epoch).numpy()
+    pool = batch_size * pool_batches
+    parts = [chunk[np.argsort(-lengths[chunk], kind="stable")]
+             for chunk in np.split(order, range(pool, len(order), pool))]
+    order = np.concatenate(parts)
+    whole = len(order) // batch_size
+    batches = order[:whole * batch_size].reshape(whole, batch_size)
+    rng = np.random.default_rng([seed, epoch, 1])
+    return torch.from_numpy(np.concatenate([batches[rng.permutation(whole)].reshape(-1),
+                                            order[whole * batch_size:]]))
+
+
+def epoch_batches(shard: Mapping[str, torch.Tensor], batch_size: int, seed: int, epoch: int,
+                  lengths: np.ndarray | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """The whole batches of one epoch over a shard (a last partial batch is dropped).
 
     Args:
@@ -106,12 +137,20 @@ def epoch_batches(shard: Mapping[str, torch.Tensor], batch_size: int, seed: int,
         batch_size: B, rows per batch.
         seed: ``train.seed``.
         epoch: the 0-based epoch; with ``seed`` it fixes the order.
+        lengths: [R] real positions of each window: batches of similar lengths
+            (:func:`bucketed_order`); None: a plain permutation.
 
     Yields:
         ``{column: [B, ...]}``, each a fresh tensor (the step may write to it).
     """
     rows = shard_rows(shard)
-    order = epoch_order(rows, seed, epoch)
+    order = (epoch_order(rows, seed, epoch) if lengths is None
+             else bucketed_order(lengths, batch_size, seed, epoch))
     for start in range(0, rows - batch_size + 1, batch_size):
         idx = order[start:start + batch_size]
         yield {k: v.index_select(0, idx) for k, v in shard.items()}
+
+
+def window_lengths(shard: Mapping[str, torch.Tensor]) -> np.ndarray:
+    """[R] real items of each window of a ``sequences/`` shard."""
+    return (shard[SEQUENCE_ITEMS] >= 0).sum(1).numpy()

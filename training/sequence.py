@@ -127,6 +127,27 @@ def positions_of(batch: Mapping[str, torch.Tensor], history_keys: frozenset[str]
     return Positions(inputs, masked, targets, seen, masked, weights[:, 1:])
 
 
+def trim_padding(p: Positions, history_keys: frozenset[str]) -> Positions:
+    """Cut the leading columns that are padding in every window of the batch.
+
+    Histories are padded in front and a real position never attends to padding, so the
+    positions left compute exactly what they computed before; the transformer's learned
+    positions are taken from the right, as serving's forward does. A batch of short
+    windows (the rule in shopping data) then costs its real positions, not ``L``.
+    """
+    real = (p.seen >= 0).any(0)  # [L] columns holding a real input item
+    if p.masked is not None:
+        real |= p.masked.any(0)
+    start = min(int(real.float().argmax()), real.shape[0] - 1) if real.any() else \
+        real.shape[0] - 1
+    if start == 0:
+        return p
+    inputs = {k: v[:, start:] if k in history_keys else v for k, v in p.inputs.items()}
+    cut = (None if p.masked is None else p.masked[:, start:])
+    return Positions(inputs, cut, p.targets[:, start:], p.seen[:, start:],
+                     p.trained[:, start:], p.weights[:, start:])
+
+
 def shuffle_ties(batch: Mapping[str, torch.Tensor], history_keys: frozenset[str],
                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Reorder each window's items at random within runs of equal timestamps.
@@ -241,8 +262,9 @@ class SequenceTask(RetrievalTask):
         """Scalar training loss of one batch of windows and its parts (floats, for logging)."""
         if self.shuffle_ties:
             batch = shuffle_ties(batch, self.history_keys, self.generator)
-        p = positions_of(batch, self.history_keys, self.objective, self.mask_probability,
-                         self.generator)
+        p = trim_padding(positions_of(batch, self.history_keys, self.objective,
+                                      self.mask_probability, self.generator),
+                         self.history_keys)
         device = p.targets.device
         targets = p.targets[p.trained]  # [P] catalogue rows
         if self.full:
