@@ -14,13 +14,20 @@ Data sets (``--data``):
 - ``demo-long``: generated MovieLens-like long histories (``--regime long``),
   ``configs/demo.yaml``;
 - ``demo-sparse``: generated e-commerce-like short histories, day-level time, no user
-  features (``--regime sparse``), ``configs/demo_sparse.yaml``.
+  features (``--regime sparse``), ``configs/demo_sparse.yaml``;
+- ``amazon-sports``: ``../shared/data/amazon-sports`` (ids only, the line order is the time)
+  converted by ``jobs.convert_sequences``, ``configs/amazon_sports.yaml``; the published
+  figures of ``PROVENANCE.md`` are printed too.
+
+Beside EASE and ALS, the plain SASRec-CE reference (:mod:`benchmarks.sasrec`) is trained on
+the same prepared windows and tuned on validation (``--sasrec-dropout``; ``--no-sasrec``
+skips it).
 
     python -m benchmarks.quality --data demo-sparse          # seeds 0 1 2
     python -m benchmarks.quality --data ml100k --seeds 0     # one seed
     python -m benchmarks.quality --tiny                      # tiny demo data (tests)
 
-Writes ``benchmarks/results/quality-DATA.json``.
+Writes the record ``results/quality-DATA.json`` (:mod:`benchmarks.record`).
 """
 
 from __future__ import annotations
@@ -35,8 +42,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.record import add_record_flag, save_record
+
 ROOT = Path(__file__).resolve().parents[1]
 ML100K = ROOT.parent / "shared" / "data" / "ml-100k"
+AMAZON_SPORTS = ROOT.parent / "shared" / "data" / "amazon-sports" / "Sports_and_Outdoors.txt"
 METRICS = ("HR@10", "HR@50", "HR@100", "NDCG@10")
 # EVALUATION.md, ML-100K test targets, masked (HR@10, HR@50, HR@100, NDCG@10).
 REFERENCES = {
@@ -46,10 +56,18 @@ REFERENCES = {
     "EASE, tuned": (0.143, 0.391, 0.557, 0.073),
     "most popular items": (0.086, 0.199, 0.319, 0.045),
 }
-DATASETS = {  # name -> (config, demo regime or None for MovieLens)
+# PROVENANCE.md of the Amazon file, the same split and protocol (HR@10, -, -, NDCG@10).
+AMAZON_REFERENCES = {
+    "SASRec + sampled softmax (published)": (0.0569, None, None, 0.0314),
+    "eSASRec (published)": (0.0560, None, None, 0.0323),
+    "ActionPiece (published)": (0.0500, None, None, 0.0264),
+    "HSTU (published)": (0.0437, None, None, 0.0243),
+}
+DATASETS = {  # name -> (config, demo regime, or None for a converted shared file)
     "ml100k": ("ml100k.yaml", None),
     "demo-long": ("demo.yaml", "long"),
     "demo-sparse": ("demo_sparse.yaml", "sparse"),
+    "amazon-sports": ("amazon_sports.yaml", None),
 }
 TINY_OVERRIDES = ["train.epochs=2", "train.batch_size=64", "model.output_dim=16",
                   "train.mlflow.enabled=false", "index.recall_users=50"]
@@ -65,6 +83,13 @@ def make_data(name: str, work: Path, tiny: bool) -> tuple[Path, Path]:
         sizes = {"n_users": 200, "n_items": 80, "n_interactions": 5000} if tiny else {}
         generate_demo_data(str(data), seed=1, regime=regime or "default", **sizes)
         return ROOT / "configs" / ("demo.yaml" if tiny else config), data
+    if name == "amazon-sports":
+        from pipeline.sources.sequences import convert_sequences
+
+        if not AMAZON_SPORTS.exists():
+            raise SystemExit(f"Amazon Sports not found at {AMAZON_SPORTS}")
+        convert_sequences(str(AMAZON_SPORTS), str(data))
+        return ROOT / "configs" / config, data
     from pipeline.sources.movielens import convert_movielens
 
     if not ML100K.exists():
@@ -156,9 +181,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--tiny", action="store_true", help="Tiny demo data, one seed, 2 epochs.")
     p.add_argument("--no-baselines", action="store_true", help="Skip EASE and ALS.")
+    p.add_argument("--no-sasrec", action="store_true", help="Skip the SASRec-CE reference.")
+    p.add_argument("--sasrec-dropout", type=float, nargs="+", default=[0.2, 0.5],
+                   help="SASRec-CE dropouts tried (chosen on validation NDCG@10).")
+    p.add_argument("--sasrec-epochs", type=int, default=100,
+                   help="SASRec-CE epochs at most (patience 10).")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="Extra config overrides for every seed.")
     p.add_argument("--output", help="JSON path (default benchmarks/results/quality-DATA.json).")
+    add_record_flag(p)
     args = p.parse_args(argv)
     seeds = args.seeds[:1] if args.tiny else args.seeds
     extra = (TINY_OVERRIDES if args.tiny else []) + args.overrides
@@ -170,8 +201,11 @@ def main(argv: list[str] | None = None) -> dict:
             from benchmarks.baselines import run_baselines
 
             baselines = run_baselines(Path(tmp) / f"run-{seeds[0]}")
+        if not args.no_sasrec:
+            baselines.append(sasrec_row(Path(tmp) / f"run-{seeds[0]}", args))
     summary = summarise(runs)
-    references = REFERENCES if args.data == "ml100k" and not args.tiny else None
+    references = None if args.tiny else {"ml100k": REFERENCES,
+                                          "amazon-sports": AMAZON_REFERENCES}.get(args.data)
     print_table(runs, summary, baselines, references)
     dataset = "tiny-demo" if args.tiny else args.data
     result = {"dataset": dataset, "config": str(config), "overrides": extra, "runs": runs,
@@ -180,11 +214,29 @@ def main(argv: list[str] | None = None) -> dict:
               "baselines": baselines}
     if runs[0]["test"]["new_targets"]["share"] > 0:
         result["new_targets_summary"] = summarise(runs, kind="new_targets")
+    if references:
+        result["references"] = {k: dict(zip(METRICS, v, strict=True))
+                                for k, v in references.items()}
     out = Path(args.output or ROOT / "benchmarks" / "results" / f"quality-{dataset}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
+    save_record(args, "quality", result, module="benchmarks.quality", setting=dataset)
     return result
+
+
+def sasrec_row(run_dir: Path, args: argparse.Namespace) -> dict:
+    """The SASRec-CE reference on the first seed's prepared windows, as a baseline row."""
+    from benchmarks.sasrec import tune
+
+    grid = {"dropout": args.sasrec_dropout, "epochs": [2 if args.tiny else args.sasrec_epochs]}
+    start = time.perf_counter()
+    r = tune(run_dir, grid, log=lambda line: print(line, file=sys.stderr))
+    return {"model": "SASRec-CE (benchmarks/sasrec.py)", "params": r["shape"],
+            "validation": r["validation"], "test": r["test"]["masked"],
+            "test_unmasked": r["test"]["unmasked"], "test_new_targets": r["test"]["new_targets"],
+            "tried": r["tried"], "best_epoch": r["best_epoch"],
+            "samples_per_s": r["samples_per_s"], "seconds": round(time.perf_counter() - start, 1)}
 
 
 if __name__ == "__main__":

@@ -95,17 +95,31 @@ def target_ranks(
     return above.sum(dim=1)
 
 
-def history_mask(
-    offsets: np.ndarray, items: np.ndarray, rows: slice, n_items: int, targets: torch.Tensor
-) -> torch.Tensor:
-    """[U, I] bool mask of history items for users ``rows`` (CSR history), target kept."""
-    start, stop = offsets[rows.start], offsets[rows.stop]
-    counts = np.diff(offsets[rows.start : rows.stop + 1])
-    r = np.repeat(np.arange(len(counts)), counts)
-    mask = torch.zeros(len(counts), n_items, dtype=torch.bool)
-    mask[torch.from_numpy(r), torch.from_numpy(items[start:stop].astype(np.int64))] = True
-    mask[torch.arange(len(counts)), targets] = False
-    return mask
+def history_above(scores: torch.Tensor, targets: torch.Tensor, offsets: np.ndarray,
+                  items: np.ndarray, rows: slice) -> torch.Tensor:
+    """[u] distinct history items (the target excepted) scoring above each user's target.
+
+    The unmasked rank minus this count is the masked rank: the rank among the items left
+    once the history is removed (the target never is), computed over the histories alone
+    instead of a [u, I] mask.
+
+    Args:
+        scores: [u, I] scores of users ``rows``.
+        targets: [u] target item per user.
+        offsets: [U + 1] CSR offsets into ``items`` (all users).
+        items: [T] history items.
+        rows: the users of ``scores``.
+    """
+    n_items = scores.shape[1]
+    counts = np.diff(offsets[rows.start:rows.stop + 1])
+    user = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    pairs = np.unique(user * n_items + items[offsets[rows.start]:offsets[rows.stop]])
+    user, item = torch.from_numpy(pairs // n_items), torch.from_numpy(pairs % n_items)
+    keep = item != targets[user]
+    user, item = user[keep], item[keep]
+    target = target_scores(scores, targets)
+    above = scores[user, item] > target[user]
+    return torch.bincount(user[above], minlength=len(counts))
 
 
 def repeated_targets(targets: np.ndarray, history_offsets: np.ndarray,
@@ -162,9 +176,10 @@ def retrieval_metrics(
     masked, unmasked = [], []
     with torch.no_grad():
         for rows, scores in exact_scores(user_emb, item_emb, chunk):  # [u, I]
-            mask = history_mask(history_offsets, history_items, rows, len(item_emb), t[rows])
-            masked.append(target_ranks(scores, t[rows], mask))
-            unmasked.append(target_ranks(scores, t[rows]))
+            ranks = target_ranks(scores, t[rows])
+            unmasked.append(ranks)
+            masked.append(ranks - history_above(scores, t[rows], history_offsets,
+                                                history_items, rows))
     masked_ranks = torch.cat(masked)
     new = torch.from_numpy(~repeated_targets(np.asarray(targets), history_offsets,
                                              history_items))

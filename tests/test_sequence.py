@@ -454,3 +454,38 @@ def test_unknown_users_and_empty_histories_embed_to_finite_vectors(demo_prepared
              for k, (dtype, shape) in spec.items()}
     emb = s.model.encode_user(empty)
     assert emb.shape == (2, s.cfg.model.output_dim) and torch.isfinite(emb).all()
+
+
+def test_trimming_shared_padding_leaves_the_loss_unchanged(demo_prepared, demo_data, tmp_path,
+                                                          monkeypatch):
+    import training.sequence as seq
+
+    s, _ = _sequence_setup(demo_prepared, demo_data, tmp_path, "sequence.candidates=full",
+                           "sequence.exclude_seen=true")
+    lengths = (s.shard[SEQUENCE_ITEMS] >= 0).sum(1)
+    short = lengths.argsort()[:8]  # the 8 shortest windows: most columns are padding
+    batch = {k: v[short].clone() for k, v in s.shard.items()}
+    width = batch[SEQUENCE_ITEMS].shape[1]
+    assert int(lengths[short].max()) < width - 5  # there is padding to cut
+    p = seq.trim_padding(positions_of(batch, history_keys(s.model), Objective.CLM),
+                         history_keys(s.model))
+    assert p.seen.shape[1] == int(lengths[short].max()) - 1  # the longest window's inputs
+    s.model.eval()
+    trimmed, _ = s.task.loss(s.module, batch)
+    monkeypatch.setattr(seq, "trim_padding", lambda p, keys: p)
+    whole, _ = s.task.loss(s.module, batch)
+    assert float(trimmed) == pytest.approx(float(whole), rel=1e-5)
+
+
+def test_bucketed_order_is_a_permutation_of_similar_length_batches():
+    from training.data import bucketed_order
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 51, 1000)
+    order = bucketed_order(lengths, 16, seed=3, epoch=1, pool_batches=8).numpy()
+    assert sorted(order.tolist()) == list(range(1000))
+    assert (order == bucketed_order(lengths, 16, 3, 1, 8).numpy()).all()  # (seed, epoch) alone
+    assert not (order == bucketed_order(lengths, 16, 3, 2, 8).numpy()).all()
+    spread = [np.ptp(lengths[order[i:i + 16]]) for i in range(0, 992, 16)]
+    plain = [np.ptp(lengths[rng.permutation(1000)[:16]]) for _ in range(62)]
+    assert np.mean(spread) < np.mean(plain) / 4  # a batch's windows need similar lengths

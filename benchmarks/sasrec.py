@@ -1,0 +1,164 @@
+"""A plain SASRec with cross-entropy (SASRec-CE): the peer every sequence figure stands beside.
+
+About 60 lines of model and loop in plain PyTorch, written from the papers (Kang & McAuley
+2018; Klenitskiy & Vasilev 2023), sharing nothing with Towerline but its prepared split:
+item ids only, learned positions, pre-norm causal transformer blocks, the item table tied
+as the output layer, a dot product, and a full softmax over the catalogue at every
+position of every training window. It trains on the run's ``prepared/sequences/`` windows
+(the windows Towerline trains on), picks its epoch on the validation targets with
+patience, and is scored on the test targets by ``indexing.metrics`` (masked, exact), the
+code that scores Towerline.
+
+    python -m benchmarks.sasrec RUN_DIR                        # default shape
+    python -m benchmarks.sasrec RUN_DIR --dropout 0.2 0.5      # a grid, chosen on validation
+
+The default shape is EVALUATION.md's reference (2 blocks, width 64, dropout 0.3, batch 128
+windows, Adam 1e-3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from indexing.eval_set import load_eval_set
+from indexing.metrics import retrieval_metrics
+from pipeline.columns import SEQUENCE_ITEMS
+from pipeline.run_dir import RunDir, read_catalogue
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The reference's hyper-parameters."""
+
+    dim: int = 64
+    blocks: int = 2
+    heads: int = 1
+    dropout: float = 0.3
+    lr: float = 1e-3
+    batch: int = 128
+    epochs: int = 200
+    patience: int = 10
+    seed: int = 0
+
+
+class SASRec(nn.Module):
+    """Causal transformer over item ids; scores are dot products with the item table."""
+
+    def __init__(self, vocab: int, length: int, s: Shape):
+        super().__init__()
+        self.items = nn.Embedding(vocab, s.dim, padding_idx=0)
+        self.pos = nn.Embedding(length, s.dim)
+        layer = nn.TransformerEncoderLayer(s.dim, s.heads, s.dim * 4, s.dropout,
+                                           batch_first=True, norm_first=True)
+        self.body = nn.TransformerEncoder(layer, s.blocks, enable_nested_tensor=False)
+        self.norm, self.drop = nn.LayerNorm(s.dim), nn.Dropout(s.dropout)
+        nn.init.normal_(self.items.weight, std=0.02)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """[B, L] vocabulary ids (0 = padding, in front) -> [B, L, D] states."""
+        n = ids.shape[1]
+        x = self.drop(self.items(ids) + self.pos.weight[-n:])
+        causal = torch.ones(n, n, dtype=torch.bool, device=ids.device).triu(1)
+        pad = (ids == 0) & (torch.arange(n, device=ids.device) < n - 1)  # keep one key
+        return self.norm(self.body(x, mask=causal, src_key_padding_mask=pad))
+
+
+def load_windows(run: RunDir) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training windows: [N, L + 1] vocabulary ids and catalogue rows (-1 padding)."""
+    table = pq.read_table(run.split("sequences"), columns=["user__history", SEQUENCE_ITEMS])
+    ids = np.stack(table.column("user__history").to_numpy(zero_copy_only=False))
+    rows = np.stack(table.column(SEQUENCE_ITEMS).to_numpy(zero_copy_only=False))
+    return torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(rows.astype(np.int64))
+
+
+def score(model: SASRec, catalogue_ids: torch.Tensor, split) -> dict:
+    """Masked, unmasked and new-target metrics of one split (last position's state)."""
+    model.eval()
+    with torch.no_grad():
+        hist = torch.as_tensor(np.asarray(split.user_inputs["user__history"], np.int64))
+        users = torch.cat([model(hist[i:i + 2048])[:, -1] for i in range(0, len(hist), 2048)])
+        items = model.items(catalogue_ids)  # [I, D]
+    model.train()
+    return retrieval_metrics(users, items, split.targets, split.history_offsets,
+                             split.history_items)
+
+
+def train(run_dir: Path, s: Shape, log=print) -> dict:
+    """Train one shape; returns its best epoch's validation and test figures and speed."""
+    torch.manual_seed(s.seed)
+    run = RunDir(run_dir)
+    ids, rows = load_windows(run)
+    catalogue_ids = torch.as_tensor(read_catalogue(run)["item__item_id"].astype(np.int64))
+    vocab = int(max(ids.max(), catalogue_ids.max())) + 1
+    model = SASRec(vocab, ids.shape[1] - 1, s)
+    opt = torch.optim.Adam(model.parameters(), lr=s.lr)
+    val, test = load_eval_set(run, "validation"), load_eval_set(run, "test")
+    best, best_state, bad, samples, seconds = None, None, 0, 0, 0.0
+    rng = np.random.default_rng(s.seed)
+    for epoch in range(1, s.epochs + 1):
+        start = time.perf_counter()
+        for b in np.array_split(rng.permutation(len(ids)), max(1, len(ids) // s.batch)):
+            x, target = ids[b, :-1], rows[b, 1:]
+            trained = (x > 0) & (target >= 0)
+            h = model(x)[trained]  # [P, D]
+            logits = h @ model.items(catalogue_ids).T  # [P, I]
+            loss = nn.functional.cross_entropy(logits, target[trained])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            samples += int(trained.sum())
+        seconds += time.perf_counter() - start
+        ndcg = score(model, catalogue_ids, val)["masked"]["NDCG@10"]
+        log(f"[sasrec] epoch {epoch} loss {float(loss):.4f} val NDCG@10 {ndcg:.4f} "
+            f"({samples / seconds:,.0f} samples/s)")
+        if best is None or ndcg > best[1]:
+            best, bad = (epoch, ndcg), 0
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= s.patience:
+                break
+    model.load_state_dict(best_state)
+    return {"shape": asdict(s), "best_epoch": best[0], "epochs_run": epoch,
+            "samples_per_s": samples / seconds, "train_s": seconds,
+            "validation": score(model, catalogue_ids, val)["masked"],
+            "test": score(model, catalogue_ids, test)}
+
+
+def tune(run_dir: Path, grid: dict[str, list], log=print) -> dict:
+    """Every shape of ``grid`` (Shape fields -> values); the best on validation NDCG@10."""
+    keys = sorted(grid)
+    tried = [train(run_dir, Shape(**dict(zip(keys, values, strict=True))), log)
+             for values in itertools.product(*(grid[k] for k in keys))]
+    best = max(tried, key=lambda r: r["validation"]["NDCG@10"])
+    return {**best, "tried": [{"shape": r["shape"], "validation": r["validation"]}
+                              for r in tried]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train the reference on a prepared run and print its figures as JSON."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run_dir", type=Path, help="A run directory with prepared/ (sequence mode).")
+    for field, default in asdict(Shape()).items():
+        p.add_argument(f"--{field}", type=type(default), nargs="+", default=[default])
+    args = p.parse_args(argv)
+    grid = {f: getattr(args, f) for f in asdict(Shape())}
+    result = tune(args.run_dir, grid)
+    print(json.dumps({k: result[k] for k in ("shape", "best_epoch", "samples_per_s",
+                                              "validation")}, indent=1))
+    print(json.dumps(result["test"]["masked"]))
+    return result
+
+
+if __name__ == "__main__":
+    main()
