@@ -11,7 +11,9 @@ class IndexConfig(StrictModel):
     """The FAISS index over the catalogue and the embedding batch job."""
 
     factory: str | None = Field(
-        default=None, description="FAISS index-factory string or 'exact'; default by size."
+        default=None, description="FAISS index-factory string (e.g. 'HNSW32', 'IVF1024,Flat') "
+        "or 'exact'; null: by catalogue size, Flat below 50,000 items, HNSW32 up to 10^6, IVF "
+        "beyond."
     )
     params: dict[str, int] = Field(
         default_factory=dict, description="Search parameters, e.g. {nprobe: 16, efSearch: 64}."
