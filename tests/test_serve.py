@@ -279,7 +279,8 @@ def test_builder_reads_the_runs_serve_config_and_overrides(demo_trained):
     assert run_dir == demo_trained.resolve()
     assert (cfg.num_replicas, cfg.max_batch_size, cfg.max_k) == (2, 8, 1000)
     opts = deployment_options(cfg)
-    assert opts["num_replicas"] == 2 and opts["ray_actor_options"] == {"num_cpus": 0.5}
+    assert opts["num_replicas"] == 2 and opts["ray_actor_options"] == {
+        "num_cpus": 0.5, "runtime_env": {"env_vars": {"TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"}}}
     auto = deployment_options(app_config({"run_dir": str(demo_trained),
                                           "autoscaling": "true", "max_replicas": 3})[1])
     assert "num_replicas" not in auto and auto["autoscaling_config"]["max_replicas"] == 3
@@ -309,7 +310,8 @@ def test_ingress_modes_and_their_environment(monkeypatch, capsys):
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
     assert ingress.ingress_env("proxy") == {"RAY_SERVE_ENABLE_HA_PROXY": "0",
                                             "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
-                                            "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
+                                            "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
+                                            **ingress.STARTUP_ENV}
     for mode in ingress.Ingress:
         for name, value in ingress.ingress_env(mode).items():
             monkeypatch.setenv(name, value)
@@ -706,9 +708,13 @@ def test_reconfigure_is_a_coroutine_so_batching_changes_on_the_event_loop():
     cls = RetrievalDeployment.func_or_class
     assert inspect.iscoroutinefunction(cls.reconfigure)
     source = inspect.getsource(cls.reconfigure)
-    # the load goes to a worker thread; the batching settings and the swap come after it
-    assert source.index("run_in_executor") < source.index("_set_batching(")
-    assert source.index("_set_batching(") < source.index("self._retriever = ")
+    # the load goes to a worker thread; the batching settings and the swap come after it,
+    # in one synchronous step on the loop
+    assert "run_in_executor" in inspect.getsource(cls._load)
+    assert source.index("await self._load(") < source.index("self._swap(")
+    swap = inspect.getsource(cls._swap)
+    assert not inspect.iscoroutinefunction(cls._swap)
+    assert swap.index("_set_batching(") < swap.index("self._retriever = ")
 
 
 def deploy_config(run_dir: Path, port: int, user_config: dict | None = None):
