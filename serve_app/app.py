@@ -141,7 +141,7 @@ class RetrievalDeployment:
         and swapping the retriever would race the event loop that batches requests. Here
         only the load runs in a thread; the settings and the swap happen on the loop.
 
-        A run that loads is recorded as the last good one, beside it (:func:`last_good`).
+        A run that loads is recorded as the last good one, beside it (:func:`write_last_good`).
         A replica that starts (a restart after a crash or an OOM, a scale-up) while the
         configured run does not load serves that last good run instead, with
         ``rollout.status: "refused"``: a refused rollout never becomes an outage.
@@ -156,7 +156,8 @@ class RetrievalDeployment:
             fresh = await self._load(reload.run_dir)
         except Exception as err:  # noqa: BLE001 - any failure: keep serving what loads
             if self._retriever is None:
-                fallback = read_last_good(wanted)
+                fallback = read_last_good(wanted) if (user_config or {}).get("run_dir") \
+                    else None
                 try:
                     previous = await self._load(fallback) if fallback else None
                 except Exception:  # noqa: BLE001 - it no longer loads either
