@@ -111,6 +111,8 @@ def prepare_tables(cfg: C.Config, users: pa.Table, items: pa.Table, raw: pa.Tabl
     """
     t0 = time.perf_counter() if started is None else started
     inter = order_interactions(raw, items, cfg, log)
+    stats = split.split_stats(inter.split, inter.timestamp)
+    log(f"[prepare] data: {stats.describe()}, {items.num_rows:,} items")
     fitted = fit_state(cfg, inter, users, items)
     log(f"[prepare] fitted feature state {fitted.content_hash()} "
         f"({time.perf_counter() - t0:.1f}s)")
@@ -121,7 +123,8 @@ def prepare_tables(cfg: C.Config, users: pa.Table, items: pa.Table, raw: pa.Tabl
     manifest = PrepareManifest(
         feature_state_hash=fitted.content_hash(), rows=counts, items=items.num_rows,
         users=n_users, interactions_read=raw.num_rows, inputs=dict(inputs or {}), config=cfg,
-        seconds=round(time.perf_counter() - t0, 2))
+        seconds=round(time.perf_counter() - t0, 2), median_history=stats.median_history,
+        tie_rate=stats.tie_rate)
     write_json(out / MANIFEST, manifest.model_dump(mode="json"))
     return manifest
 

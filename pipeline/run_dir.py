@@ -242,6 +242,8 @@ class PrepareManifest(_Meta):
     inputs: dict[str, list[str]]
     config: Config
     seconds: float
+    median_history: float | None = None  # interactions per split user (median)
+    tie_rate: float | None = None  # share of a user's consecutive interactions at one time
 
 
 def read_meta(path: str | Path, model: type[M], missing_hint: str) -> M:

@@ -121,3 +121,39 @@ def sequence_windows(positions: np.ndarray, group_start: np.ndarray, length: int
     order = np.lexsort((-newest_first, user))  # per user: oldest window first
     cols, start = cols[order], first[user][order]
     return np.where(cols >= start[:, None], positions[np.maximum(cols, 0)], -1).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class SplitStats:
+    """What a data set looks like once split: the figures its settings depend on."""
+
+    users: int
+    interactions: int
+    median_history: float  # interactions per user (median)
+    tie_rate: float  # share of a user's consecutive interactions that share a timestamp
+
+    def describe(self) -> str:
+        """The one log line of these figures."""
+        return (f"{self.users:,} users, {self.interactions:,} interactions, median history "
+                f"{self.median_history:g}, tie rate {self.tie_rate:.3f}")
+
+
+def split_stats(sp: Split, timestamps: np.ndarray) -> SplitStats:
+    """Users, interactions, median history length and tie rate of a split.
+
+    Args:
+        sp: the split (:func:`leave_last_out`).
+        timestamps: [N'] int64 times in the split's sorted order (``ts[sp.order]``).
+    """
+    n = len(sp.order)
+    if not n:
+        return SplitStats(0, 0, 0.0, 0.0)
+    starts = np.unique(sp.group_start)
+    counts = np.diff(np.r_[starts, n])
+    ts = timestamps
+    same_user = sp.group_start[1:] == sp.group_start[:-1]
+    pairs = int(same_user.sum())
+    ties = int((same_user & (ts[1:] == ts[:-1])).sum())
+    return SplitStats(users=len(starts), interactions=n,
+                      median_history=float(np.median(counts)),
+                      tie_rate=round(ties / pairs, 4) if pairs else 0.0)

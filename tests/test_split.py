@@ -70,3 +70,17 @@ def test_ml100k_split_counts_and_no_leakage(ml100k_dir):
             np.repeat(sorted_users[target_pos], valid.sum(1))).all()
     val_pos = np.flatnonzero(sp.split == VALIDATION)
     assert not np.isin(val_pos + 1, win[sp.split[target_pos] == VALIDATION]).any()
+
+
+def test_split_stats_hand_worked():
+    from pipeline.split import leave_last_out, split_stats
+
+    # user 0: times 5 5 6 (one tie in 2 pairs); user 1: 1 2 3 4 (none in 3); user 2 dropped
+    codes = np.array([0, 1, 0, 1, 1, 0, 1, 2])
+    ts = np.array([5, 1, 5, 2, 3, 6, 4, 9])
+    sp = leave_last_out(codes, ts, 3)
+    stats = split_stats(sp, ts[sp.order])
+    assert (stats.users, stats.interactions) == (2, 7)
+    assert stats.median_history == 3.5
+    assert stats.tie_rate == round(1 / 5, 4)
+    assert "2 users, 7 interactions, median history 3.5, tie rate 0.200" == stats.describe()
