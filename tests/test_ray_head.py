@@ -120,13 +120,15 @@ def demo_head():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def submit(address: str, port: int, marker: Path) -> int:
+def submit(address: str, port: int, marker: Path, token: str | None = None) -> int:
     """POST a job to the agent's job API; the HTTP status (or 0: nothing answered)."""
     host = f"[{address}]" if ":" in address else address
     body = json.dumps({"entrypoint": f"touch {marker}"}).encode()
+    headers = {"content-type": "application/json"}
+    if token:
+        headers["authorization"] = f"Bearer {token}"
     request = urllib.request.Request(f"http://{host}:{port}/api/job_agent/jobs/", data=body,
-                                     headers={"content-type": "application/json"},
-                                     method="POST")
+                                     headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=10) as answer:
             return answer.status
@@ -158,3 +160,10 @@ def test_the_demo_head_refuses_jobs_from_the_network_and_keeps_the_dashboard_loc
     time.sleep(2)  # a job that got in would have run by now
     assert not marker.exists(), statuses
     assert all(status == 401 for status in statuses.values()), (statuses, exposed)
+    # the token is the gate: with it, the same request is accepted and its command runs
+    token = (Path(temp_dir) / "token").read_text()
+    assert submit("127.0.0.1", agent, marker, token) == 200
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert marker.exists()
