@@ -106,3 +106,19 @@ def test_help_lists_every_flag_with_an_example(job, capsys):
     assert module.__doc__.split("\n\n", 1)[1].strip()[:60] in text  # the docstring follows
     if job not in LOCAL_ONLY:
         assert "ray job submit" in text, f"jobs.{job}: its docstring gives no ray job submit"
+
+
+def test_reports_imports_only_pipeline():
+    """The docs' renderers sit just above the contracts: no model, no Ray, no benchmarks."""
+    import ast
+
+    allowed = ("pipeline", "reports")
+    project = ("pipeline", "towers", "indexing", "training", "serve_app", "jobs", "benchmarks",
+               "reports", "ray", "torch")
+    for path in sorted((ROOT / "reports").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                top = name.split(".")[0]
+                assert top not in project or top in allowed, f"{path.name} imports {name}"
