@@ -126,7 +126,8 @@ CASES: dict[str, Case] = {
     # -- the config and the flags (exit code 2)
     "unknown config key": Case(config_set("prepare", min_user_interaction=3), "cfg.yaml",
                                "prepare.min_user_interaction", "accepted here: "
-                               "local_max_rows, min_user_interactions", 2),
+                               "duplicates, local_max_rows, max_user_interactions, "
+                               "min_user_interactions", 2),
     "unknown feature type": Case(edit(lambda r, c: c["features"]["item"][1].update(
         type="categorial")), "cfg.yaml", "features.item.1", "expected tags: 'categorical'", 2),
     "out-of-range value": Case(config_set("prepare", min_user_interactions=0), "cfg.yaml",
