@@ -18,21 +18,23 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.cli import user_errors
+from jobs.cli import doc_parser, user_errors
 from pipeline.sources.sequences import IdType, convert_sequences
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The job's flags."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        epilog="example: python -m jobs.convert_sequences --src seqs.txt --out data/seqs")
-    parser.add_argument("--src", required=True, help="The sequence file (.gz allowed).")
+    parser = doc_parser(__doc__)
+    parser.add_argument("--src", required=True, help="The sequence file (.gz allowed), e.g. "
+                        "--src Sports_and_Outdoors.txt.")
     parser.add_argument("--out", required=True, help="Output folder (outside the repository "
-                        "when the data's licence forbids redistribution).")
-    parser.add_argument("--sep", default=None, help="Token separator (default: whitespace).")
+                        "when the data's licence forbids redistribution), e.g. --out "
+                        "data/amazon-sports.")
+    parser.add_argument("--sep", default=None, help="Token separator (default: whitespace), "
+                        "e.g. --sep ','.")
     parser.add_argument("--id-type", choices=[t.value for t in IdType], default="auto",
-                        help="Key type: int64 when every id is an integer (auto), or forced.")
+                        help="Key type: int64 when every id is an integer (auto), or forced, "
+                        "e.g. --id-type string.")
     return parser.parse_args(argv)
 
 
