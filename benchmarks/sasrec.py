@@ -81,11 +81,25 @@ def load_windows(run: RunDir) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(rows.astype(np.int64))
 
 
+def step(model: SASRec, opt: torch.optim.Optimizer, ids: torch.Tensor, rows: torch.Tensor,
+         catalogue_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """One step on [B, L + 1] windows: full softmax at every real position; (loss, positions)."""
+    x, target = ids[:, :-1], rows[:, 1:]
+    trained = (x > 0) & (target >= 0)
+    h = model(x)[trained]  # [P, D]
+    logits = h @ model.items(catalogue_ids).T  # [P, I]
+    loss = nn.functional.cross_entropy(logits, target[trained])
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss, int(trained.sum())
+
+
 def score(model: SASRec, catalogue_ids: torch.Tensor, split) -> dict:
     """Masked, unmasked and new-target metrics of one split (last position's state)."""
     model.eval()
     with torch.no_grad():
-        hist = torch.as_tensor(np.asarray(split.user_inputs["user__history"], np.int64))
+        hist = torch.from_numpy(np.array(split.user_inputs["user__history"], np.int64))
         users = torch.cat([model(hist[i:i + 2048])[:, -1] for i in range(0, len(hist), 2048)])
         items = model.items(catalogue_ids)  # [I, D]
     model.train()
@@ -108,18 +122,11 @@ def train(run_dir: Path, s: Shape, log=print) -> dict:
     for epoch in range(1, s.epochs + 1):
         start = time.perf_counter()
         for b in np.array_split(rng.permutation(len(ids)), max(1, len(ids) // s.batch)):
-            x, target = ids[b, :-1], rows[b, 1:]
-            trained = (x > 0) & (target >= 0)
-            h = model(x)[trained]  # [P, D]
-            logits = h @ model.items(catalogue_ids).T  # [P, I]
-            loss = nn.functional.cross_entropy(logits, target[trained])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            samples += int(trained.sum())
+            loss, trained = step(model, opt, ids[b], rows[b], catalogue_ids)
+            samples += trained
         seconds += time.perf_counter() - start
         ndcg = score(model, catalogue_ids, val)["masked"]["NDCG@10"]
-        log(f"[sasrec] epoch {epoch} loss {float(loss):.4f} val NDCG@10 {ndcg:.4f} "
+        log(f"[sasrec] epoch {epoch} loss {float(loss.detach()):.4f} val NDCG@10 {ndcg:.4f} "
             f"({samples / seconds:,.0f} samples/s)")
         if best is None or ndcg > best[1]:
             best, bad = (epoch, ndcg), 0

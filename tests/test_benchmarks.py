@@ -115,3 +115,11 @@ def test_sequence_candidates_tiny(tmp_path):
             assert_positive(row[side], ["step_s", "positions_per_s", "peak_rss_mib"])
         assert row["full_over_sampled"] == pytest.approx(
             row["full"]["step_s"] / row["sampled"]["step_s"], rel=1e-2)
+
+
+def test_sequence_speed_tiny(tmp_path):
+    results = run_benchmark("sequence_speed", tmp_path / "speed.json", 300)
+    assert_positive(results, ["ours_samples_per_s", "plain_samples_per_s", "ratio"])
+    assert results["ratio"] == pytest.approx(
+        results["ours_samples_per_s"] / results["plain_samples_per_s"], rel=0.01)
+    assert results["turns"] == 2 and results["steps_per_turn"] == 3
