@@ -266,6 +266,23 @@ def test_attention_dropout_is_its_own_setting():
     assert two_passes(dropout=0.3)[2].blocks[0].p == 0.3
 
 
+def test_input_dropout_drops_the_embedded_history_in_training_only():
+    # every other dropout at 0: two training passes differ only through input_dropout,
+    # and an eval pass equals the pass of a layer without it (same weights)
+    torch.manual_seed(0)
+    cfg = dict(dim=8, num_layers=1, dropout=0.0, attention_dropout=0.0)
+    layer = SequenceTransformer(6, 5, TransformerConfig(input_dropout=0.5, **cfg))
+    x, mask = torch.randn(2, 5, 6), torch.ones(2, 5, dtype=torch.bool)
+    layer.train()
+    assert not torch.allclose(layer.states(x, mask)[0], layer.states(x, mask)[0])
+    plain = SequenceTransformer(6, 5, TransformerConfig(**cfg))
+    plain.load_state_dict(layer.state_dict())
+    plain.train()
+    assert torch.equal(plain.states(x, mask)[0], plain.states(x, mask)[0])
+    layer.eval()
+    assert torch.equal(layer.states(x, mask)[0], plain.states(x, mask)[0])
+
+
 @pytest.mark.parametrize("pooling", ["last", "mean", "max", "attention"])
 @pytest.mark.parametrize("causal", [True, False])
 def test_inference_cuts_padding_and_computes_only_what_pooling_reads(pooling, causal):

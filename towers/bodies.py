@@ -189,7 +189,7 @@ class SequenceTransformer(nn.Module):
         self.blocks = nn.ModuleList(SelfAttentionBlock(cfg) for _ in range(cfg.num_layers))
         self.norm = nn.LayerNorm(cfg.dim)
         self.pool = SequencePool(cfg.dim, cfg.pooling)
-        self.causal, self.width = cfg.causal, cfg.dim
+        self.causal, self.width, self.input_dropout = cfg.causal, cfg.dim, cfg.input_dropout
         self.mask_token: nn.Parameter | None = None
 
     def add_mask_token(self) -> None:
@@ -226,7 +226,8 @@ class SequenceTransformer(nn.Module):
         if self.causal:
             allowed = allowed & torch.ones_like(eye).tril()
         allowed = allowed | eye  # [B, 1, L', L']
-        h = self.input(x) + self.position[self.position.shape[0] - n:]
+        h = dropout(self.input(x) + self.position[self.position.shape[0] - n:],
+                    self.input_dropout, self.training)
         for i, block in enumerate(self.blocks):
             h = block(h, allowed, last_only and i == len(self.blocks) - 1)
         return self.norm(h), mask

@@ -103,6 +103,11 @@ class TransformerConfig(StrictModel):
         description="Dropout on the attention weights; default: dropout. 0 lets SDPA use its "
                     "fused kernel (on CPU about half the attention time).",
     )
+    input_dropout: float = Field(
+        default=0.0, ge=0.0, lt=1.0,
+        description="Dropout on the history's embeddings (with their positions) before the "
+                    "first block, as SASRec and nanoGPT drop their token embeddings.",
+    )
     causal: bool = Field(default=False, description="Causal attention mask.")
     pooling: SequencePooling = Field(default=SequencePooling.LAST, description="Pooling.")
 
