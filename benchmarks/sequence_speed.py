@@ -3,7 +3,7 @@ r"""Towerline's sequence step beside the plain SASRec-CE reference, on the same 
 Both train on one run's ``prepared/sequences/`` windows with the same shape: width, blocks,
 heads, window length, batch (``train.batch_size`` windows a step) and the whole catalogue
 as candidates; Towerline runs :func:`training.step.train_epoch` over its own batches
-(length-sorted pools, shared padding cut), the reference
+(shared padding cut; length-sorted pools with ``sequence.length_pools``), the reference
 (:mod:`benchmarks.sasrec`) its padded windows. Both use torch's threads of this process.
 Turns of ``--steps`` steps alternate (A B B A ...), so both see the same machine; a side's
 figure is its samples (trained positions) over its seconds, summed over its turns.
@@ -35,7 +35,7 @@ def ours(cfg, run_dir: Path):
     from training.loop import setup
 
     s = setup(cfg, run_dir, torch.device("cpu"), world_size=1, rank=0)
-    lengths = window_lengths(s.shard)
+    lengths = window_lengths(s.shard) if cfg.sequence.length_pools else None
     epochs = itertools.count()
     batches = itertools.chain.from_iterable(
         epoch_batches(s.shard, cfg.train.batch_size, cfg.train.seed, e, lengths) for e in epochs)

@@ -506,3 +506,22 @@ def test_bucketed_order_is_a_permutation_of_similar_length_batches():
     spread = [np.ptp(lengths[order[i:i + 16]]) for i in range(0, 992, 16)]
     plain = [np.ptp(lengths[rng.permutation(1000)[:16]]) for _ in range(62)]
     assert np.mean(spread) < np.mean(plain) / 4  # a batch's windows need similar lengths
+
+
+@pytest.mark.parametrize("pools", [False, True])
+def test_length_pools_decides_how_an_epoch_is_batched(demo_prepared, demo_data, tmp_path,
+                                                      monkeypatch, pools):
+    import training.loop as loop
+
+    s, _ = _sequence_setup(demo_prepared, demo_data, tmp_path,
+                           f"sequence.length_pools={str(pools).lower()}")
+    seen = []
+    monkeypatch.setattr(loop, "train_epoch", lambda module, task, batches, *a, **k: (
+        seen.extend(batches), {"loss": 0.0})[1])
+    monkeypatch.setattr(loop, "epoch_stats_over_ranks", lambda stats, device: stats)
+    loop.train_one_epoch(s, loop.ckpt.TrainState())
+    spread = np.mean([np.ptp((b[SEQUENCE_ITEMS] >= 0).sum(1).numpy()) for b in seen])
+    lengths = (s.shard[SEQUENCE_ITEMS] >= 0).sum(1).numpy()
+    assert len(seen) == len(lengths) // s.cfg.train.batch_size
+    # pooled batches hold windows of about one length; random ones span the lengths
+    assert (spread < np.ptp(lengths) / 4) == pools

@@ -135,7 +135,7 @@ def train_one_epoch(s: Setup, state: ckpt.TrainState) -> dict[str, float]:
 
     Returns the epoch's figures for the whole worker group (every rank gets the same).
     """
-    lengths = window_lengths(s.shard) if s.cfg.sequence.enabled else None
+    lengths = window_lengths(s.shard) if s.cfg.sequence.length_pools else None
     batches = epoch_batches(s.shard, s.cfg.train.batch_size, s.cfg.train.seed, state.epoch,
                             lengths)
     stats = train_epoch(s.module, s.task, batches, s.opt, s.scheduler, s.cfg.train, s.device,

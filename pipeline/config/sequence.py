@@ -68,6 +68,12 @@ class SequenceConfig(StrictModel):
         "of its window it can see (its own target never), as serving's exclude_seen and "
         "the masked metrics leave out the user's history."
     )
+    length_pools: bool = Field(
+        default=False, description="Draw each batch from a pool of windows sorted by length "
+        "(64 batches a pool, the batches shuffled), so that a batch of short histories cuts "
+        "the padding its windows share: several times faster where most histories are far "
+        "shorter than the history's max_length (shopping data). Off: plain random batches."
+    )
     mask_probability: float = Field(
         default=0.2, gt=0.0, lt=1.0, description="mlm: fraction of positions masked."
     )
