@@ -235,7 +235,9 @@ def sasrec_row(run_dir: Path, args: argparse.Namespace) -> dict:
     return {"model": "SASRec-CE (benchmarks/sasrec.py)", "params": r["shape"],
             "validation": r["validation"], "test": r["test"]["masked"],
             "test_unmasked": r["test"]["unmasked"], "test_new_targets": r["test"]["new_targets"],
-            "tried": r["tried"], "best_epoch": r["best_epoch"],
+            "tried": [{"params": t["shape"], "NDCG@10": t["validation"]["NDCG@10"]}
+                      for t in r["tried"]],
+            "best_epoch": r["best_epoch"],
             "samples_per_s": r["samples_per_s"], "seconds": round(time.perf_counter() - start, 1)}
 
 

@@ -98,8 +98,11 @@ def test_ml100k_quality_tiny(tmp_path):
     summary = results["summary"]
     assert summary["HR@50"]["mean"] == run["test"]["exact"]["HR@50"]
     assert summary["HR@50"]["std"] == 0.0 and run["wall_s"] > 0
-    # tuned EASE and ALS on the same prepared split, each chosen on validation only
-    assert [b["model"] for b in results["baselines"]] == ["EASE, tuned", "implicit ALS, tuned"]
+    # tuned EASE, ALS and the SASRec-CE reference on the same prepared split, each chosen on
+    # validation only (the reference over its dropout grid)
+    assert [b["model"] for b in results["baselines"]] == [
+        "EASE, tuned", "implicit ALS, tuned", "SASRec-CE (benchmarks/sasrec.py)"]
+    assert len(results["baselines"][2]["tried"]) == 2
     for b in results["baselines"]:
         assert set(b["test"]) == {"HR@10", "HR@50", "HR@100", "NDCG@10"}
         assert all(0 <= v <= 1 for v in b["test"].values())
