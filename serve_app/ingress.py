@@ -66,10 +66,16 @@ HAPROXY_FOLDER_MAX = 97 - 1 - 56 - len("/metrics.sock")
 # ActorDiedError (4 starts of 5 at load 4-6). A minute per ready check, a minute per
 # health check every 20 s, and two minutes for HAProxy itself let a slow start finish; a
 # front that really died is still replaced, after about three minutes.
+# Ray starts its workers, Serve's controller, proxy, HAProxy manager and replicas among
+# them, at niceness 15 (checked with os.nice(0) in an actor): beside two busy processes
+# at niceness 0 they got a few percent of the CPU, and `serve run` under two spinning
+# cores had not answered /healthz after 300 s. RAY_worker_niceness=0 runs them at the
+# priority of the work beside them (what Ray's own job manager sets for job drivers).
 STARTUP_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
                "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
                "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "20",
-               "RAY_SERVE_HAPROXY_STARTUP_TIMEOUT_S": "120"}
+               "RAY_SERVE_HAPROXY_STARTUP_TIMEOUT_S": "120",
+               "RAY_worker_niceness": "0"}
 
 
 def ingress_env(mode: Ingress | str) -> dict[str, str]:

@@ -47,3 +47,5 @@ def test_every_mode_gives_the_front_time_to_start():
         # three missed checks (Serve's fixed threshold) take minutes: Serve's defaults
         # (5 s ready check, 10 s health check) replaced a slow-starting front after 15 s
         assert 3 * ready >= 120 and 3 * max(period, timeout) >= 120
+        # Ray's workers (the front and the replicas) at the priority of the work beside them
+        assert env["RAY_worker_niceness"] == "0"
