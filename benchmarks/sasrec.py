@@ -107,15 +107,24 @@ def score(model: SASRec, catalogue_ids: torch.Tensor, split) -> dict:
                              split.history_items)
 
 
+def build(run: RunDir, s: Shape):
+    """A run's reference model of shape ``s``, with what training it needs.
+
+    Returns:
+        ``(model, Adam, ids [N, L + 1], catalogue rows [N, L + 1], vocabulary id [I] of
+        each catalogue row)``.
+    """
+    ids, rows = load_windows(run)
+    catalogue_ids = torch.as_tensor(read_catalogue(run)["item__item_id"].astype(np.int64))
+    model = SASRec(int(max(ids.max(), catalogue_ids.max())) + 1, ids.shape[1] - 1, s)
+    return model, torch.optim.Adam(model.parameters(), lr=s.lr), ids, rows, catalogue_ids
+
+
 def train(run_dir: Path, s: Shape, log=print) -> dict:
     """Train one shape; returns its best epoch's validation and test figures and speed."""
     torch.manual_seed(s.seed)
     run = RunDir(run_dir)
-    ids, rows = load_windows(run)
-    catalogue_ids = torch.as_tensor(read_catalogue(run)["item__item_id"].astype(np.int64))
-    vocab = int(max(ids.max(), catalogue_ids.max())) + 1
-    model = SASRec(vocab, ids.shape[1] - 1, s)
-    opt = torch.optim.Adam(model.parameters(), lr=s.lr)
+    model, opt, ids, rows, catalogue_ids = build(run, s)
     val, test = load_eval_set(run, "validation"), load_eval_set(run, "test")
     best, best_state, bad, samples, seconds = None, None, 0, 0, 0.0
     rng = np.random.default_rng(s.seed)

@@ -26,7 +26,7 @@ import torch
 
 from benchmarks._measure import ROOT
 from benchmarks.record import add_record_flag, save_record
-from benchmarks.sasrec import SASRec, Shape, load_windows, step
+from benchmarks.sasrec import Shape, build, step
 
 
 def ours(cfg, run_dir: Path):
@@ -46,16 +46,12 @@ def plain(cfg, run_dir: Path):
     """The reference of the same shape, its optimiser and an endless supply of batches."""
     import numpy as np
 
-    from pipeline.run_dir import RunDir, read_catalogue
+    from pipeline.run_dir import RunDir
 
-    run = RunDir(run_dir)
-    ids, rows = load_windows(run)
-    catalogue_ids = torch.as_tensor(read_catalogue(run)["item__item_id"].astype(np.int64))
     t = cfg.model.user.transformer
     shape = Shape(dim=t.dim, blocks=t.num_layers, heads=t.num_heads, dropout=t.dropout,
                   lr=cfg.train.lr, batch=cfg.train.batch_size)
-    model = SASRec(int(max(ids.max(), catalogue_ids.max())) + 1, ids.shape[1] - 1, shape)
-    opt = torch.optim.Adam(model.parameters(), lr=shape.lr)
+    model, opt, ids, rows, catalogue_ids = build(RunDir(run_dir), shape)
     rng = np.random.default_rng(0)
 
     def batches():
