@@ -11,9 +11,16 @@ code that scores Towerline.
 
     python -m benchmarks.sasrec RUN_DIR                        # default shape
     python -m benchmarks.sasrec RUN_DIR --dropout 0.2 0.5      # a grid, chosen on validation
+    python -m benchmarks.sasrec RUN_DIR --negatives 256        # SASRec with sampled softmax
 
 The default shape is EVALUATION.md's reference (2 blocks, width 64, dropout 0.3, batch 128
-windows, Adam 1e-3).
+windows, Adam 1e-3, full softmax). ``--negatives N`` replaces the full softmax by the
+literature's sampled one (SASRec+SS): at every position the target against N catalogue
+items drawn uniformly per step and shared by the batch, a drawn item equal to the
+position's target left out; uniform draws need no log-Q correction. Large catalogues
+(Amazon's 18,357 items) train several times faster that way. Each step also cuts the
+leading columns that are padding in every window of its batch: a real position never
+attends to padding, so the loss is the same.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ class Shape:
     batch: int = 128
     epochs: int = 200
     patience: int = 10
+    negatives: int = 0  # 0: full softmax; N: uniform sampled softmax with N negatives
     seed: int = 0
 
 
@@ -82,13 +90,28 @@ def load_windows(run: RunDir) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def step(model: SASRec, opt: torch.optim.Optimizer, ids: torch.Tensor, rows: torch.Tensor,
-         catalogue_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """One step on [B, L + 1] windows: full softmax at every real position; (loss, positions)."""
-    x, target = ids[:, :-1], rows[:, 1:]
+         catalogue_ids: torch.Tensor, negatives: int = 0,
+         generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+    """One step on [B, L + 1] windows: a softmax at every real position; (loss, positions).
+
+    ``negatives`` 0 scores the whole catalogue; N > 0 scores each target against N items
+    drawn uniformly (shared by the batch, a draw equal to the target masked out).
+    """
+    real = (ids[:, :-1] > 0).any(0)  # columns with a real input in some window
+    start = int(real.float().argmax()) if bool(real.any()) else ids.shape[1] - 2
+    x, target = ids[:, start:-1], rows[:, start + 1:]
     trained = (x > 0) & (target >= 0)
     h = model(x)[trained]  # [P, D]
-    logits = h @ model.items(catalogue_ids).T  # [P, I]
-    loss = nn.functional.cross_entropy(logits, target[trained])
+    target = target[trained]
+    if negatives:
+        drawn = torch.randint(len(catalogue_ids), (negatives,), generator=generator)
+        pos = (h * model.items(catalogue_ids[target])).sum(-1, keepdim=True)  # [P, 1]
+        neg = h @ model.items(catalogue_ids[drawn]).T  # [P, N]
+        neg = neg.masked_fill(drawn[None, :] == target[:, None], float("-inf"))
+        logits, target = torch.cat([pos, neg], 1), torch.zeros_like(target)
+    else:
+        logits = h @ model.items(catalogue_ids).T  # [P, I]
+    loss = nn.functional.cross_entropy(logits, target)
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -128,10 +151,12 @@ def train(run_dir: Path, s: Shape, log=print) -> dict:
     val, test = load_eval_set(run, "validation"), load_eval_set(run, "test")
     best, best_state, bad, samples, seconds = None, None, 0, 0, 0.0
     rng = np.random.default_rng(s.seed)
+    draws = torch.Generator().manual_seed(s.seed)
     for epoch in range(1, s.epochs + 1):
         start = time.perf_counter()
         for b in np.array_split(rng.permutation(len(ids)), max(1, len(ids) // s.batch)):
-            loss, trained = step(model, opt, ids[b], rows[b], catalogue_ids)
+            loss, trained = step(model, opt, ids[b], rows[b], catalogue_ids, s.negatives,
+                                 draws)
             samples += trained
         seconds += time.perf_counter() - start
         ndcg = score(model, catalogue_ids, val)["masked"]["NDCG@10"]
