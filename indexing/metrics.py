@@ -18,7 +18,7 @@ everything, so it would rank first and count as a hit. Both are errors here.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -172,10 +172,27 @@ def retrieval_metrics(
     """
     check_finite(user_emb, "user embeddings")
     check_finite(item_emb, "item embeddings")
+    return metrics_of_scores(exact_scores(user_emb, item_emb, chunk), targets,
+                             history_offsets, history_items, ks)
+
+
+def metrics_of_scores(
+    chunks: Iterable[tuple[slice, torch.Tensor]],
+    targets: np.ndarray,
+    history_offsets: np.ndarray,
+    history_items: np.ndarray,
+    ks=DEFAULT_KS,
+) -> dict[str, dict[str, float]]:
+    """:func:`retrieval_metrics` from score chunks already computed.
+
+    For a model whose scores are not one dot product of two embedding tables (EASE: a
+    sparse history times an item-item matrix). ``chunks`` yields ``(rows, [u, I] scores)``
+    covering every user once, in order, as :func:`exact_scores` does.
+    """
     t = torch.as_tensor(np.asarray(targets, dtype=np.int64))
     masked, unmasked = [], []
     with torch.no_grad():
-        for rows, scores in exact_scores(user_emb, item_emb, chunk):  # [u, I]
+        for rows, scores in chunks:  # [u, I]
             ranks = target_ranks(scores, t[rows])
             unmasked.append(ranks)
             masked.append(ranks - history_above(scores, t[rows], history_offsets,
