@@ -25,13 +25,16 @@ from torch import nn
 from indexing.batches import to_tensors
 from indexing.eval_set import EvalSet, load_eval_set, train_item_counts
 from indexing.evaluate import evaluate
+from pipeline.columns import ITEM, column_name
 from pipeline.config import Config
+from pipeline.config.model import IdInit
 from pipeline.run_dir import ModelMeta, RunDir, read_catalogue
 from pipeline.state import FeatureStateSet
 from towers.model import build_two_tower, model_version
 from training import checkpoint as ckpt
 from training.data import epoch_batches, load_shard, shard_rows, train_table, window_lengths
 from training.distributed import epoch_stats_over_ranks
+from training.item_init import init_item_ids
 from training.sequence import SequenceTask, SequenceTrainModule, history_keys
 from training.step import Task, make_optimizer, make_scheduler, train_epoch, weight_average
 from training.task import RetrievalTask, TrainModule
@@ -106,6 +109,22 @@ def make_task(cfg: Config, run: RunDir, catalogue: dict[str, np.ndarray], model:
         weighted=cfg.data.weight is not None)
 
 
+def item_ids(model: nn.Module, catalogue: dict[str, np.ndarray], run: RunDir, cfg: Config
+             ) -> None:
+    """``model.item_id_init: svd``: the item id table from the training interactions.
+
+    Every rank computes the same factors (same data and seed); DDP also starts every rank
+    from rank 0's weights.
+    """
+    encoder = model.item_tower.encoder
+    if encoder.id_name is None or encoder.table(encoder.id_name) is None:
+        raise ValueError("model.item_id_init=svd needs a categorical item id feature in the "
+                         "item tower (features.item with the data.item_id column)")
+    column = column_name(ITEM, encoder.id_name)
+    init_item_ids(encoder.table(encoder.id_name), catalogue[column], run,
+                  cfg.model.embedding_init_std, cfg.train.seed)
+
+
 def setup(cfg: Config, run_dir: Path, device: torch.device, world_size: int, rank: int,
           wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> Setup:
     """Build model, task, optimiser, this worker's training shard and evaluation data."""
@@ -113,8 +132,11 @@ def setup(cfg: Config, run_dir: Path, device: torch.device, world_size: int, ran
     run = RunDir(run_dir)
     run.require_prepared()
     fitted = FeatureStateSet.load(run.feature_state)
-    model = build_two_tower(cfg.model, fitted, cfg.sequence).to(device)
+    model = build_two_tower(cfg.model, fitted, cfg.sequence)
     catalogue = read_catalogue(run)
+    if cfg.model.item_id_init is IdInit.SVD:
+        item_ids(model, catalogue, run, cfg)
+    model = model.to(device)
     module, task = make_task(cfg, run, catalogue, model)
     module = wrap(module)
     shard = load_shard(train_table(run, cfg), rank, world_size)

@@ -24,6 +24,13 @@ class Similarity(str, enum.Enum):
         return self is Similarity.COSINE
 
 
+class IdInit(str, enum.Enum):
+    """How the item tower's id table starts."""
+
+    RANDOM = "random"
+    SVD = "svd"
+
+
 class TowerType(str, enum.Enum):
     """The body that turns a tower's embedded features into its output."""
 
@@ -188,6 +195,12 @@ class ModelConfig(StrictModel):
         default=None, gt=0, description="Initialise every embedding table N(0, std^2) (the "
         "padding row stays zero); null keeps PyTorch's N(0, 1). Small tables (0.02, as "
         "BERT and RecBole do) let few optimiser steps move the embeddings."
+    )
+    item_id_init: IdInit = Field(
+        default=IdInit.RANDOM, description="random: the id table is drawn like every table; "
+        "svd: it starts from the top singular vectors of the training user-item matrix "
+        "(PureSVD item factors, seconds to compute), rescaled to the drawn table's spread, "
+        "so items bought together start close; tied histories share it."
     )
     user: TowerConfig = Field(default_factory=TowerConfig, description="User tower.")
     item: TowerConfig = Field(default_factory=TowerConfig, description="Item tower.")
