@@ -116,12 +116,14 @@ def tuned(name: str, fit: Fit, grid: Iterable[dict], run: RunDir) -> dict:
             "seconds": round(time.perf_counter() - start, 1)}
 
 
-def run_baselines(run_dir: str | Path) -> list[dict]:
-    """Tuned EASE and tuned ALS on ``RUN_DIR/prepared``."""
+def run_baselines(run_dir: str | Path, ease_lambdas: Iterable[float] | None = None
+                  ) -> list[dict]:
+    """Tuned EASE (over ``ease_lambdas``, default :data:`EASE_LAMBDAS`) and tuned ALS."""
     run = RunDir(run_dir)
     als_grid = [dict(zip(ALS_GRID, v, strict=True))
                 for v in itertools.product(*ALS_GRID.values())]
-    return [tuned("EASE, tuned", ease, [{"lambda": v} for v in EASE_LAMBDAS], run),
+    lambdas = EASE_LAMBDAS if ease_lambdas is None else tuple(ease_lambdas)
+    return [tuned("EASE, tuned", ease, [{"lambda": v} for v in lambdas], run),
             tuned("implicit ALS, tuned", als, als_grid, run)]
 
 

@@ -186,6 +186,12 @@ def main(argv: list[str] | None = None) -> dict:
                    help="SASRec-CE dropouts tried (chosen on validation NDCG@10).")
     p.add_argument("--sasrec-epochs", type=int, default=100,
                    help="SASRec-CE epochs at most (patience 10).")
+    p.add_argument("--sasrec-negatives", type=int, nargs="+", default=[0],
+                   help="SASRec softmax: 0 the full catalogue, N uniform sampled negatives "
+                   "(a grid, chosen on validation), e.g. 256 for 18,357 items.")
+    p.add_argument("--ease-lambdas", type=float, nargs="+", default=None,
+                   help="EASE lambdas tried (default benchmarks.baselines.EASE_LAMBDAS; "
+                   "each costs an [I, I] inverse, about 2 minutes at 18,357 items).")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="Extra config overrides for every seed.")
     p.add_argument("--output", help="JSON path (default benchmarks/results/quality-DATA.json).")
@@ -200,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.no_baselines:
             from benchmarks.baselines import run_baselines
 
-            baselines = run_baselines(Path(tmp) / f"run-{seeds[0]}")
+            baselines = run_baselines(Path(tmp) / f"run-{seeds[0]}", args.ease_lambdas)
         if not args.no_sasrec:
             baselines.append(sasrec_row(Path(tmp) / f"run-{seeds[0]}", args))
     summary = summarise(runs)
@@ -229,7 +235,8 @@ def sasrec_row(run_dir: Path, args: argparse.Namespace) -> dict:
     """The SASRec-CE reference on the first seed's prepared windows, as a baseline row."""
     from benchmarks.sasrec import tune
 
-    grid = {"dropout": args.sasrec_dropout, "epochs": [2 if args.tiny else args.sasrec_epochs]}
+    grid = {"dropout": args.sasrec_dropout, "negatives": args.sasrec_negatives,
+            "epochs": [2 if args.tiny else args.sasrec_epochs]}
     start = time.perf_counter()
     r = tune(run_dir, grid, log=lambda line: print(line, file=sys.stderr))
     return {"model": "SASRec-CE (benchmarks/sasrec.py)", "params": r["shape"],
