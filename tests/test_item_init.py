@@ -77,3 +77,13 @@ def test_training_setup_starts_from_the_factors(demo_prepared, demo_data, tmp_pa
     known = ids > 1
     cos = nn.functional.cosine_similarity(table[ids][known], factors[known], dim=1)
     assert bool((cos > 0.999).all())
+
+
+def test_svd_without_an_item_id_feature_is_refused_at_config_time(tmp_path):
+    import pytest
+
+    from tests.conftest import demo_config
+
+    with pytest.raises(ValueError, match="item_id_init=svd .* no id feature"):
+        demo_config(tmp_path, "model.item_id_init=svd",
+                    "model.item.features=[category, tags, title, price, year]")

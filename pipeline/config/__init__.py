@@ -39,7 +39,7 @@ from pipeline.config.features import (
 )
 from pipeline.config.index import IndexConfig
 from pipeline.config.loss import LossConfig
-from pipeline.config.model import ModelConfig, TowerConfig, TowerType
+from pipeline.config.model import IdInit, ModelConfig, TowerConfig, TowerType
 from pipeline.config.sequence import Candidates, Objective, SequenceConfig
 from pipeline.config.serve import ServeConfig
 from pipeline.config.train import TrainConfig
@@ -84,6 +84,11 @@ class Config(StrictModel):
         user_used, _ = _check_tower("model.user", self.model.user, user, self.data.user_id)
         _, item_id = _check_tower("model.item", self.model.item, item, self.data.item_id)
         item_dim = item[item_id].embedding_dim if item_id is not None else None
+        if self.model.item_id_init is IdInit.SVD and item_id is None:
+            raise ValueError("model.item_id_init=svd writes item factors into the item "
+                             "tower's id table, but the item tower has no id feature (a "
+                             f"categorical feature of data.item_id={self.data.item_id!r}); "
+                             "add one to features.item or set model.item_id_init=random")
         sequences = [n for n in user_used if isinstance(user[n], SequenceFeature)]
         for name in sequences:
             checks.tie_sequence(self.model.tie_sequence_embedding, name,
