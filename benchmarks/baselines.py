@@ -56,7 +56,7 @@ def history_matrix(eval_set: EvalSet, num_items: int) -> sp.csr_matrix:
 
 def ease(x: sp.csr_matrix, params: dict) -> Scorer:
     """EASE fitted on ``x`` [U, I]; the scorer returns ``x_u B`` for a chunk of users."""
-    gram = (x.T @ x).toarray().astype(np.float32)  # [I, I], from the non-zeros only
+    gram = (x.T @ x).toarray()  # [I, I] float32 (x is), from the non-zeros only
     gram[np.diag_indices_from(gram)] += params["lambda"]
     chol, info = lapack.spotrf(gram, lower=0, overwrite_a=1)
     if info == 0:

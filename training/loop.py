@@ -114,12 +114,10 @@ def item_ids(model: nn.Module, catalogue: dict[str, np.ndarray], run: RunDir, cf
     """``model.item_id_init: svd``: the item id table from the training interactions.
 
     Every rank computes the same factors (same data and seed); DDP also starts every rank
-    from rank 0's weights.
+    from rank 0's weights. The config refused svd without an item id feature, by the rule
+    that picks ``encoder.id_name`` (``checks.id_feature``).
     """
     encoder = model.item_tower.encoder
-    if encoder.id_name is None or encoder.table(encoder.id_name) is None:
-        raise ValueError("model.item_id_init=svd needs a categorical item id feature in the "
-                         "item tower (features.item with the data.item_id column)")
     column = column_name(ITEM, encoder.id_name)
     init_item_ids(encoder.table(encoder.id_name), catalogue[column], run,
                   cfg.model.embedding_init_std, cfg.train.seed)
