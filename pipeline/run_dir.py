@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.columns import ITEM, USER, tower_columns
 from pipeline.config import Config
+from pipeline.config.base import is_prepare_key
 from pipeline.config.model import Similarity
 from pipeline.io import table_to_numpy
 from pipeline.state import FeatureStateSet
@@ -280,6 +281,47 @@ def read_index_manifest(run: RunDir) -> IndexManifest:
 def read_prepare_manifest(run: RunDir) -> PrepareManifest:
     """``prepared/manifest.json``."""
     return read_meta(run.prepare_manifest, PrepareManifest, "run `python -m jobs.prepare`")
+
+
+def _leaves(value: Any, path: str) -> Iterator[tuple[str, Any]]:
+    """(dotted path, value) of every leaf; list entries by index, as ``--set`` names them."""
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            yield from _leaves(sub, f"{path}.{key}")
+    elif isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        yield f"{path}.len", len(value)
+        for i, sub in enumerate(value):
+            yield from _leaves(sub, f"{path}.{i}")
+    else:
+        yield path, value
+
+
+def prepare_differences(prepared: Config, cfg: Config) -> list[str]:
+    """``PATH: PREPARED -> CFG`` for every prepare-time key (PREPARE_KEYS) that differs."""
+    def flat(c: Config) -> dict[str, Any]:
+        leaves = _leaves(c.model_dump(mode="json"), "")
+        return {p[1:]: v for p, v in leaves if is_prepare_key(p[1:])}
+    before, after = flat(prepared), flat(cfg)
+    return [f"{p}: {before.get(p, '(absent)')!r} -> {after.get(p, '(absent)')!r}"
+            for p in sorted(before.keys() | after.keys()) if before.get(p) != after.get(p)]
+
+
+def require_prepared_as(run: RunDir, cfg: Config) -> PrepareManifest:
+    """The run's prepare manifest, checked to have been made with ``cfg``'s prepare keys.
+
+    Vocabularies, table widths, windows and the split are fixed when a run is prepared, so
+    a job after prepare whose config says otherwise would train, tune or serve what was
+    prepared while its config claims something else. It is refused, naming each key.
+    """
+    run.require_prepared()
+    manifest = read_prepare_manifest(run)
+    diffs = prepare_differences(manifest.config, cfg)
+    if diffs:
+        shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+        raise ValueError(f"{run.prepared} was prepared with other values of keys that prepare "
+                         f"fixes ({shown}): re-run `python -m jobs.prepare` with this config, "
+                         "or use the values the run was prepared with")
+    return manifest
 
 
 # -- prepared tables ---------------------------------------------------------------------

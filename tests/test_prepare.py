@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -12,7 +13,7 @@ import pytest
 
 from pipeline.config import parse_config
 from pipeline.prepare import in_process, run_prepare, validate_inputs
-from tests.conftest import TINY_CONFIG
+from tests.conftest import TINY_CONFIG, demo_config
 
 
 def tiny_cfg(root, loss=None, **prepare):
@@ -243,3 +244,25 @@ def test_a_table_row_is_located_to_its_file_past_empty_files():
         "items table, file /d/c.parquet, row 1: bad"
     assert str(io.locate_error(TableError("bad", "items"), files)) == \
         "items table at '/d' (3 file(s)): bad"
+
+
+def test_jobs_after_prepare_refuse_keys_that_prepare_fixed(demo_prepared, demo_data, tmp_path):
+    from pipeline.run_dir import RunDir, require_prepared_as
+    from training.loop import run_plain
+
+    run = RunDir(demo_prepared)
+    assert require_prepared_as(run, demo_config(demo_data)).config == demo_config(demo_data)
+    # what prepare does not bake in may change: the data's place, the model, training
+    require_prepared_as(run, demo_config(demo_data, "data.root=/elsewhere", "train.lr=0.5",
+                                         "model.output_dim=8", "prepare.num_cpus=2"))
+    wider = demo_config(demo_data, "features.item.0.embedding_dim=48",
+                        "prepare.min_user_interactions=4")
+    with pytest.raises(ValueError, match=r"features\.item\.0\.embedding_dim: 16 -> 48; "
+                                         r"prepare\.min_user_interactions: \d+ -> 4\).*"
+                                         r"re-run `python -m jobs\.prepare`"):
+        require_prepared_as(run, wider)
+    copy = tmp_path / "run"
+    shutil.copytree(demo_prepared / "prepared", copy / "prepared")
+    with pytest.raises(ValueError, match=r"features\.item\.0\.embedding_dim: 16 -> 48"):
+        run_plain(wider, copy, log=lambda m: None)  # the training job refuses before a step
+    assert not (copy / "model").exists()

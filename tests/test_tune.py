@@ -85,14 +85,18 @@ def test_space_values_are_checked_against_the_config(demo_data):
         demo_config(demo_data, 'tune.space={"train.lr": {"uniform": [0.1, 0.2], "choice": [1]}}')
     with pytest.raises(ValueError, match="both bounds must be > 0"):
         demo_config(demo_data, 'tune.space={"train.lr": {"loguniform": [0, 0.2]}}')
+    # prepare fixed the tables' widths: a trial could not vary them
+    with pytest.raises(ValueError, match=r"'features.user.0.embedding_dim': fixed when the run "
+                                         "is prepared"):
+        demo_config(demo_data, 'tune.space={"features.user.0.embedding_dim": {"int": [8, 16]}}')
 
 
 def test_a_trial_is_the_base_config_with_the_sample_at_its_paths(demo_data):
     cfg = demo_config(demo_data)
     trial = trial_config(cfg, {"train.lr": 0.003, "model.user.mlp.hidden": [64, 32],
-                               "features.user.0.embedding_dim": 24, "loss.logq_correction": False})
+                               "model.output_dim": 24, "loss.logq_correction": False})
     assert trial.train.lr == 0.003 and trial.model.user.mlp.hidden == [64, 32]
-    assert trial.features.user[0].embedding_dim == 24 and trial.loss.logq_correction is False
+    assert trial.model.output_dim == 24 and trial.loss.logq_correction is False
     assert trial.model.item == cfg.model.item  # the rest as it was
 
 

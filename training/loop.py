@@ -28,7 +28,7 @@ from indexing.evaluate import evaluate
 from pipeline.columns import ITEM, column_name
 from pipeline.config import Config
 from pipeline.config.model import IdInit
-from pipeline.run_dir import ModelMeta, RunDir, read_catalogue
+from pipeline.run_dir import ModelMeta, RunDir, read_catalogue, require_prepared_as
 from pipeline.state import FeatureStateSet
 from towers.model import build_two_tower, model_version
 from training import checkpoint as ckpt
@@ -128,7 +128,7 @@ def setup(cfg: Config, run_dir: Path, device: torch.device, world_size: int, ran
     """Build model, task, optimiser, this worker's training shard and evaluation data."""
     torch.manual_seed(cfg.train.seed)
     run = RunDir(run_dir)
-    run.require_prepared()
+    require_prepared_as(run, cfg)
     fitted = FeatureStateSet.load(run.feature_state)
     model = build_two_tower(cfg.model, fitted, cfg.sequence)
     catalogue = read_catalogue(run)

@@ -28,7 +28,7 @@ import torch
 
 from pipeline.config import Config, parse_config
 from pipeline.config.train import TrainConfig
-from pipeline.run_dir import RunDir
+from pipeline.run_dir import RunDir, require_prepared_as
 from training import checkpoint as ckpt
 from training.loop import (
     Log,
@@ -150,7 +150,7 @@ def fit(cfg: Config, run_dir: Path, log: Log = print, fail_once: dict | None = N
     from ray.train.torch import TorchTrainer
 
     run = RunDir(run_dir)
-    run.require_prepared()
+    require_prepared_as(run, cfg)
     metric = f"val/{cfg.train.early_stopping_metric}"
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -29,7 +29,7 @@ import yaml
 
 from pipeline.config import Config, apply_overrides, parse_config
 from pipeline.config.tune import Distribution, TrialKind
-from pipeline.run_dir import RunDir, write_json
+from pipeline.run_dir import RunDir, require_prepared_as, write_json
 
 Log = Callable[[str], None]
 SEARCH_NAME = "search"  # Tune's experiment folder under RUN_DIR/tune/
@@ -216,6 +216,7 @@ def run_search(cfg: Config, run_dir: Path, log: Log = _say) -> dict[str, Any]:
                          "tune: {space: {train.lr: {loguniform: [1.0e-3, 1.0e-2]}}}")
     check_space(cfg)
     run = RunDir(run_dir)
+    require_prepared_as(run, cfg)
     out = tune_dir(run)
     view = validation_view(run, out)
     base = cfg.model_copy(deep=True)

@@ -10,7 +10,7 @@ its ``tune`` section) is still a config the pipeline takes. Example::
         model.temperature: {choice: [0.05, 0.1]}
         model.user.mlp.dropout: {uniform: [0.0, 0.3]}
         model.user.mlp.hidden: {choice: [[128], [256]]}
-        features.user.0.embedding_dim: {int: [16, 64]}
+        model.output_dim: {choice: [32, 64]}
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from pipeline.config.base import StrictModel
+from pipeline.config.base import StrictModel, is_prepare_key
 from pipeline.config.train import VALIDATION_METRICS
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
@@ -117,6 +117,10 @@ class TuneConfig(StrictModel):
             if not path or path.split(".")[0] == "tune":
                 raise ValueError(f"tune.space key {path!r}: name a field outside the tune "
                                  "section, e.g. train.lr")
+            if is_prepare_key(path):
+                raise ValueError(f"tune.space key {path!r}: fixed when the run is prepared "
+                                 "(vocabularies, widths, windows), so trials cannot vary it; "
+                                 "search the model, loss, sequence and train sections")
         if self.metric is not None and self.metric not in VALIDATION_METRICS:
             raise ValueError(f"tune.metric {self.metric!r} is not one of "
                              f"{sorted(VALIDATION_METRICS)}")
