@@ -1,8 +1,9 @@
 r"""Pipeline: Parquet tables -> prepare -> train -> build_index -> evaluate, in one job.
 
 Inputs: the whole config. Outputs: everything the four jobs write under RUN_DIR
-(``prepared/``, ``train/``, ``model/``, ``embeddings/``, ``index/``, ``metrics.json``) and a
-summary: the metrics table, the artifact paths and the command that serves the run.
+(``prepared/``, ``train/``, ``model/``, ``embeddings/``, ``index/``, ``metrics.json``), the
+run's ``serve.yaml`` (``serve_app.deploy_config``) and a summary: the metrics table, the
+artifact paths and the command that serves the run.
 
     python -m jobs.pipeline --config configs/demo.yaml --output-dir runs/demo
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
@@ -19,6 +20,7 @@ from pathlib import Path
 from jobs import build_index, evaluate, prepare, train
 from jobs.cli import job_parser, load_job_config, user_errors
 from pipeline.config import Config
+from serve_app.deploy_config import write_deploy_config
 
 STEPS: tuple[tuple[str, Callable[[Config, Path], object]], ...] = (
     ("prepare", prepare.run),
@@ -45,12 +47,18 @@ def run(cfg: Config, run_dir: Path, skip: tuple[str, ...] = ()) -> dict:
         seconds[name] = round(time.perf_counter() - t0, 1)
         _log(f"[pipeline] {name} done in {seconds[name]}s")
     metrics = evaluate.read_metrics(run_dir)
-    print(summary(metrics, run_dir, seconds))
+    serve_file, url = write_deploy_config(run_dir)
+    print(summary(metrics, run_dir, seconds, serve_file, url))
     return metrics
 
 
-def summary(metrics: dict, run_dir: Path, seconds: dict[str, float]) -> str:
-    """The closing report: metrics table, artifacts, timings and the serve command."""
+def summary(metrics: dict, run_dir: Path, seconds: dict[str, float], serve_file: Path,
+            url: str) -> str:
+    """The closing report: metrics table, artifacts, timings and the serve command.
+
+    ``serve_file`` is the run's deploy config (its ``http_options`` keep the endpoint on
+    ``serve.host``, 127.0.0.1 by default), ``url`` where it answers.
+    """
     rows = ["| split | scored | HR@10 | HR@50 | HR@100 | NDCG@10 |", "|---|---|---|---|---|---|"]
     for split in ("validation", "test"):
         for how in ("exact", "index", "popularity"):
@@ -68,7 +76,7 @@ def summary(metrics: dict, run_dir: Path, seconds: dict[str, float]) -> str:
         "Seconds per step: " + ", ".join(f"{k} {v}" for k, v in seconds.items()),
         "Artifacts: " + ", ".join(str(run_dir / p) for p in
                                   ("prepared", "model", "index", "embeddings", "metrics.json")),
-        f"Serve it:  serve run serve_app.app:build_app run_dir={run_dir}",
+        f"Serve it:  serve run {serve_file.resolve()}   (answers at {url})",
     ]
     return "\n".join(lines)
 

@@ -38,12 +38,13 @@ with nothing to fall back to raises (the deployment refuses to start). Check a r
 
     python -m serve_app.deploy_config RUN_DIR --out serve.yaml  # host / port of the run
     serve deploy serve.yaml                                      # or: serve run serve.yaml
-    serve run serve_app.app:build_app run_dir=/abs/path/RUN_DIR [num_replicas=2 ...]
+    serve run serve_app.app:build_app run_dir=/abs/path/RUN_DIR [num_replicas=2 ...]  # *:8000
 
 HTTP: the run's ``serve.host`` / ``serve.port`` are Serve's ``http_options``, set when
 Serve starts, for every application on the node: :func:`run_app` (in code) passes them to
 ``serve.start``, and :mod:`serve_app.deploy_config` writes them into the deploy YAML. A
-bare ``serve run serve_app.app:build_app`` uses Serve's defaults (127.0.0.1:8000).
+bare ``serve run serve_app.app:build_app`` uses Serve's defaults: 127.0.0.1:8000, but with
+the HAProxy ingress every interface (``*:8000``), so the docs serve through the YAML.
 """
 
 from __future__ import annotations

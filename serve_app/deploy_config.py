@@ -55,6 +55,21 @@ def endpoint_url(config: dict[str, Any]) -> str:
     return f"http://{'127.0.0.1' if host in WILDCARD_HOSTS else host}:{port}"
 
 
+def write_deploy_config(run_dir: str | Path, out: str | Path | None = None,
+                        template: str | Path = TEMPLATE) -> tuple[Path, str]:
+    """Write ``run_dir``'s deploy config to ``out`` (default ``RUN_DIR/serve.yaml``).
+
+    Returns:
+        (the file written, the endpoint's base URL).
+    """
+    config = deploy_config(run_dir, template)
+    out = Path(out or Path(run_dir) / "serve.yaml")
+    header = f"# serve deploy config of {config['applications'][0]['args']['run_dir']}, " \
+             f"written by python -m serve_app.deploy_config from {template}\n"
+    out.write_text(header + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return out, endpoint_url(config)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Write the YAML, print the endpoint URL (exit 0), or the error (exit 1)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -63,16 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--template", default=str(TEMPLATE), help="The deploy YAML to fill.")
     args = parser.parse_args(argv)
     try:
-        config = deploy_config(args.run_dir, args.template)
+        out, url = write_deploy_config(args.run_dir, args.out, args.template)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: no deploy config for {args.run_dir}: {err}", file=sys.stderr)
         return 1
-    out = Path(args.out or Path(args.run_dir) / "serve.yaml")
-    header = f"# serve deploy config of {config['applications'][0]['args']['run_dir']}, " \
-             f"written by python -m serve_app.deploy_config from {args.template}\n"
-    out.write_text(header + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     print(f"wrote {out}", file=sys.stderr)
-    print(endpoint_url(config))
+    print(url)
     return 0
 
 

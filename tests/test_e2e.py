@@ -121,7 +121,11 @@ def test_job_submit_pipeline_then_serve_deploy_and_query(ray_head, demo_data, tm
     info = wait_for(finished, 600, "the pipeline job", every=3)
     logs = httpx.get(f"{url}/api/jobs/{job_id}/logs", timeout=10).json()["logs"]
     assert info["status"] == "SUCCEEDED", logs[-4000:]
-    assert "Serve it:" in logs and "| test | exact |" in logs
+    assert f"Serve it:  serve run {run_dir.resolve()}/serve.yaml   (answers at " \
+        "http://127.0.0.1:8000)" in logs and "| test | exact |" in logs
+    written = yaml.safe_load((run_dir / "serve.yaml").read_text())  # loopback, this run
+    assert written["http_options"]["host"] == "127.0.0.1"
+    assert written["applications"][0]["args"]["run_dir"] == str(run_dir.resolve())
     # the job's log on a cluster is as clean as a local run's (tests/test_logs.py)
     assert "PlacementGroupCleaner" not in logs and "TrainingReport(" not in logs
     assert len(re.findall(r"\[train\] epoch \d+/2 ", logs)) == 2
