@@ -110,7 +110,8 @@ def num(x, digits: int = 1) -> str:
 
 def _quality(f: dict) -> str:
     summary, runs = f.get("summary", {}), f.get("runs", [])
-    metrics = [k for k in METRICS if k in summary] + [k for k in summary if k not in METRICS]
+    metrics = [k for k in METRICS if k in summary] + [k for k in summary
+                                                       if k not in METRICS and k != "wall_s"]
     rows = []
     for i, run in enumerate(runs):
         test = run.get("test", {})
@@ -118,9 +119,10 @@ def _quality(f: dict) -> str:
         label = f"seed {run['seed']}" if "seed" in run else f"run {i + 1}"
         rows.append([f"Towerline, {label}", *[num(test.get(k), 4) for k in metrics],
                      num(run.get("wall_s"), 0)])
+    wall = summary.get("wall_s") or {}
     rows.append([f"**Towerline, mean ± std ({len(runs)} run{'' if len(runs) == 1 else 's'})**",
                  *[f"**{num(summary[k].get('mean'), 4)} ± {num(summary[k].get('std'), 4)}**"
-                   for k in metrics], ""])
+                   for k in metrics], num(wall.get("mean"), 0)])
     for b in f.get("baselines", []):
         params = ", ".join(f"{k} {v}" for k, v in (b.get("params") or {}).items())
         rows.append([f"{b['model']}" + (f" ({params})" if params else ""),

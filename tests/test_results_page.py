@@ -95,7 +95,8 @@ def quality_record() -> dict:
         "commit": "abc", "date": "2026-12-07T09:00:00+00:00",
         "machine": {"cores": 2, "memory_gib": 23.5, "cpu_model": "cpu"},
         "figures": {
-            "summary": {k: {"mean": v, "std": 0.01} for k, v in metrics.items()},
+            "summary": {**{k: {"mean": v, "std": 0.01} for k, v in metrics.items()},
+                        "wall_s": {"mean": 180.0}},
             "runs": [{"seed": 0, "test": {"exact": metrics}, "wall_s": 180.0}],
             "baselines": [{"model": "EASE, tuned", "params": {"lambda": 100},
                            "test": {k: v / 2 for k, v in metrics.items()}}]}}
@@ -109,6 +110,8 @@ def test_quality_against_peers_and_an_unknown_benchmark(tmp_path):
     page = render(tmp_path, tmp_path / "img")
     # the mean +- std row from figures.summary, each baseline from figures.baselines
     assert "| **Towerline, mean ± std (1 run)** | **0.2000 ± 0.0100** |" in page
+    assert "| **0.1000 ± 0.0100** | 180 |" in page  # the mean seconds in the seconds column
+    assert "| model | HR@10 | HR@50 | HR@100 | NDCG@10 | wall s |" in page
     assert "| EASE, tuned (lambda 100) | 0.1000 | 0.2500 | 0.3000 | 0.0500 |" in page
     assert "| Towerline, seed 0 | 0.2000 | 0.5000 | 0.6000 | 0.1000 | 180 |" in page
     assert "| `wall_s.10000` | 1.5000 |" in page  # any other record: its numbers
