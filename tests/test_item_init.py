@@ -3,6 +3,7 @@
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
 from torch import nn
 
@@ -80,10 +81,40 @@ def test_training_setup_starts_from_the_factors(demo_prepared, demo_data, tmp_pa
 
 
 def test_svd_without_an_item_id_feature_is_refused_at_config_time(tmp_path):
-    import pytest
-
     from tests.conftest import demo_config
 
     with pytest.raises(ValueError, match="item_id_init=svd .* no id feature"):
         demo_config(tmp_path, "model.item_id_init=svd",
                     "model.item.features=[category, tags, title, price, year]")
+    with pytest.raises(ValueError, match="item_id_lr_scale=0.1 .* no id feature"):
+        demo_config(tmp_path, "model.item_id_lr_scale=0.1",
+                    "model.item.features=[category, tags, title, price, year]")
+
+
+def test_the_id_table_steps_at_its_own_scaled_lr(demo_prepared, demo_data, tmp_path):
+    import shutil
+
+    from tests.conftest import demo_config
+    from training.loop import id_table, setup
+    from training.step import train_epoch
+
+    shutil.copytree(demo_prepared / "prepared", tmp_path / "prepared")
+    moved = {}
+    for scale in (0.0, 0.25, 1.0):
+        cfg = demo_config(demo_data, "model.item_id_init=svd", f"model.item_id_lr_scale={scale}",
+                          "train.schedule=constant", "train.warmup_steps=0")
+        s = setup(cfg, tmp_path, torch.device("cpu"), 1, 0)
+        table = id_table(s.model).weight
+        groups = [g for g in s.opt.param_groups if any(p is table for p in g["params"])]
+        assert len(groups) == 1 and groups[0]["lr"] == pytest.approx(cfg.train.lr * scale)
+        assert len(groups[0]["params"]) == (1 if scale != 1.0 else len(groups[0]["params"]))
+        before = table.detach().clone()
+        others = {n: p.detach().clone() for n, p in s.model.named_parameters()
+                  if p is not table}
+        batches = [{k: v[:64] for k, v in s.shard.items()}]
+        train_epoch(s.module, s.task, batches, s.opt, s.scheduler, cfg.train, s.device)
+        moved[scale] = float((table.detach() - before).abs().max())
+        now = dict(s.model.named_parameters())
+        assert any(not torch.equal(now[n].detach(), p) for n, p in others.items())  # the towers
+    # frozen at 0; a quarter of the lr moves (Adam's first step) a quarter as far
+    assert moved[0.0] == 0.0 and moved[0.25] == pytest.approx(moved[1.0] / 4, rel=0.05)

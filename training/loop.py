@@ -119,8 +119,14 @@ def item_ids(model: nn.Module, catalogue: dict[str, np.ndarray], run: RunDir, cf
     """
     encoder = model.item_tower.encoder
     column = column_name(ITEM, encoder.id_name)
-    init_item_ids(encoder.table(encoder.id_name), catalogue[column], run,
-                  cfg.model.embedding_init_std, cfg.train.seed)
+    init_item_ids(id_table(model), catalogue[column], run, cfg.model.embedding_init_std,
+                  cfg.train.seed)
+
+
+def id_table(model: nn.Module) -> nn.Embedding:
+    """The item tower's id table (the config refused the settings that need one without)."""
+    encoder = model.item_tower.encoder
+    return encoder.table(encoder.id_name)
 
 
 def setup(cfg: Config, run_dir: Path, device: torch.device, world_size: int, rank: int,
@@ -143,7 +149,9 @@ def setup(cfg: Config, run_dir: Path, device: torch.device, world_size: int, ran
         raise ValueError(f"train.batch_size={cfg.train.batch_size} is larger than the "
                          f"{shard_rows(shard)} training rows of each of the {world_size} "
                          "worker(s): lower it or use fewer workers")
-    opt = make_optimizer(module, cfg.train)
+    scale = cfg.model.item_id_lr_scale
+    opt = make_optimizer(module, cfg.train,
+                         (id_table(model).weight, scale) if scale != 1.0 else None)
     scheduler = make_scheduler(opt, cfg.train, steps * cfg.train.epochs)
     eval_set = load_eval_set(run, "validation") if rank == 0 else None
     return Setup(cfg, run, fitted, model, module, task, opt, scheduler, device,

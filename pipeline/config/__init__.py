@@ -89,6 +89,12 @@ class Config(StrictModel):
                              "tower's id table, but the item tower has no id feature (a "
                              f"categorical feature of data.item_id={self.data.item_id!r}); "
                              "add one to features.item or set model.item_id_init=random")
+        if self.model.item_id_lr_scale != 1.0 and item_id is None:
+            raise ValueError(f"model.item_id_lr_scale={self.model.item_id_lr_scale} scales "
+                             "the learning rate of the item tower's id table, but the item "
+                             "tower has no id feature (a categorical feature of "
+                             f"data.item_id={self.data.item_id!r}); add one to features.item "
+                             "or leave item_id_lr_scale at 1")
         sequences = [n for n in user_used if isinstance(user[n], SequenceFeature)]
         for name in sequences:
             checks.tie_sequence(self.model.tie_sequence_embedding, name,

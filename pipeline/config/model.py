@@ -202,6 +202,12 @@ class ModelConfig(StrictModel):
         "(PureSVD item factors, seconds to compute), rescaled to the drawn table's spread, "
         "so items bought together start close; tied histories share it."
     )
+    item_id_lr_scale: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="Multiplier of train.lr for the item id "
+        "table (and the histories tied to it): below 1 the table moves slower than the "
+        "towers, so the factors item_id_init=svd wrote stay while the towers learn to use "
+        "them; 0 freezes it."
+    )
     user: TowerConfig = Field(default_factory=TowerConfig, description="User tower.")
     item: TowerConfig = Field(default_factory=TowerConfig, description="Item tower.")
 
