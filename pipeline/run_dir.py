@@ -283,24 +283,23 @@ def read_prepare_manifest(run: RunDir) -> PrepareManifest:
     return read_meta(run.prepare_manifest, PrepareManifest, "run `python -m jobs.prepare`")
 
 
-def _leaves(value: Any, path: str) -> Iterator[tuple[str, Any]]:
+def _leaves(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
     """(dotted path, value) of every leaf; list entries by index, as ``--set`` names them."""
     if isinstance(value, dict):
-        for key, sub in value.items():
-            yield from _leaves(sub, f"{path}.{key}")
+        items = list(value.items())
     elif isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
-        yield f"{path}.len", len(value)
-        for i, sub in enumerate(value):
-            yield from _leaves(sub, f"{path}.{i}")
+        items = [("len", len(value)), *enumerate(value)]
     else:
         yield path, value
+        return
+    for key, sub in items:
+        yield from _leaves(sub, f"{path}.{key}" if path else str(key))
 
 
 def prepare_differences(prepared: Config, cfg: Config) -> list[str]:
     """``PATH: PREPARED -> CFG`` for every prepare-time key (PREPARE_KEYS) that differs."""
     def flat(c: Config) -> dict[str, Any]:
-        leaves = _leaves(c.model_dump(mode="json"), "")
-        return {p[1:]: v for p, v in leaves if is_prepare_key(p[1:])}
+        return {p: v for p, v in _leaves(c.model_dump(mode="json")) if is_prepare_key(p)}
     before, after = flat(prepared), flat(cfg)
     return [f"{p}: {before.get(p, '(absent)')!r} -> {after.get(p, '(absent)')!r}"
             for p in sorted(before.keys() | after.keys()) if before.get(p) != after.get(p)]

@@ -84,17 +84,16 @@ class Config(StrictModel):
         user_used, _ = _check_tower("model.user", self.model.user, user, self.data.user_id)
         _, item_id = _check_tower("model.item", self.model.item, item, self.data.item_id)
         item_dim = item[item_id].embedding_dim if item_id is not None else None
-        if self.model.item_id_init is IdInit.SVD and item_id is None:
-            raise ValueError("model.item_id_init=svd writes item factors into the item "
-                             "tower's id table, but the item tower has no id feature (a "
-                             f"categorical feature of data.item_id={self.data.item_id!r}); "
-                             "add one to features.item or set model.item_id_init=random")
-        if self.model.item_id_lr_scale != 1.0 and item_id is None:
-            raise ValueError(f"model.item_id_lr_scale={self.model.item_id_lr_scale} scales "
-                             "the learning rate of the item tower's id table, but the item "
-                             "tower has no id feature (a categorical feature of "
+        on_ids = []  # the settings that act on the item id table
+        if self.model.item_id_init is IdInit.SVD:
+            on_ids.append("model.item_id_init=svd")
+        if self.model.item_id_lr_scale != 1.0:
+            on_ids.append(f"model.item_id_lr_scale={self.model.item_id_lr_scale}")
+        if on_ids and item_id is None:
+            raise ValueError(f"{' and '.join(on_ids)} act on the item tower's id table, but "
+                             "the item tower has no id feature (a categorical feature of "
                              f"data.item_id={self.data.item_id!r}); add one to features.item "
-                             "or leave item_id_lr_scale at 1")
+                             "or leave model.item_id_init=random and item_id_lr_scale=1")
         sequences = [n for n in user_used if isinstance(user[n], SequenceFeature)]
         for name in sequences:
             checks.tie_sequence(self.model.tie_sequence_embedding, name,
