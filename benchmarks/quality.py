@@ -21,7 +21,10 @@ Data sets (``--data``):
 
 Beside EASE and ALS, the plain SASRec-CE reference (:mod:`benchmarks.sasrec`) is trained on
 the same prepared windows and tuned on validation (``--sasrec-dropout``; ``--no-sasrec``
-skips it).
+skips it). A config with ``train.refit`` has no validation figures of its own: its settings
+were chosen on validation with refit off (docs/experiments.md); its test row is the model
+refit on training + validation, as EASE's and ALS's test rows are, and the SASRec
+reference is then refit the same way.
 
     python -m benchmarks.quality --data demo-sparse          # seeds 0 1 2
     python -m benchmarks.quality --data ml100k --seeds 0     # one seed
@@ -43,6 +46,7 @@ import time
 from pathlib import Path
 
 from benchmarks.record import add_record_flag, save_record
+from pipeline.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ML100K = ROOT.parent / "shared" / "data" / "ml-100k"
@@ -111,7 +115,9 @@ def run_seed(config: Path, data: Path, run_dir: Path, seed: int, extra: list[str
         raise RuntimeError(f"seed {seed} failed:\n{proc.stderr[-3000:]}")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return {"seed": seed, "wall_s": round(seconds, 1), "test": metrics["test"],
-            "validation": metrics["validation"], "index_recall": metrics["index_recall"]}
+            "validation": metrics.get("validation"),  # none for a refit model
+            "trained_on": metrics.get("trained_on", ["train"]),
+            "index_recall": metrics["index_recall"]}
 
 
 def _figures(run: dict, split: str, kind: str) -> dict[str, float]:
@@ -121,8 +127,13 @@ def _figures(run: dict, split: str, kind: str) -> dict[str, float]:
             "new_targets": metrics["new_targets"]}[kind]
 
 
-def summarise(runs: list[dict], split: str = "test", kind: str = "masked") -> dict:
-    """Mean and standard deviation of each exact metric over seeds (masked by default)."""
+def summarise(runs: list[dict], split: str = "test", kind: str = "masked") -> dict | None:
+    """Mean and standard deviation of each exact metric over seeds (masked by default).
+
+    None when the runs have no such figures (a refit model has no validation ones).
+    """
+    if any(r.get(split) is None for r in runs):
+        return None
     out = {}
     for m in METRICS:
         values = [_figures(r, split, kind)[m] for r in runs]
@@ -143,9 +154,10 @@ def print_table(runs: list[dict], summary: dict, baselines: list[dict],
     """Per-seed rows, mean +- std, the baselines on the same split, and references."""
     print("| model (test, masked, exact) | " + " | ".join(METRICS) + " | wall s |")
     print("|---|" + "---|" * (len(METRICS) + 1))
+    refit = " (refit on train + validation)" if "validation" in runs[0]["trained_on"] else ""
     for r in runs:
         t = r["test"]["exact"]
-        print(f"| Towerline seed {r['seed']} | {_cells(t[m] for m in METRICS)} "
+        print(f"| Towerline{refit} seed {r['seed']} | {_cells(t[m] for m in METRICS)} "
               f"| {r['wall_s']:.0f} |")
     print("| **Towerline mean +- std** | " + " | ".join(
         f"{summary[m]['mean']:.4f} +- {summary[m]['std']:.4f}" for m in METRICS)
@@ -202,13 +214,15 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         config, data = make_data(args.data, Path(tmp), args.tiny)
         runs = [run_seed(config, data, Path(tmp) / f"run-{s}", s, extra) for s in seeds]
+        first = Path(tmp) / f"run-{seeds[0]}"
         baselines = []
         if not args.no_baselines:
             from benchmarks.baselines import run_baselines
 
-            baselines = run_baselines(Path(tmp) / f"run-{seeds[0]}", args.ease_lambdas)
+            baselines = run_baselines(first, args.ease_lambdas)
         if not args.no_sasrec:
-            baselines.append(sasrec_row(Path(tmp) / f"run-{seeds[0]}", args))
+            cfg = load_config(config, [f"data.root={data}", *extra])
+            baselines.append(sasrec_row(first, args, cfg))
     summary = summarise(runs)
     references = None if args.tiny else {"ml100k": REFERENCES,
                                           "amazon-sports": AMAZON_REFERENCES}.get(args.data)
@@ -231,20 +245,35 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def sasrec_row(run_dir: Path, args: argparse.Namespace) -> dict:
-    """The SASRec-CE reference on the first seed's prepared windows, as a baseline row."""
-    from benchmarks.sasrec import tune
+def sasrec_row(run_dir: Path, args: argparse.Namespace, cfg: Config) -> dict:
+    """The SASRec-CE reference on the first seed's prepared windows, as a baseline row.
+
+    When the family is refit (``train.refit``), the reference is too: its grid and epoch
+    are chosen on windows of the training split alone (prepared beside the run), then it
+    trains again for that many epochs on the run's windows and is scored on test.
+    """
+    from benchmarks.sasrec import Shape, train, tune
+    from pipeline.prepare import run_prepare
 
     grid = {"dropout": args.sasrec_dropout, "negatives": args.sasrec_negatives,
             "epochs": [2 if args.tiny else args.sasrec_epochs]}
     start = time.perf_counter()
-    r = tune(run_dir, grid, log=lambda line: print(line, file=sys.stderr))
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    chosen_on = run_dir
+    if cfg.train.refit:
+        chosen_on = run_dir.parent / "sasrec-selection"
+        run_prepare(cfg.model_copy(update={"train": cfg.train.model_copy(
+            update={"refit": False})}), chosen_on, log=log, ray_data=False)
+    r = tune(chosen_on, grid, log=log)
+    if cfg.train.refit:
+        shape = Shape(**{**r["shape"], "epochs": r["best_epoch"]})
+        r = {**r, "test": train(run_dir, shape, log, validate=False)["test"]}
     return {"model": "SASRec-CE (benchmarks/sasrec.py)", "params": r["shape"],
             "validation": r["validation"], "test": r["test"]["masked"],
             "test_unmasked": r["test"]["unmasked"], "test_new_targets": r["test"]["new_targets"],
             "tried": [{"params": t["shape"], "NDCG@10": t["validation"]["NDCG@10"]}
                       for t in r["tried"]],
-            "best_epoch": r["best_epoch"],
+            "best_epoch": r["best_epoch"], "refit": cfg.train.refit,
             "samples_per_s": r["samples_per_s"], "seconds": round(time.perf_counter() - start, 1)}
 
 

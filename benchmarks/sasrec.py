@@ -7,7 +7,10 @@ as the output layer, a dot product, and a full softmax over the catalogue at eve
 position of every training window. It trains on the run's ``prepared/sequences/`` windows
 (the windows Towerline trains on), picks its epoch on the validation targets with
 patience, and is scored on the test targets by ``indexing.metrics`` (masked, exact), the
-code that scores Towerline.
+code that scores Towerline. Beside a refit Towerline (``train.refit``) it is refit the same
+way: chosen on windows of the training split, then trained again for the chosen epochs on
+the refit run's windows (training + validation) and scored on test
+(``train(..., validate=False)``).
 
     python -m benchmarks.sasrec RUN_DIR                        # default shape
     python -m benchmarks.sasrec RUN_DIR --dropout 0.2 0.5      # a grid, chosen on validation
@@ -143,12 +146,17 @@ def build(run: RunDir, s: Shape):
     return model, torch.optim.Adam(model.parameters(), lr=s.lr), ids, rows, catalogue_ids
 
 
-def train(run_dir: Path, s: Shape, log=print) -> dict:
-    """Train one shape; returns its best epoch's validation and test figures and speed."""
+def train(run_dir: Path, s: Shape, log=print, validate: bool = True) -> dict:
+    """Train one shape; returns its best epoch's validation and test figures and speed.
+
+    ``validate=False`` is the refit pass (the run's windows hold the validation targets):
+    exactly ``s.epochs`` epochs, the last one scored on test, no validation figure.
+    """
     torch.manual_seed(s.seed)
     run = RunDir(run_dir)
     model, opt, ids, rows, catalogue_ids = build(run, s)
-    val, test = load_eval_set(run, "validation"), load_eval_set(run, "test")
+    val = load_eval_set(run, "validation") if validate else None
+    test = load_eval_set(run, "test")
     best, best_state, bad, samples, seconds = None, None, 0, 0, 0.0
     rng = np.random.default_rng(s.seed)
     draws = torch.Generator().manual_seed(s.seed)
@@ -159,6 +167,11 @@ def train(run_dir: Path, s: Shape, log=print) -> dict:
                                  draws)
             samples += trained
         seconds += time.perf_counter() - start
+        if not validate:
+            log(f"[sasrec] refit epoch {epoch} loss {float(loss.detach()):.4f} "
+                f"({samples / seconds:,.0f} samples/s)")
+            best, best_state = (epoch, None), {k: v.clone() for k, v in model.state_dict().items()}
+            continue
         ndcg = score(model, catalogue_ids, val)["masked"]["NDCG@10"]
         log(f"[sasrec] epoch {epoch} loss {float(loss.detach()):.4f} val NDCG@10 {ndcg:.4f} "
             f"({samples / seconds:,.0f} samples/s)")
@@ -172,7 +185,7 @@ def train(run_dir: Path, s: Shape, log=print) -> dict:
     model.load_state_dict(best_state)
     return {"shape": asdict(s), "best_epoch": best[0], "epochs_run": epoch,
             "samples_per_s": samples / seconds, "train_s": seconds,
-            "validation": score(model, catalogue_ids, val)["masked"],
+            "validation": score(model, catalogue_ids, val)["masked"] if validate else None,
             "test": score(model, catalogue_ids, test)}
 
 

@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 
 from pipeline.columns import ITEM_INDEX, USER, USER_KEY, tower_columns
 from pipeline.io import column_to_numpy, table_to_numpy
-from pipeline.run_dir import RunDir, read_split
+from pipeline.run_dir import RunDir, read_split, read_trained
 
 
 @dataclass
@@ -33,9 +33,12 @@ class EvalSet:
         return len(self.targets)
 
 
-def train_item_counts(run: RunDir, num_items: int) -> np.ndarray:
-    """[I] training interactions per catalogue item (popularity, log-Q, negative sampling)."""
-    idx = column_to_numpy(read_split(run, "train", [ITEM_INDEX])[ITEM_INDEX])
+def train_item_counts(run: RunDir, num_items: int, refit: bool = False) -> np.ndarray:
+    """[I] training interactions per catalogue item (popularity, log-Q, negative sampling).
+
+    ``refit``: count the validation interactions too (what a refit model trains on).
+    """
+    idx = column_to_numpy(read_trained(run, refit, [ITEM_INDEX])[ITEM_INDEX])
     return np.bincount(idx.astype(np.int64), minlength=num_items).astype(np.float64)
 
 

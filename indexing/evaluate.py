@@ -29,7 +29,7 @@ from indexing.metrics import (
     target_scores,
 )
 from pipeline.columns import ITEM, USER
-from pipeline.run_dir import RunDir, read_catalogue, write_json
+from pipeline.run_dir import RunDir, read_catalogue, trained_splits, write_json
 
 if TYPE_CHECKING:  # faiss loads only where an index is used: training imports evaluate()
     from indexing.topk import TopK
@@ -134,7 +134,11 @@ def split_metrics(user_emb: torch.Tensor, item_emb: torch.Tensor, index: TopK,
 
 
 def evaluate_run(run_dir: Path) -> dict[str, Any]:
-    """All of ``metrics.json`` for a run directory with a model and an index."""
+    """All of ``metrics.json`` for a run directory with a model and an index.
+
+    Test figures, and validation figures unless the model was refit on the validation
+    targets (``trained_on`` names the splits it trained on).
+    """
     from indexing.build import load_index, recall_at_k
     from indexing.topk import build_topk
     from towers.model import load_trained
@@ -149,7 +153,9 @@ def evaluate_run(run_dir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     users = {}
     counts = train_item_counts(run, len(items))
-    for split in ("test", "validation"):
+    # A refit model trained on the validation targets: only the test ones are left to score.
+    refit = meta.config.train.refit
+    for split in ("test",) if refit else ("test", "validation"):
         eval_set = load_eval_set(run, split)
         users[split] = embed(model.encode_user, eval_set.user_inputs, USER, cpu)
         out[split] = split_metrics(users[split], items, index, eval_set)
@@ -160,6 +166,7 @@ def evaluate_run(run_dir: Path) -> dict[str, Any]:
     out["index_recall"] = {f"recall@{k}": recall_at_k(index, exact, users["test"].numpy(), k),
                            "users": len(users["test"]), "index_type": manifest.index_type,
                            "sampled_users_recall": manifest.recall.value}
+    out["trained_on"] = trained_splits(refit)
     out["model_version"] = meta.model_version
     out["seconds"] = round(time.perf_counter() - t0, 2)
     write_json(run.metrics, out)

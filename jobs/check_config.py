@@ -31,9 +31,10 @@ def describe(cfg: Config) -> str:
             else "interaction mode")
     workers = cfg.train.num_workers
     where = f"on {workers} Ray Train worker(s)" if workers else "in the job's process"
+    epochs = (f"{cfg.train.epochs} epochs on training + validation (refit)" if cfg.train.refit
+              else f"up to {cfg.train.epochs} epochs")
     return (f"{mode}, {len(cfg.features.user)} user / {len(cfg.features.item)} item "
-            f"features, {cfg.model.user.type.value} user tower, up to {cfg.train.epochs} "
-            f"epochs {where}")
+            f"features, {cfg.model.user.type.value} user tower, {epochs} {where}")
 
 
 def check(path: Path, overrides: list[str]) -> str:

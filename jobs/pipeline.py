@@ -60,7 +60,7 @@ def summary(metrics: dict, run_dir: Path, seconds: dict[str, float], serve_file:
     ``serve.host``, 127.0.0.1 by default), ``url`` where it answers.
     """
     rows = ["| split | scored | HR@10 | HR@50 | HR@100 | NDCG@10 |", "|---|---|---|---|---|---|"]
-    for split in ("validation", "test"):
+    for split in [s for s in ("validation", "test") if s in metrics]:  # refit: test only
         for how in ("exact", "index", "popularity"):
             m = metrics[split][how]
             name = "most popular (baseline)" if how == "popularity" else how
@@ -70,7 +70,8 @@ def summary(metrics: dict, run_dir: Path, seconds: dict[str, float], serve_file:
     run_dir = Path(run_dir).resolve()
     lines = [
         "", f"Towerline run {run_dir} (model {metrics['model_version']})",
-        "Masked full-catalogue metrics (../shared/EVALUATION.md):", *rows,
+        "Masked full-catalogue metrics (../shared/EVALUATION.md), the model trained on "
+        + " + ".join(metrics.get("trained_on", ["train"])) + ":", *rows,
         f"Index {metrics['index_recall']['index_type']}: "
         + ", ".join(f"{k} {v:.4f}" for k, v in recall.items()),
         "Seconds per step: " + ", ".join(f"{k} {v}" for k, v in seconds.items()),

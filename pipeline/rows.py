@@ -304,10 +304,10 @@ def outputs(ctx: RowContext, inter: Interactions, cfg: C.Config
             ) -> list[tuple[str, np.ndarray, RowBuild]]:
     """What prepare writes per folder: ``(name, rows to build, build function)``.
 
-    The three splits (one row per interaction), and ``sequences`` (the training split cut
-    into windows of the window sequence's ``max_length + 1`` items per user, ends
-    ``sequence.window_stride`` apart) when the user features resolve one
-    (:func:`pipeline.config.checks.window_feature`).
+    The three splits (one row per interaction), and ``sequences`` (the trained splits,
+    :func:`pipeline.split.trained_on`, cut into windows of the window sequence's
+    ``max_length + 1`` items per user, ends ``sequence.window_stride`` apart) when the user
+    features resolve one (:func:`pipeline.config.checks.window_feature`).
     """
     parts: list[tuple[str, np.ndarray, RowBuild]] = [
         (name, inter.split.rows(code), build_rows) for code, name in split.SPLIT_NAMES.items()]
@@ -316,7 +316,7 @@ def outputs(ctx: RowContext, inter: Interactions, cfg: C.Config
                                if isinstance(f, C.SequenceFeature)])
     if sequence is not None:
         length = ctx.seq_specs[sequence][0] + 1
-        windows = split.sequence_windows(inter.split.rows(split.TRAIN),
+        windows = split.sequence_windows(inter.split.rows(split.trained_on(cfg.train.refit)),
                                          inter.split.group_start, length,
                                          cfg.sequence.window_stride)
         parts.append((SEQUENCES, windows, partial(build_sequence_rows, sequence=sequence)))

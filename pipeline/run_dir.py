@@ -43,10 +43,11 @@ from pipeline.config import Config
 from pipeline.config.base import is_prepare_key
 from pipeline.config.model import Similarity
 from pipeline.io import table_to_numpy
+from pipeline.split import SPLIT_NAMES, trained_on
 from pipeline.state import FeatureStateSet
 
 SPLITS = ("train", "validation", "test")
-SEQUENCES = "sequences"  # under prepared/: the training split cut into windows per user
+SEQUENCES = "sequences"  # under prepared/: the trained splits cut into windows per user
 MODEL_FILE, OPTIM_FILE, META_FILE = "model.pt", "optimizer.pt", "meta.json"
 MANIFEST = "manifest.json"
 FEATURE_STATE = "feature_state.json"
@@ -334,6 +335,16 @@ def read_split(run: RunDir, name: str, columns: list[str] | None = None) -> pa.T
                "several)") if name == SEQUENCES else ""
         raise FileNotFoundError(f"{path} is missing: run `python -m jobs.prepare`{why} first")
     return pads.dataset(str(path), format="parquet").to_table(columns=columns)
+
+
+def trained_splits(refit: bool) -> list[str]:
+    """The split folders a model trains on: ``train``, plus ``validation`` when refit."""
+    return [SPLIT_NAMES[code] for code in trained_on(refit)]
+
+
+def read_trained(run: RunDir, refit: bool, columns: list[str] | None = None) -> pa.Table:
+    """The interactions a model trains on (:func:`trained_splits`), one table."""
+    return pa.concat_tables([read_split(run, name, columns) for name in trained_splits(refit)])
 
 
 def read_table(run: RunDir, tower: str) -> pa.Table:

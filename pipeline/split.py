@@ -32,9 +32,19 @@ class Split:
     split: np.ndarray
     group_start: np.ndarray
 
-    def rows(self, which: int) -> np.ndarray:
-        """Sorted positions of one split, in (user, time) order."""
-        return np.flatnonzero(self.split == which)
+    def rows(self, which: int | tuple[int, ...]) -> np.ndarray:
+        """Sorted positions of one split (or of several), in (user, time) order."""
+        return np.flatnonzero(np.isin(self.split, which))
+
+
+def trained_on(refit: bool) -> tuple[int, ...]:
+    """The splits a model trains on: TRAIN, and VALIDATION too when it is refit.
+
+    ``train.refit`` trains the final model on training + validation interactions for the
+    epochs chosen on validation, as the matrix-factorisation rows of EVALUATION.md are
+    refit; the test targets are never trained on either way.
+    """
+    return (TRAIN, VALIDATION) if refit else (TRAIN,)
 
 
 def leave_last_out(user_codes: np.ndarray, timestamps: np.ndarray, min_interactions: int) -> Split:

@@ -178,11 +178,11 @@ def test_shards_split_the_rows_evenly_and_epochs_reorder_them(tmp_path):
     pq.write_table(rows.slice(0, 4), folder / "part-0.parquet", row_group_size=3)
     pq.write_table(rows.slice(4), folder / "part-1.parquet", row_group_size=3)
     # 11 rows over 3 workers: 3 each, rank r gets rows r, r + 3, r + 6; row 9 and 10 unused
-    shards = [load_shard(folder, rank, 3) for rank in range(3)]
+    shards = [load_shard([folder], rank, 3) for rank in range(3)]
     assert [s["item_index"].tolist() for s in shards] == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]
     assert set(shards[0]) == {"item_index", "user__x"}
     assert shards[1]["user__x"].tolist() == [[1, -1], [4, -4], [7, -7]]
-    one = load_shard(folder)
+    one = load_shard([folder])
     assert one["item_index"].tolist() == list(range(11))
 
     def order(epoch):
@@ -192,7 +192,7 @@ def test_shards_split_the_rows_evenly_and_epochs_reorder_them(tmp_path):
     assert [len(b) for b in order(0)] == [4, 4]  # the partial batch of 3 is dropped
     assert len(set(sum(order(0), []))) == 8  # no row twice
     with pytest.raises(ValueError, match="fewer than the 12 workers"):
-        load_shard(folder, 0, 12)
+        load_shard([folder], 0, 12)
 
 
 @pytest.mark.parametrize("step,total,factor", [(0, 100, 0.2), (4, 100, 1.0), (100, 100, 0.05)])

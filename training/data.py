@@ -1,8 +1,8 @@
 """Training data from ``RUN_DIR/prepared/``: each worker's shard of the training table as tensors.
 
 The training table is chosen in one place (:func:`train_table`): ``train/`` (one row
-per interaction) or, in the sequence mode, ``sequences/`` (the same interactions cut into
-windows per user). Each worker reads the model columns of its own rows once
+per interaction; with ``train.refit``, ``validation/`` too) or, in the sequence mode,
+``sequences/`` (the same interactions cut into windows per user). Each worker reads the
 model columns of its own rows once (:func:`load_shard`), holds them as tensors, and walks
 them in a new order every epoch (:func:`epoch_batches`); the plain loop is the one-worker
 case of the same functions. Rank ``r`` of ``W`` owns the rows ``i`` with ``i % W == r``,
@@ -19,7 +19,7 @@ driver-side materialisation added seconds to every ``fit()``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,17 +31,21 @@ from indexing.batches import to_tensors
 from pipeline.columns import SEQUENCE_ITEMS, model_columns
 from pipeline.config import Config
 from pipeline.io import table_to_numpy
-from pipeline.run_dir import SEQUENCES, RunDir
+from pipeline.run_dir import SEQUENCES, RunDir, trained_splits
 
 BUCKET_POOL = 64  # batches per length-sorted pool (bucketed_order)
 
 
-def train_table(run: RunDir, cfg: Config) -> Path:
-    """The folder of Parquet training examples one epoch walks.
+def train_table(run: RunDir, cfg: Config) -> list[Path]:
+    """The folders of Parquet training examples one epoch walks, in order.
 
-    ``prepared/train/``, or ``prepared/sequences/`` when ``cfg.sequence`` is enabled.
+    ``prepared/train/`` (and ``prepared/validation/`` when ``train.refit``), or
+    ``prepared/sequences/`` when ``cfg.sequence`` is enabled (prepare cut the windows from
+    the same splits, :func:`pipeline.split.trained_on`).
     """
-    return run.split(SEQUENCES if cfg.sequence.enabled else "train")
+    if cfg.sequence.enabled:
+        return [run.split(SEQUENCES)]
+    return [run.split(name) for name in trained_splits(cfg.train.refit)]
 
 
 def parquet_files(folder: Path) -> list[Path]:
@@ -54,14 +58,15 @@ def parquet_files(folder: Path) -> list[Path]:
     return files
 
 
-def load_shard(folder: Path, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+def load_shard(folders: Sequence[Path], rank: int = 0, world: int = 1
+               ) -> dict[str, torch.Tensor]:
     """The model columns of rank ``rank``'s rows of a training table, as tensors.
 
     Rows are read file by file in batches and only this rank's rows are kept, so a worker
     holds 1/W of the table (plus one read batch).
 
     Args:
-        folder: the training table (:func:`train_table`).
+        folders: the training table's folders (:func:`train_table`).
         rank: this worker's rank.
         world: the number of workers W.
 
@@ -69,14 +74,15 @@ def load_shard(folder: Path, rank: int = 0, world: int = 1) -> dict[str, torch.T
         ``{column: [R, ...]}`` with R = floor(rows / W) on every rank.
 
     Raises:
-        ValueError: the table has fewer rows than workers (names the folder).
+        ValueError: the table has fewer rows than workers (names the folders).
     """
-    files = parquet_files(folder)
+    files = [f for folder in folders for f in parquet_files(folder)]
     total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     per_rank = total // world
     if per_rank == 0:
-        raise ValueError(f"{folder} has {total} training rows, fewer than the {world} "
-                         "workers (train.num_workers): prepare more data or use fewer workers")
+        raise ValueError(f"{', '.join(map(str, folders))} hold {total} training rows, fewer "
+                         f"than the {world} workers (train.num_workers): prepare more data or "
+                         "use fewer workers")
     names = model_columns(pq.read_schema(files[0]).names)
     parts, offset = [], 0
     for path in files:

@@ -19,7 +19,7 @@ from torch import nn
 
 from pipeline.columns import ITEM_INDEX, USER_KEY
 from pipeline.io import column_to_numpy
-from pipeline.run_dir import RunDir, read_split
+from pipeline.run_dir import RunDir, read_trained
 from pipeline.transforms import OOV
 
 
@@ -52,7 +52,7 @@ def svd_item_factors(users: np.ndarray, items: np.ndarray, num_items: int, dim: 
 
 
 def init_item_ids(table: nn.Embedding, catalogue_ids: np.ndarray, run: RunDir,
-                  std: float | None, seed: int = 0) -> int:
+                  std: float | None, seed: int = 0, refit: bool = False) -> int:
     """Overwrite the catalogue's rows of ``table`` with rescaled PureSVD item factors.
 
     Args:
@@ -61,12 +61,13 @@ def init_item_ids(table: nn.Embedding, catalogue_ids: np.ndarray, run: RunDir,
         run: the run whose ``train`` split is factorised.
         std: target standard deviation of the written rows (None: the table's current).
         seed: seed of the randomised SVD.
+        refit: factorise training + validation (what a refit model trains on).
 
     Returns:
         The number of table rows written: one per vocabulary id of the catalogue, the
         out-of-vocabulary and padding rows left as drawn.
     """
-    train = read_split(run, "train", [USER_KEY, ITEM_INDEX])
+    train = read_trained(run, refit, [USER_KEY, ITEM_INDEX])
     users = column_to_numpy(train[USER_KEY])
     items = column_to_numpy(train[ITEM_INDEX])
     factors = svd_item_factors(users, items, len(catalogue_ids), table.embedding_dim, seed)

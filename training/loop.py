@@ -57,7 +57,7 @@ class Setup:
     scheduler: Any
     device: torch.device
     catalogue: dict[str, np.ndarray]
-    eval_set: EvalSet | None  # rank 0 only
+    eval_set: EvalSet | None  # rank 0 only; None when refit (validation is training data)
     shard: dict[str, torch.Tensor]  # this worker's training rows, [R, ...] each
     steps_per_epoch: int
     averaged: nn.Module | None = None  # the weights' moving average (train.average_epochs)
@@ -100,7 +100,7 @@ def make_task(cfg: Config, run: RunDir, catalogue: dict[str, np.ndarray], model:
     The interaction rows' retrieval task, or the sequence mode's over windows.
     """
     num_items = len(next(iter(catalogue.values())))
-    counts = train_item_counts(run, num_items)
+    counts = train_item_counts(run, num_items, cfg.train.refit)
     if cfg.sequence.enabled:
         return SequenceTrainModule(model), SequenceTask(
             cfg, counts, to_tensors(catalogue), history_keys(model), seed=cfg.train.seed)
@@ -120,7 +120,7 @@ def item_ids(model: nn.Module, catalogue: dict[str, np.ndarray], run: RunDir, cf
     encoder = model.item_tower.encoder
     column = column_name(ITEM, encoder.id_name)
     init_item_ids(id_table(model), catalogue[column], run, cfg.model.embedding_init_std,
-                  cfg.train.seed)
+                  cfg.train.seed, cfg.train.refit)
 
 
 def id_table(model: nn.Module) -> nn.Embedding:
@@ -153,7 +153,7 @@ def setup(cfg: Config, run_dir: Path, device: torch.device, world_size: int, ran
     opt = make_optimizer(module, cfg.train,
                          (id_table(model).weight, scale) if scale != 1.0 else None)
     scheduler = make_scheduler(opt, cfg.train, steps * cfg.train.epochs)
-    eval_set = load_eval_set(run, "validation") if rank == 0 else None
+    eval_set = load_eval_set(run, "validation") if rank == 0 and not cfg.train.refit else None
     return Setup(cfg, run, fitted, model, module, task, opt, scheduler, device,
                  catalogue, eval_set, shard, steps, weight_average(model, cfg.train, steps))
 
@@ -175,7 +175,9 @@ def finish_epoch(s: Setup, state: ckpt.TrainState, stats: dict[str, float]
                  ) -> tuple[dict[str, float], bool, bool]:
     """Validation metrics, early-stopping bookkeeping; returns (metrics, is_best, stop).
 
-    Called on rank 0 only (it holds the evaluation data).
+    Called on rank 0 only (it holds the evaluation data). A refit run
+    (``train.refit``) has no validation targets left to score: each epoch is the newest
+    model, so the last one is the model, after exactly ``train.epochs``.
     """
     state.epoch += 1
     state.step += int(stats["steps"])
@@ -183,6 +185,10 @@ def finish_epoch(s: Setup, state: ckpt.TrainState, stats: dict[str, float]
                "train/samples_per_s": stats["samples_per_s"], "train/lr": stats["lr"],
                "train/rows": stats["rows"], "train/seconds": stats["seconds"],
                "train/threads": torch.get_num_threads()}
+    if s.cfg.train.refit:
+        state.history.append(metrics)
+        state.best_epoch = state.epoch
+        return metrics, True, finished(s.cfg, state)
     t0 = time.perf_counter()
     metrics.update(flat_metrics(evaluate(s.eval_model, s.eval_set, s.catalogue, s.device), "val"))
     metrics["val/seconds"] = time.perf_counter() - t0
@@ -225,6 +231,14 @@ def epochs(s: Setup, state: ckpt.TrainState) -> Iterator[tuple[dict[str, float],
         yield metrics, is_best
 
 
+def selection_metric(cfg: Config) -> str:
+    """The reported figure whose highest value marks the model.
+
+    ``val/<early stopping metric>``, or ``epoch`` for a refit run (the last is the model).
+    """
+    return "epoch" if cfg.train.refit else f"val/{cfg.train.early_stopping_metric}"
+
+
 def checkpoint_meta(s: Setup, metrics: dict[str, float], is_best: bool = False) -> ModelMeta:
     """What every checkpoint carries besides the weights."""
     return ModelMeta(config=s.cfg, feature_state_hash=s.fitted.content_hash(),
@@ -244,6 +258,8 @@ def describe(metrics: dict[str, float], cfg: Config, state: ckpt.TrainState) -> 
     line = (f"[train] epoch {int(metrics['epoch'])}/{cfg.train.epochs} "
             f"loss {metrics['train/loss']:.4f} | {metrics['train/samples_per_s']:,.0f} samples/s "
             f"({metrics['train/seconds']:.1f}s) | val")
+    if cfg.train.refit:
+        return line + " none (train.refit: the validation targets are training data)"
     for key in ("HR@10", "HR@50", "NDCG@10"):
         line += f" {key} {metrics[f'val/{key}']:.4f}"
     line += f" ({metrics['val/seconds']:.1f}s)"

@@ -36,6 +36,7 @@ from training.loop import (
     describe,
     finish_epoch,
     finished,
+    selection_metric,
     setup,
     train_one_epoch,
 )
@@ -151,7 +152,7 @@ def fit(cfg: Config, run_dir: Path, log: Log = print, fail_once: dict | None = N
 
     run = RunDir(run_dir)
     require_prepared_as(run, cfg)
-    metric = f"val/{cfg.train.early_stopping_metric}"
+    metric = selection_metric(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "run_dir": str(Path(run_dir).resolve()),
@@ -176,8 +177,9 @@ def fit(cfg: Config, run_dir: Path, log: Log = print, fail_once: dict | None = N
     with best.as_directory() as d:
         best_state = ckpt.train_state(Path(d))
         ckpt.publish_model(Path(d), run)
-    log(f"[train] best epoch {best_state.best_epoch}: {metric}="
-        f"{best_state.best_metric:.4f}; model in {run.model}")
+    chosen = ("(train.refit: the last)" if cfg.train.refit else
+              f"{metric}={best_state.best_metric:.4f}")
+    log(f"[train] best epoch {best_state.best_epoch} {chosen}; model in {run.model}")
     with result.checkpoint.as_directory() as d:
         latest = ckpt.train_state(Path(d))
     return {"best_epoch": best_state.best_epoch, "best_metric": best_state.best_metric,
@@ -185,7 +187,7 @@ def fit(cfg: Config, run_dir: Path, log: Log = print, fail_once: dict | None = N
 
 
 def _best_checkpoint(result, metric: str):
-    """The kept checkpoint with the highest validation metric."""
+    """The kept checkpoint with the highest ``metric`` (:func:`selection_metric`)."""
     scored = [(c, m) for c, m in (result.best_checkpoints or []) if metric in m]
     if not scored:
         if result.checkpoint is None:

@@ -214,6 +214,10 @@ def run_search(cfg: Config, run_dir: Path, log: Log = _say) -> dict[str, Any]:
     if not cfg.tune.space:
         raise ValueError("the config has no tune.space: add the fields to search, e.g. "
                          "tune: {space: {train.lr: {loguniform: [1.0e-3, 1.0e-2]}}}")
+    if cfg.train.refit:
+        raise ValueError("train.refit trains on the validation targets, which a search scores "
+                         "its trials on: tune with train.refit false (prepare again), then "
+                         "refit the chosen setting")
     check_space(cfg)
     run = RunDir(run_dir)
     require_prepared_as(run, cfg)

@@ -16,7 +16,7 @@ class StrictModel(BaseModel):
 # prepared, so jobs after prepare refuse them and tune.space cannot search them.
 PREPARE_KEYS = ("features", "prepare.duplicates",
                 "prepare.min_user_interactions", "prepare.max_user_interactions",
-                "sequence.feature", "sequence.window_stride")
+                "sequence.feature", "sequence.window_stride", "train.refit")
 
 
 def is_prepare_key(path: str) -> bool:

@@ -59,7 +59,8 @@ class TrainConfig(StrictModel):
         default_factory=dict, description="Extra custom resources per worker, e.g. {gpu_node: 1}."
     )
     batch_size: int = Field(default=1024, ge=2, description="Rows per worker per step.")
-    epochs: int = Field(default=10, ge=1, description="Maximum epochs.")
+    epochs: int = Field(default=10, ge=1,
+                        description="Maximum epochs (with refit: exactly this many).")
     lr: float = Field(default=1e-3, gt=0, description="AdamW peak learning rate.")
     weight_decay: float = Field(default=1e-4, ge=0, description="AdamW weight decay.")
     schedule: LRSchedule = Field(default=LRSchedule.COSINE, description="LR schedule.")
@@ -73,6 +74,14 @@ class TrainConfig(StrictModel):
                     "first steps TF's warm-up caps the decay at (1 + n) / (10 + n) at step n, "
                     "an average over about a ninth of the steps so far, until that span "
                     "reaches the one asked; null: the last step's weights.",
+    )
+    refit: bool = Field(
+        default=False,
+        description="Train on the training and validation interactions for exactly `epochs` "
+                    "epochs, with no validation and no early stopping: the final model of a "
+                    "setting chosen on validation with refit off, as EVALUATION.md refits "
+                    "its matrix-factorisation rows. The test targets stay unseen. Prepare "
+                    "cuts the sequence windows from both splits, so re-run it after a change.",
     )
     precision: Precision = Field(default=Precision.AUTO, description="Autocast precision.")
     seed: int = Field(default=0, description="Seed of weights, shuffling and negatives.")
