@@ -117,6 +117,8 @@ def _quality(f: dict) -> str:
         test = run.get("test", {})
         test = test.get("exact", test)
         label = f"seed {run['seed']}" if "seed" in run else f"run {i + 1}"
+        if "validation" in run.get("trained_on", []):
+            label += ", refit on train + validation"
         rows.append([f"Towerline, {label}", *[num(test.get(k), 4) for k in metrics],
                      num(run.get("wall_s"), 0)])
     wall = summary.get("wall_s") or {}
@@ -127,7 +129,9 @@ def _quality(f: dict) -> str:
         params = ", ".join(f"{k} {v}" for k, v in (b.get("params") or {}).items())
         rows.append([f"{b['model']}" + (f" ({params})" if params else ""),
                      *[num(b.get("test", {}).get(k), 4) for k in metrics],
-                     num(b.get("wall_s"), 0)])
+                     num(b.get("wall_s", b.get("seconds")), 0)])  # baselines say "seconds"
+    for name, ref in (f.get("references") or {}).items():  # the marks, as published
+        rows.append([f"{name} (EVALUATION.md)", *[num(ref.get(k), 4) for k in metrics], ""])
     return _table(["model", *metrics, "wall s"], rows)
 
 

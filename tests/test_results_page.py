@@ -97,7 +97,11 @@ def quality_record() -> dict:
         "figures": {
             "summary": {**{k: {"mean": v, "std": 0.01} for k, v in metrics.items()},
                         "wall_s": {"mean": 180.0}},
-            "runs": [{"seed": 0, "test": {"exact": metrics}, "wall_s": 180.0}],
+            "runs": [{"seed": 0, "test": {"exact": metrics}, "wall_s": 180.0},
+                     {"seed": 1, "test": {"exact": metrics}, "wall_s": 180.0,
+                      "trained_on": ["train", "validation"]}],
+            "references": {"SASRec (published)": {"HR@10": 0.0569, "HR@50": None,
+                                                  "HR@100": None, "NDCG@10": 0.0314}},
             "baselines": [{"model": "EASE, tuned", "params": {"lambda": 100},
                            "test": {k: v / 2 for k, v in metrics.items()}}]}}
 
@@ -109,12 +113,14 @@ def test_quality_against_peers_and_an_unknown_benchmark(tmp_path):
     (tmp_path / "scale.json").write_text(json.dumps(other))
     page = render(tmp_path, tmp_path / "img")
     # the mean +- std row from figures.summary, each baseline from figures.baselines
-    assert "| **Towerline, mean ± std (1 run)** | **0.2000 ± 0.0100** |" in page
+    assert "| **Towerline, mean ± std (2 runs)** | **0.2000 ± 0.0100** |" in page
     assert "| **0.1000 ± 0.0100** | 180 |" in page  # the mean seconds in the seconds column
     assert "| model | HR@10 | HR@50 | HR@100 | NDCG@10 | wall s |" in page
     assert "| EASE, tuned (lambda 100) | 0.1000 | 0.2500 | 0.3000 | 0.0500 |" in page
     assert "| Towerline, seed 0 | 0.2000 | 0.5000 | 0.6000 | 0.1000 | 180 |" in page
     assert "| `wall_s.10000` | 1.5000 |" in page  # any other record: its numbers
+    assert "| SASRec (published) (EVALUATION.md) | 0.0569 |  |  | 0.0314 |  |" in page
+    assert "| Towerline, seed 1, refit on train + validation | 0.2000 |" in page
     png = tmp_path / "img" / "quality-ml100k.png"
     assert "(img/quality-ml100k.png)" in page and 0 < png.stat().st_size < 200_000
 
