@@ -161,3 +161,18 @@ def test_the_sasrec_peer_is_chosen_on_training_windows_then_refit(runs, tmp_path
     assert 0 <= row["test"]["NDCG@10"] <= row["test"]["HR@10"] <= 1
     # a refit family has no validation figures to summarise
     assert summarise([{"test": {}, "validation": None, "wall_s": 1.0}], "validation") is None
+
+
+def test_the_pipeline_summary_of_a_refit_run_shows_test_figures_only(tmp_path):
+    from jobs.pipeline import summary
+
+    figures = {"HR@10": 0.058, "HR@50": 0.13, "HR@100": 0.18, "NDCG@10": 0.0326}
+    split = {"exact": figures, "index": figures, "popularity": figures}
+    metrics = {"test": split, "trained_on": ["train", "validation"], "model_version": "v",
+               "index_recall": {"recall@100": 1.0, "index_type": "Flat"}}
+    text = summary(metrics, tmp_path, {"train": 1.0}, tmp_path / "serve.yaml", "http://x")
+    assert "the model trained on train + validation:" in text
+    assert "| test | exact | 0.0580 | 0.1300 | 0.1800 | 0.0326 |" in text
+    assert "| validation |" not in text
+    both = {**metrics, "validation": split, "trained_on": ["train"]}
+    assert "| validation | exact |" in summary(both, tmp_path, {}, tmp_path / "s.yaml", "u")
