@@ -58,7 +58,7 @@ def init_item_ids(table: nn.Embedding, catalogue_ids: np.ndarray, run: RunDir,
     Args:
         table: the item tower's id table (vocabulary id -> row).
         catalogue_ids: [I] vocabulary id of each catalogue row (the encoded id column).
-        run: the run whose ``train`` split is factorised.
+        run: the run whose training split (with ``refit``, and validation) is factorised.
         std: target standard deviation of the written rows (None: the table's current).
         seed: seed of the randomised SVD.
         refit: factorise training + validation (what a refit model trains on).
