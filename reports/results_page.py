@@ -287,6 +287,8 @@ def with_readme_block(readme: str, results: Path) -> str:
 def _quality_headline(f: dict) -> str:
     s = f["summary"]
     ours = ", ".join(f"{k} {num(s[k]['mean'], 4)}" for k in ("HR@10", "NDCG@10") if k in s)
+    if any("validation" in r.get("trained_on", []) for r in f.get("runs", [])):
+        ours += " (refit on train + validation)"
     peers = "; ".join(f"{b['model']} {num(b['test'].get('HR@10'), 4)}"
                       for b in f.get("baselines", []))
     return f"Towerline {ours}" + (f"; HR@10 of {peers}" if peers else "")

@@ -21,7 +21,7 @@ import pytest
 
 from jobs import docs as docs_job
 from reports.records import RECORD_KEYS, read_record, read_records
-from reports.results_page import num, render, section
+from reports.results_page import HEADLINES, num, render, section
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS, PAGE = ROOT / "results", ROOT / "docs" / "results.md"
@@ -121,6 +121,9 @@ def test_quality_against_peers_and_an_unknown_benchmark(tmp_path):
     assert "| `wall_s.10000` | 1.5000 |" in page  # any other record: its numbers
     assert "| SASRec (published) (EVALUATION.md) | 0.0569 |  |  | 0.0314 |  |" in page
     assert "| Towerline, seed 1, refit on train + validation | 0.2000 |" in page
+    assert HEADLINES["quality"](quality_record()["figures"]) == (
+        "Towerline HR@10 0.2000, NDCG@10 0.1000 (refit on train + validation); "
+        "HR@10 of EASE, tuned 0.1000")
     png = tmp_path / "img" / "quality-ml100k.png"
     assert "(img/quality-ml100k.png)" in page and 0 < png.stat().st_size < 200_000
 
