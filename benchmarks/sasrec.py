@@ -170,7 +170,7 @@ def train(run_dir: Path, s: Shape, log=print, validate: bool = True) -> dict:
         if not validate:
             log(f"[sasrec] refit epoch {epoch} loss {float(loss.detach()):.4f} "
                 f"({samples / seconds:,.0f} samples/s)")
-            best, best_state = (epoch, None), {k: v.clone() for k, v in model.state_dict().items()}
+            best = (epoch, None)  # the model as it stands is the one scored
             continue
         ndcg = score(model, catalogue_ids, val)["masked"]["NDCG@10"]
         log(f"[sasrec] epoch {epoch} loss {float(loss.detach()):.4f} val NDCG@10 {ndcg:.4f} "
@@ -182,7 +182,8 @@ def train(run_dir: Path, s: Shape, log=print, validate: bool = True) -> dict:
             bad += 1
             if bad >= s.patience:
                 break
-    model.load_state_dict(best_state)
+    if best_state is not None:
+        model.load_state_dict(best_state)
     return {"shape": asdict(s), "best_epoch": best[0], "epochs_run": epoch,
             "samples_per_s": samples / seconds, "train_s": seconds,
             "validation": score(model, catalogue_ids, val)["masked"] if validate else None,
