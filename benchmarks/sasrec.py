@@ -73,7 +73,12 @@ class SASRec(nn.Module):
                                            batch_first=True, norm_first=True)
         self.body = nn.TransformerEncoder(layer, s.blocks, enable_nested_tensor=False)
         self.norm, self.drop = nn.LayerNorm(s.dim), nn.Dropout(s.dropout)
-        nn.init.normal_(self.items.weight, std=0.02)
+        # One scale for both tables: positions at nn.Embedding's N(0, 1) drowned the items
+        # (ML-100K validation NDCG@10 at epoch 10: 0.035 with them, 0.079 without).
+        for table in (self.items, self.pos):
+            nn.init.normal_(table.weight, std=0.02)
+        with torch.no_grad():
+            self.items.weight[0].zero_()  # padding
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """[B, L] vocabulary ids (0 = padding, in front) -> [B, L, D] states."""
