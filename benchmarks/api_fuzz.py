@@ -42,7 +42,7 @@ from benchmarks.record import add_record_flag, save_record
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "benchmarks" / "schemathesis.toml"
-FUZZED_OPERATIONS = 3  # the POST routes; the two GETs take no input
+FUZZED_OPERATIONS = 4  # the POST routes; the two GETs take no input
 MODES = 2  # each example count is generated twice: valid data and invalid data
 COVERAGE_CASES = 250  # about what the coverage phase adds (boundary values of every field)
 
@@ -103,7 +103,8 @@ NON_STANDARD = ("NaN", "Infinity", "-Infinity", "1e999", "-1e999", '"\\ud800"',
 POST_FIELDS = {"/recommend": ("user_id", "k", "history", "exclude_items", "allow_items",
                               "exclude_seen", "features", "filter"),
                "/similar-items": ("item_id", "k", "exclude_items", "allow_items", "filter"),
-               "/score": ("user_id", "item_ids", "history", "features")}
+               "/score": ("user_id", "item_ids", "history", "features"),
+               "/events": ("user_id", "item_id", "timestamp", "weight")}
 KEY_COUNTS = (65, 100, 1000, 20_000)  # above serve.max_keys (64 by default), up to ~0.5 MB
 
 
@@ -122,7 +123,8 @@ def hostile_cases(columns: list[str], attributes: list[str], n: int, seed: int =
     for i in range(n):
         path = rng.choice(sorted(POST_FIELDS))
         bad = rng.choice(NON_STANDARD)
-        if i % 10 == 9 and path != "/similar-items" or i % 10 == 8:  # a key-count case
+        if path != "/events" and (i % 10 == 9 and path != "/similar-items"
+                                  or i % 10 == 8):  # a key-count case
             part = "filter" if path == "/similar-items" or rng.random() < 0.5 and \
                 path == "/recommend" else "features"
             keys = ", ".join(f'"k{j}": {rng.choice(["1", "[1]", bad])}'
@@ -132,7 +134,8 @@ def hostile_cases(columns: list[str], attributes: list[str], n: int, seed: int =
             out.append((path, f'{{{who}{extra}, "{part}": {{{keys}}}}}'))
             continue
         body = {"/recommend": {"user_id": "1"}, "/similar-items": {"item_id": "1"},
-                "/score": {"user_id": "1", "item_ids": "[1]"}}[path]
+                "/score": {"user_id": "1", "item_ids": "[1]"},
+                "/events": {"user_id": "1", "item_id": "1"}}[path]
         field = rng.choice(POST_FIELDS[path])
         named = {"features": columns or ["age"], "filter": attributes or ["genre"]}
         if field in named:

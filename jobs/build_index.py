@@ -3,8 +3,10 @@ r"""Build index: ``RUN_DIR/model`` -> versioned item and user embeddings -> ``RU
 Inputs: the trained model and ``prepared/items.parquet`` / ``users.parquet``; the ``index``
 section of the config. Outputs: ``RUN_DIR/embeddings/{items,users}/model_version=V/``
 (Parquet written by Ray Data batch inference in an actor pool, or in this process for
-tables up to ``index.local_max_rows`` rows, with ``_run.json``) and
-``RUN_DIR/index/`` (FAISS index, id map, manifest with the measured recall).
+tables up to ``index.local_max_rows`` rows, with ``_run.json``),
+``RUN_DIR/index/`` (FAISS index, id map, manifest with the measured recall) and
+``RUN_DIR/user_state/`` (the embedded user-state store the endpoint reads users from:
+each user's prepared row, seen items and embedding; ``serve_app.user_store``).
 
     python -m jobs.build_index --config configs/ml100k.yaml --output-dir runs/ml100k
     ray job submit --working-dir . -- python -m jobs.build_index \
@@ -22,7 +24,9 @@ from jobs.cli import parse_job_args, user_errors
 from jobs.ray_setup import ensure_ray
 from pipeline.columns import ITEM, USER
 from pipeline.config import Config
-from pipeline.run_dir import IndexManifest, RunDir, read_model_meta
+from pipeline.run_dir import IndexManifest, RunDir, read_model_meta, read_prepare_manifest
+from serve_app.events import PREFIX
+from serve_app.user_store import build_embedded
 
 
 def _log(message: str) -> None:
@@ -36,8 +40,14 @@ def run(cfg: Config, run_dir: Path) -> IndexManifest:
     folders = embed_towers(run, cfg.index, meta, log=_log, start_ray=ensure_ray)
     items = read_embeddings(folders[ITEM], key_column(meta, ITEM))[2]
     users = read_embeddings(folders[USER], key_column(meta, USER))[2]
-    return build_index(cfg.index, run, meta, items, users, seed=cfg.train.seed, log=_log,
-                       embeddings={t: str(f) for t, f in folders.items()})
+    manifest = build_index(cfg.index, run, meta, items, users, seed=cfg.train.seed, log=_log,
+                           embeddings={t: str(f) for t, f in folders.items()})
+    prepared = read_prepare_manifest(run).inputs.get("interactions", [])
+    build_embedded(run, key_column(meta, USER), meta.model_version,
+                   users if cfg.serve.stored_user_embeddings else None,
+                   applied=[Path(p).name for p in prepared if Path(p).name.startswith(PREFIX)],
+                   log=_log)
+    return manifest
 
 
 def main(argv: list[str] | None = None) -> None:

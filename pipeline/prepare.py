@@ -23,7 +23,9 @@ no partial ``prepared/``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -142,6 +144,8 @@ def validate_inputs(cfg: C.Config) -> dict[str, io.TableFiles]:
     files = {}
     for name in ("interactions", "users", "items"):
         tf = io.resolve_files(name, cfg.data.resolve(getattr(cfg.data, name)))
+        if name == "interactions":
+            tf = with_extra_interactions(tf, cfg.data)
         files[name] = io.validate_table(tf, needed[name])
     d = cfg.data
     io.check_empty(files["interactions"], f"interactions with columns {d.user_id!r}, "
@@ -152,6 +156,28 @@ def validate_inputs(cfg: C.Config) -> dict[str, io.TableFiles]:
     for key, table in ((d.user_id, "users"), (d.item_id, "items")):
         _check_key_kinds(files["interactions"], files[table], key)
     return files
+
+
+def with_extra_interactions(tf: io.TableFiles, d: C.DataConfig) -> io.TableFiles:
+    """The interactions' files plus those of ``data.extra_interactions`` (the events log).
+
+    The extra files are read as more interaction files (same columns and key types;
+    ``manifest.json``'s inputs list them, so the run's user-state store never replays
+    them). A folder that does not exist yet or holds no file adds nothing: a log that no
+    event has reached.
+    """
+    if not d.extra_interactions:
+        return tf
+    uri = d.resolve(d.extra_interactions)
+    if "://" not in uri and (not os.path.exists(uri) or (os.path.isdir(uri)
+                                                         and not os.listdir(uri))):
+        return tf
+    extra = io.resolve_files("extra_interactions", uri)
+    if type(extra.filesystem) is not type(tf.filesystem):
+        raise ValueError(f"data.extra_interactions {uri!r} is on another filesystem than "
+                         f"data.interactions {tf.uri!r}; accepted: both local or both on "
+                         "one object store")
+    return dataclasses.replace(tf, paths=[*tf.paths, *extra.paths])
 
 
 def _check_key_kinds(inter: io.TableFiles, table: io.TableFiles, key: str) -> None:

@@ -134,6 +134,11 @@ class RunDir:
         return self.root / "embeddings" / f"{tower}s" / f"model_version={model_version}"
 
     @property
+    def user_state(self) -> Path:
+        """``user_state/``: the embedded user-state store (LMDB) and its ``layout.json``."""
+        return self.root / "user_state"
+
+    @property
     def metrics(self) -> Path:
         """``metrics.json``."""
         return self.root / "metrics.json"

@@ -23,4 +23,15 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     python -m pip install -q -e "$root[dev]"
     echo "$want" > "$stamp"
 fi
+# The Redis tests need a real server (serve.user_store: redis): Debian's redis-server.
+if ! command -v redis-server >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        echo "[setup] installing redis-server (Debian package)" >&2
+        apt-get install -y -q redis-server >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q redis-server >/dev/null; }
+    else
+        echo "[setup] warning: redis-server is missing; install it (e.g. apt-get install" \
+             "redis-server) or the Redis tests fail under CI" >&2
+    fi
+fi
 set +eu

@@ -23,7 +23,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette._utils import get_route_path
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -32,6 +32,7 @@ from pipeline.config.serve import ServeConfig
 from serve_app.contract import ContractError
 from serve_app.schemas import (
     ErrorResponse,
+    EventsResponse,
     HealthResponse,
     RecommendResponse,
     RequestError,
@@ -43,7 +44,9 @@ from serve_app.schemas import (
     json_safe,
     request_models,
 )
+from serve_app.user_store import StoreReadOnly, StoreUnavailable
 
+RETRY_AFTER_S = 1  # a 503's Retry-After while the user-state store is down
 TITLE = "Towerline retrieval"
 SUMMARY = ("Two-tower retrieval: the top k catalogue items for a user, the items nearest to "
            "an item, and scores of given items.")
@@ -56,6 +59,7 @@ class Service(Protocol):
     async def recommend(self, body: Any) -> bytes: ...  # noqa: D102
     async def similar_items(self, body: Any) -> bytes: ...  # noqa: D102
     async def score(self, body: Any) -> bytes: ...  # noqa: D102
+    async def events(self, body: Any) -> EventsResponse: ...  # noqa: D102
     async def health(self) -> HealthResponse: ...  # noqa: D102
     async def version(self) -> VersionResponse: ...  # noqa: D102
     def run_schemas(self) -> tuple[str, dict[str, dict[str, Any]]]: ...  # noqa: D102
@@ -141,7 +145,8 @@ class ServingAPI(FastAPI):
         self._direct = {route.path: (route.body_field.field_info.annotation, route.endpoint)
                         for route in self.routes
                         if isinstance(route, APIRoute) and route.body_field is not None
-                        and route.methods == {"POST"} and "{" not in route.path}
+                        and route.methods == {"POST"} and "{" not in route.path
+                        and _is_model(route.body_field.field_info.annotation)}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The body within its deadline, then the direct path or FastAPI with it replayed."""
@@ -177,6 +182,11 @@ class ServingAPI(FastAPI):
             if inspect.isawaitable(response):  # Starlette also takes plain-function handlers
                 response = await response
         await response(scope, replay, send)
+
+
+def _is_model(annotation: Any) -> bool:
+    """Whether a body annotation is one pydantic model (``/events`` takes a list)."""
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 class ClientGone(Exception):
@@ -280,6 +290,14 @@ def _documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": ErrorResponse, "description": what[s]} for s in statuses}
 
 
+def _unavailable() -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries of the store's refusals: 409 (no events kept), 503 (down)."""
+    return {409: {"model": ErrorResponse, "description": "serve.user_store is memory: no "
+                  "events are kept."},
+            503: {"model": ErrorResponse, "description": "The user-state store does not "
+                  "answer; retry after Retry-After seconds."}}
+
+
 def _add_error_handlers(app: FastAPI, cfg: ServeConfig) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
@@ -292,6 +310,17 @@ def _add_error_handlers(app: FastAPI, cfg: ServeConfig) -> None:
     @app.exception_handler(ContractError)
     async def _off_contract(_: Request, err: ContractError) -> JSONResponse:
         return _errors(422, err.errors, cfg.max_errors)
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_down(_: Request, err: StoreUnavailable) -> JSONResponse:
+        return ErrorJSON(status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)},
+                         content={"detail": [{"type": "store_unavailable", "loc": [],
+                                              "msg": str(err), "input": None}]})
+
+    @app.exception_handler(StoreReadOnly)
+    async def _read_only(_: Request, err: StoreReadOnly) -> JSONResponse:
+        return _errors(409, [{"type": "store_read_only", "loc": [], "msg": str(err),
+                              "input": None}])
 
     @app.exception_handler(BodyTooLarge)
     async def _too_large(_: Request, err: BodyTooLarge) -> JSONResponse:
@@ -327,7 +356,7 @@ def build_api(service: Service, cfg: ServeConfig) -> FastAPI:
         return Response(content=await service.score(body), media_type=JSON)
 
     app.post("/recommend", response_model=RecommendResponse,
-             responses=_documented(400, 408, 413, 422),
+             responses={**_documented(400, 408, 413, 422), 503: _unavailable()[503]},
              summary="The top k catalogue items for a user",
              description="For a known user id, raw features and/or a history; optionally "
              "within a filter or an allow-list.")(recommend)
@@ -337,6 +366,14 @@ def build_api(service: Service, cfg: ServeConfig) -> FastAPI:
     app.post("/score", response_model=ScoreResponse,
              responses=_documented(400, 404, 408, 413, 422),
              summary="The user's score for each given item, in request order")(score)
+    async def events(body: models.events) -> EventsResponse:
+        return await service.events(body)
+
+    app.post("/events", response_model=EventsResponse,
+             responses={**_documented(400, 408, 413, 422), **_unavailable()},
+             summary="Add interactions to users' state and to the events log",
+             description="One event or a list of up to serve.max_events; written to the "
+             "user-state store and the events log before the answer.")(events)
     app.get("/healthz", response_model=HealthResponse,
             summary="Liveness and the model version served")(service.health)
     app.get("/version", response_model=VersionResponse,
@@ -358,6 +395,10 @@ def _serve_run_schema(app: FastAPI, service: Service) -> None:
             app.openapi_schema = None  # FastAPI caches the document it generates
             doc = base()
             schemas = doc["components"]["schemas"]
+            parts = dict(parts)
+            event = schemas.get("Event", {}).get("properties", {})
+            for field, schema in parts.pop("Event", {}).items():  # the run's key types
+                event[field] = {**schema, "description": event[field].get("description", "")}
             for name in ("RecommendRequest", "ScoreRequest", "SimilarItemsRequest"):
                 props = schemas.get(name, {}).get("properties", {})
                 for field, schema in parts.items():

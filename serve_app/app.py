@@ -1,8 +1,9 @@
 """The Ray Serve retrieval deployment and its application builder.
 
 Endpoints (OpenAPI docs at ``/docs``, built per replica by :mod:`serve_app.api`):
-``POST /recommend``, ``POST /similar-items``, ``POST /score``, ``GET /healthz``,
-``GET /version``. Bodies are in :mod:`serve_app.schemas`.
+``POST /recommend``, ``POST /similar-items``, ``POST /score``, ``POST /events``,
+``GET /healthz``, ``GET /version``. Bodies are in :mod:`serve_app.schemas`. Users are read
+from the user-state store (:mod:`serve_app.user_store`), which ``/events`` appends to.
 
 Ingress: the run's ``serve.ingress`` (default ``haproxy``: Serve's bundled HAProxy on
 ``serve.host:serve.port`` in front of each replica's own HTTP server) is applied when Ray
@@ -70,7 +71,13 @@ from serve_app import ingress
 from serve_app.api import build_api
 from serve_app.batching import MicroBatcher
 from serve_app.retriever import Answer, Retriever
-from serve_app.schemas import HealthResponse, ReloadConfig, RolloutStatus, VersionResponse
+from serve_app.schemas import (
+    EventsResponse,
+    HealthResponse,
+    ReloadConfig,
+    RolloutStatus,
+    VersionResponse,
+)
 from towers.exported import WEIGHTS_ONLY_ENV
 
 logger = logging.getLogger("ray.serve")
@@ -192,6 +199,26 @@ class RetrievalDeployment:
         old, self._retriever = self._retriever, fresh
         logger.info("serving model %s from %s (was %s)", fresh.model_version, fresh.run_dir,
                     old.model_version if old else None)
+        self._replay(fresh)
+
+    @staticmethod
+    def _replay(retriever: Retriever) -> None:
+        """Apply the events log files the new store has not seen, on the event loop.
+
+        Events posted while the new run loaded went to the old store and the log; an event
+        is handled on this loop without a pause, so after the swap every file an event of
+        this replica wrote is listed here. Replicas share the log and the store, and each
+        replays after its own swap: a file is applied once, by whichever comes first.
+        """
+        try:
+            applied = retriever.replay()
+        except Exception:  # noqa: BLE001 - the store is down: the next swap replays
+            logger.exception("replaying the events log into model %s's store failed",
+                             retriever.model_version)
+            return
+        if applied:
+            logger.info("replayed %d logged events into model %s's store", applied,
+                        retriever.model_version)
 
     def _current(self) -> Retriever:
         if self._retriever is None:
@@ -227,6 +254,10 @@ class RetrievalDeployment:
         job = Job(retriever, retriever.encode_similar(body))
         return run_grouped([job], Retriever.similar_encoded)[0].to_json()
 
+    async def events(self, body: Any) -> EventsResponse:
+        """Log events and append them to the user-state store (no await: a swap waits)."""
+        return self._current().post_events(body)
+
     async def health(self) -> HealthResponse:
         """Liveness plus the model version being served."""
         return HealthResponse(status="ok", model_version=self._current().model_version)
@@ -238,9 +269,14 @@ class RetrievalDeployment:
         return self._current().info().model_copy(update={"rollout": status})
 
     def run_schemas(self) -> tuple[str, dict[str, dict[str, Any]]]:
-        """(model version, the run's ``features`` / ``filter`` JSON schemas) for OpenAPI."""
+        """(model version, the run's per-run JSON schemas) for OpenAPI.
+
+        ``features`` / ``filter`` from the request contract, and under ``Event`` the key
+        types ``/events`` accepts for this run.
+        """
         retriever = self._current()
-        return retriever.model_version, retriever.contract.openapi()
+        return retriever.model_version, {**retriever.contract.openapi(),
+                                         "Event": retriever.event_key_schemas()}
 
 LAST_GOOD = ".towerline-last-good.json"  # beside the run directories
 

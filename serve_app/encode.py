@@ -2,10 +2,11 @@
 
 A request's user part is assembled in three layers, each with ``pipeline.transforms``:
 
-1. the base row: a known user's stored row of ``prepared/users.parquet`` (features,
-   latest history and item features of the history), or for an unknown / absent user
-   the all-null row prepare gives users missing from the user table, with the id feature
-   encoded from the request's id (unseen -> out-of-vocabulary, none -> padding);
+1. the base row: a known user's state from the user-state store
+   (:mod:`serve_app.user_store`: the row prepare wrote, with the items of the events
+   posted since appended to its history), or for an unknown / absent user the all-null
+   row prepare gives users missing from the user table, with the id feature encoded from
+   the request's id (unseen -> out-of-vocabulary, none -> padding);
 2. ``features``: raw values by source column, each through ``encode_feature`` with the
    fitted state, overriding the base row;
 3. ``history``: raw item ids through ``encode_sequence`` with the sequence vocabulary,
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.columns import ITEM, SEEN, USER, column_name, prefixed, tower_columns
+from pipeline.columns import ITEM, USER, column_name, prefixed
 from pipeline.io import column_to_numpy
 from pipeline.rows import absent_row, history_columns, id_columns, id_feature_names
 from pipeline.state import RESERVED, FeatureKind, FeatureState, FeatureStateSet
@@ -42,6 +43,7 @@ from pipeline.transforms import (
     pad_bags,
 )
 from serve_app.schemas import FeatureValue, RawId, RequestError, UnknownItemError
+from serve_app.user_store import UserState
 
 Columns = dict[str, np.ndarray]  # "user__NAME" -> [1, ...] (one request) or [B, ...]
 
@@ -52,16 +54,19 @@ class EncodedUser:
 
     Attributes:
         columns: ``user__NAME`` -> [1, ...] arrays, as in ``prepared/users.parquet``.
-        seen: [S] int64 distinct catalogue rows: stored seen items plus the request's
-            history.
-        stored_row: the user's row in ``prepared/users.parquet`` when the request is that
-            row exactly (a known id, no ``features``, no ``history``), else -1: its
-            embedding is then the one the index build wrote for the row.
+        seen: [S] int64 distinct catalogue rows: stored seen items, the items of the
+            events posted since, and the request's history.
+        embedding: [D] the embedding the index build wrote for the user's prepared row,
+            when the request is that row exactly (a known id, no event since, no
+            ``features``, no ``history``); else None and the tower runs.
+        state_version: events applied to a known user's state since prepare (0: as
+            prepared); None for a user the store does not hold.
     """
 
     columns: Columns
     seen: np.ndarray
-    stored_row: int = -1  # users.parquet row of a known user sent without overrides
+    embedding: np.ndarray | None = None
+    state_version: int | None = None
 
 
 def null_array(state: FeatureState) -> pa.Array:
@@ -113,17 +118,13 @@ class RequestEncoder:
 
     Args:
         fitted: the run's fitted feature state.
-        users: ``prepared/users.parquet`` (every known user's encoded row).
         catalogue: ``prepared/items.parquet`` (row number = catalogue row).
     """
 
-    def __init__(self, fitted: FeatureStateSet, users: pa.Table, catalogue: pa.Table):
+    def __init__(self, fitted: FeatureStateSet, catalogue: pa.Table):
         self.state = fitted.user
-        self.user_map = IdMap(users[fitted.user_id])
         self.item_map = IdMap(catalogue[fitted.item_id])
-        cols = tower_columns(users.column_names, USER)
-        self.stored = {c: column_to_numpy(users[c]) for c in cols}  # [U, ...] each
-        self.seen_offsets, self.seen_rows = _distinct_per_user(users[SEEN])
+        self.item_ids = catalogue[fitted.item_id].to_pylist()  # row -> raw id
         self.key = fitted.user_id
         self.id_features = id_feature_names(self.state, fitted.user_id)
         self.sequences = {n: s for n, s in self.state.features.items()
@@ -147,10 +148,6 @@ class RequestEncoder:
         row.update(self._history_columns([], np.zeros(0, np.int64)))
         return row
 
-    def user_row(self, user_id: RawId | None) -> int:
-        """Row of ``user_id`` in users.parquet, or -1 when unknown or absent."""
-        return -1 if user_id is None else self.user_map.row(user_id)
-
     def item_rows(self, item_ids: list[RawId]) -> np.ndarray:
         """[N] catalogue rows of raw item ids (-1 for ids not in the catalogue)."""
         return self.item_map.rows(item_ids)
@@ -167,16 +164,24 @@ class RequestEncoder:
                                    f"catalogue of {len(self.item_map)} items")
         return rows
 
-    def encode(self, query: Any) -> EncodedUser:
-        """The user-tower columns ([1, ...] each) and seen rows of one request."""
-        row = self.user_row(query.user_id)
-        if row >= 0:
-            columns = {c: a[row:row + 1] for c, a in self.stored.items()}
-            seen = self.seen_rows[self.seen_offsets[row]:self.seen_offsets[row + 1]]
+    def encode(self, query: Any, state: UserState | None = None) -> EncodedUser:
+        """The user-tower columns ([1, ...] each) and seen rows of one request.
+
+        Args:
+            query: the request (``user_id``, ``features``, ``history``).
+            state: the user's state in the store; None for a user it does not hold.
+        """
+        if state is not None and state.prepared:
+            columns = dict(state.columns)
+            seen = state.seen.astype(np.int64)
         else:
             columns = dict(self.absent)
             columns.update(self._id_columns(query.user_id))
             seen = np.zeros(0, np.int64)
+        if state is not None and state.version:
+            rows = state.events["row"].astype(np.int64)
+            columns.update(self._appended(columns, rows))
+            seen = distinct(np.concatenate([seen, rows]))
         if query.features:
             columns.update(self._feature_columns(query.features))
         if query.history is not None:
@@ -185,8 +190,29 @@ class RequestEncoder:
             history = [query.history[i] for i in known]
             columns.update(self._history_columns(history, rows[known]))
             seen = distinct(np.concatenate([seen, rows[known]]))
-        plain = row >= 0 and not query.features and query.history is None
-        return EncodedUser(columns, seen, row if plain else -1)
+        plain = state is not None and not state.version and not query.features \
+            and query.history is None
+        return EncodedUser(columns, seen, state.embedding if plain else None,
+                           None if state is None else state.version)
+
+    def _appended(self, columns: Columns, rows: np.ndarray) -> Columns:
+        """Every history column with the items of catalogue ``rows`` appended, last L kept.
+
+        Encoding is per item (vocabulary id, item features), so appending encoded items to
+        the encoded history is encoding the longer history, as prepare would.
+        """
+        suffix = self._history_columns([self.item_ids[r] for r in rows], rows)
+        out: Columns = {}
+        for name, st in self.sequences.items():
+            ids = column_name(USER, name)
+            before, after = columns[ids][0] != 0, suffix[ids][0] != 0  # 0: padding
+            for col in (ids, *(column_name(USER, name, f) for f in st.item_features)):
+                merged = np.concatenate([columns[col][0][before],
+                                         suffix[col][0][after]])[-st.max_length:]
+                laid = np.zeros((1, st.max_length), merged.dtype)
+                laid[0, st.max_length - len(merged):] = merged
+                out[col] = laid
+        return out
 
     def _id_columns(self, user_id: RawId | None) -> Columns:
         """The id features of a user not in users.parquet (unseen -> OOV, none -> padding)."""
@@ -221,25 +247,6 @@ class RequestEncoder:
             ids[name] = encode_sequence(lists, st.vocab_index(), st.max_length)  # [1, L]
             at[name] = pad_bags(rows + 1, offsets, st.max_length, pre=True) - 1  # -1: padding
         return history_columns(self.state, ids, at, self.item_features)
-
-
-def _distinct_per_user(seen: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """Each user's seen rows, sorted and distinct, once at load: ``(offsets [U + 1], rows)``.
-
-    A request then takes its user's slice as it is (no sort per request).
-    """
-    seen = seen.combine_chunks()
-    offsets = np.asarray(seen.offsets, dtype=np.int64)
-    values = seen.values.to_numpy(zero_copy_only=False).astype(np.int64)
-    values = values[offsets[0]:offsets[-1]]
-    if not len(values):
-        return np.zeros(len(offsets), np.int64), values
-    users = len(offsets) - 1
-    span = int(values.max()) + 2  # (user, row + 1) as one key: row -1 stays in its user
-    owner = np.repeat(np.arange(users, dtype=np.int64), np.diff(offsets))
-    keys = distinct(owner * span + values + 1)
-    counts = np.bincount(keys // span, minlength=users)
-    return np.r_[0, np.cumsum(counts)].astype(np.int64), keys % span - 1
 
 
 def _id_array(ids: list[Any]) -> pa.Array:

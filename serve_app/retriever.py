@@ -4,10 +4,12 @@
 ``indexing.build.load_index`` (which refuses an index built for another model), the
 catalogue (``prepared/items.parquet``: row number = the index's id -> raw item id, checked
 row for row against the index manifest's catalogue hash), the item embeddings of the
-current model version (``embeddings/items/model_version=V``), every known user's encoded
-row (``prepared/users.parquet``) and, when the index build wrote them, their embeddings
-(``embeddings/users/model_version=V``: a known user sent without overrides needs no tower
-forward), the per-run request contract and the attribute index of the catalogue. Every
+current model version (``embeddings/items/model_version=V``), the user-state store
+(:mod:`serve_app.user_store`, ``serve.user_store``: each request's user is read from it,
+with the events posted since prepare; a known user with no event since, sent without
+overrides, keeps the embedding the index build wrote and needs no tower forward), the
+events log (:mod:`serve_app.events`), the per-run request contract and the attribute
+index of the catalogue. Every
 read is checked at this edge: a run that does not load raises ``FileNotFoundError`` or
 ``ValueError`` naming the file (and the field or column).
 
@@ -21,6 +23,7 @@ joins a batch and cannot fail its neighbours.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,20 +37,36 @@ from indexing.build import check_catalogue, load_index
 from indexing.embed import read_embeddings
 from indexing.topk import as_searched
 from pipeline.columns import ITEM, SEEN, USER, tower_inputs
+from pipeline.config.serve import UserStoreKind
 from pipeline.rows import id_feature_names
-from pipeline.run_dir import RunDir, load_fitted, read_model_meta, read_table
+from pipeline.run_dir import ModelMeta, RunDir, load_fitted, read_model_meta, read_table
+from pipeline.state import FeatureStateSet
 from pipeline.transforms import distinct
 from serve_app.contract import RunContract, filterable
 from serve_app.encode import EncodedUser, RequestEncoder
+from serve_app.events import EventLog, LogColumns
 from serve_app.filters import AttributeIndex
 from serve_app.schemas import (
+    ID_MAX,
+    ID_MIN,
+    EventsResponse,
     IndexSummary,
     RawId,
     RecommendResponse,
+    RequestError,
     ScoredItem,
     ScoreResponse,
     SimilarItemsResponse,
     VersionResponse,
+)
+from serve_app.user_store import (
+    Layout,
+    LmdbBackend,
+    MemoryStore,
+    RedisBackend,
+    StoreUnavailable,
+    UserStore,
+    redis_prefix,
 )
 from towers.exported import ExportedTower
 
@@ -98,6 +117,7 @@ class Answer:
     scores: list[float]
     model_version: str
     key: str = "items"
+    state_version: int | None = None  # the user's events since prepare (None: not stored)
 
     def to_json(self) -> bytes:
         """The response body, rendered without a model.
@@ -106,13 +126,19 @@ class Answer:
         """
         entries = [{"item_id": i, "score": s}
                    for i, s in zip(self.item_ids, self.scores, strict=True)]
-        return pydantic_core.to_json({self.key: entries, "model_version": self.model_version})
+        return pydantic_core.to_json(self._body(entries))
 
     def to_model(self, cls: type) -> Any:
         """The answer as ``cls`` (a response model of :mod:`serve_app.schemas`)."""
         entries = [ScoredItem(item_id=i, score=s)
                    for i, s in zip(self.item_ids, self.scores, strict=True)]
-        return cls(**{self.key: entries, "model_version": self.model_version})
+        return cls(**self._body(entries))
+
+    def _body(self, entries: list) -> dict[str, Any]:
+        body = {self.key: entries, "model_version": self.model_version}
+        if self.state_version is not None:
+            body["state_version"] = self.state_version
+        return body
 
 
 def item_embeddings(run: RunDir, model_version: str, key: str, count: int) -> np.ndarray:
@@ -190,18 +216,23 @@ class Retriever:
                              f"{exported_version}, but model/meta.json is {self.model_version}: "
                              "re-run jobs.train")
         self.index, self.manifest = load_index(run, meta)
-        catalogue, users = read_table(run, ITEM), read_table(run, USER)
+        catalogue = read_table(run, ITEM)
         require_columns(catalogue, run.table(ITEM), [fitted.item_id], "the item key")
         check_catalogue(self.manifest, run, catalogue[fitted.item_id])
-        require_columns(users, run.table(USER), [fitted.user_id, SEEN], "key / seen items")
-        self.encoder = RequestEncoder(fitted, users, catalogue)
-        self.item_ids: list[RawId] = catalogue[fitted.item_id].to_pylist()  # row -> raw id
+        self.encoder = RequestEncoder(fitted, catalogue)
+        self.item_ids: list[RawId] = self.encoder.item_ids  # row -> raw id
         vectors = item_embeddings(run, self.model_version, fitted.item_id, catalogue.num_rows)
         self.item_vectors = as_searched(vectors, self.similarity)  # [I, D]
         cfg = serve_config or meta.config.serve
-        self.user_vectors = stored_user_embeddings(run, self.model_version, fitted.user_id,
-                                                   users.num_rows) \
-            if cfg.stored_user_embeddings else None  # [U, D] or None
+        self.stored_embeddings = cfg.stored_user_embeddings
+        self.max_string_length = cfg.max_string_length
+        self.store = open_store(run, cfg, meta, fitted)
+        d = meta.config.data
+        self.events = None if self.store.read_only else EventLog(
+            Path(cfg.events_dir) if cfg.events_dir else run.root.parent / "events",
+            LogColumns(d.user_id, d.item_id, d.timestamp, d.weight or "weight",
+                       self.store.layout.arrow_key_type(),
+                       catalogue.schema.field(fitted.item_id).type))
         attributes = filterable(fitted.item, id_feature_names(fitted.item, fitted.item_id))
         self.attributes = AttributeIndex(catalogue, attributes)
         sources = {src: [fitted.user.features[n] for n in names]
@@ -220,10 +251,25 @@ class Retriever:
     # -- one request -> its encoded form (raises RequestError naming the field) ----------
 
     def encode_user(self, request: Any) -> EncodedUser:
-        """The user part of a request, its ``features`` checked against the run first."""
+        """The user part of a request, its ``features`` checked against the run first.
+
+        The user's state is read from the store. A store that is down fails the request
+        (:class:`StoreUnavailable`, a 503) unless it sends its own ``history``: that one is
+        served from the history, its stored features left out.
+        """
         if request.features:
             self.contract.check_features(request.features)
-        return self.encoder.encode(request)
+        state = None
+        if request.user_id is not None:
+            try:
+                state = self.store.read([request.user_id])[0]
+            except StoreUnavailable:
+                if request.history is None:
+                    raise
+        user = self.encoder.encode(request, state)
+        if not self.stored_embeddings and user.embedding is not None:
+            user = EncodedUser(user.columns, user.seen, None, user.state_version)
+        return user
 
     def restriction(self, request: Any, exclude: list[np.ndarray]) -> Restriction:
         """The rows a request may not return (``exclude`` + exclude_items) and may return."""
@@ -263,18 +309,17 @@ class Retriever:
     def embed_users(self, users: list[EncodedUser]) -> np.ndarray:
         """[B, D] float32 user embeddings: stored ones, one tower forward for the rest.
 
-        A known user sent without overrides has the embedding the index build wrote for
-        its row (the same tower on the same row, computed once); every other request runs
-        the exported tower, all of them in one forward.
+        A known user with no event since prepare, sent without overrides, has the
+        embedding the index build wrote for its row (the same tower on the same row,
+        computed once); every other request runs the exported tower, all of them in one
+        forward.
         """
-        stored = self.user_vectors is not None
-        rows = np.array([u.stored_row if stored else -1 for u in users], np.int64)
-        known = rows >= 0
-        if known.all():  # every one stored (the common case): one gather
-            return self.user_vectors[rows]
+        known = np.array([u.embedding is not None for u in users])
+        if known.all():  # every one stored (the common case): one stack
+            return np.stack([u.embedding for u in users]).astype(np.float32, copy=False)
         out = np.empty((len(users), self.user_tower.output_dim), np.float32)
         if known.any():
-            out[known] = self.user_vectors[rows[known]]
+            out[known] = np.stack([u.embedding for u in users if u.embedding is not None])
         rest = [u for u, k in zip(users, known, strict=True) if not k]
         out[~known] = self.forward(rest)
         return out
@@ -301,7 +346,9 @@ class Retriever:
     def recommend_encoded(self, queries: list[RecommendQuery]) -> list[Answer]:
         """Top-k per query: one forward, one index search (restrictions per query)."""
         emb = self.embed_users([q.user for q in queries])  # [B, D]
-        return self._search(emb, [q.k for q in queries], [q.rows for q in queries])
+        answers = self._search(emb, [q.k for q in queries], [q.rows for q in queries])
+        return [Answer(a.item_ids, a.scores, a.model_version, a.key, q.user.state_version)
+                for a, q in zip(answers, queries, strict=True)]
 
     def similar_encoded(self, queries: list[SimilarQuery]) -> list[Answer]:
         """Nearest items to each query item, the item itself excluded."""
@@ -312,7 +359,7 @@ class Retriever:
         """Each query's score for its items, as the index would score them."""
         users = as_searched(self.embed_users([q.user for q in queries]), self.similarity)
         return [Answer(q.item_ids, (self.item_vectors[q.rows] @ u).tolist(),  # [N]
-                       self.model_version, key="scores")
+                       self.model_version, "scores", q.user.state_version)
                 for q, u in zip(queries, users, strict=True)]
 
     # -- whole requests (encode + batch): the in-process API -----------------------------
@@ -336,3 +383,128 @@ class Retriever:
         """[B, D] user-tower output for requests (before the index's normalisation)."""
         return self.embed_users([self.encode_user(r) for r in requests])
 
+
+    # -- events ------------------------------------------------------------------------
+
+    def post_events(self, events: list[Any]) -> EventsResponse:
+        """Log events, then append those of catalogue items to the store; the counts.
+
+        Each event's user id must be of the run's key type and its item id of the
+        catalogue's (a 422 naming ``[i, field]``); an item the catalogue does not hold is
+        logged and left out of the store, as prepare drops such interactions. The log file
+        is written first and the store append names it, in one transaction: a store that
+        is down removes the file again and raises (a 503), so a 2xx means both hold the
+        events and a retry never doubles them.
+
+        Raises:
+            RequestError: an id of the wrong type.
+            StoreUnavailable / StoreReadOnly: the store cannot take events.
+        """
+        if self.events is None:
+            self.store.append([], "")  # the memory path: raises StoreReadOnly, the reason
+        keys = [self.store.key(e.user_id) for e in events]
+        for i, (e, k) in enumerate(zip(events, keys, strict=True)):
+            if k is None:
+                raise RequestError((i, "user_id"), e.user_id, (
+                    f"[{i}].user_id={e.user_id!r} is not a {self.store.layout.key_type} user "
+                    "key of this run"))
+        items = [e.item_id for e in events]
+        try:
+            item_col = pa.array(items, self.events.columns.item_type)
+        except (pa.ArrowException, TypeError, OverflowError):
+            i = next(i for i, v in enumerate(items) if not _fits(v, self.events.columns.item_type))
+            raise RequestError((i, "item_id"), items[i], (
+                f"[{i}].item_id={items[i]!r} is not of the catalogue's key type "
+                f"({self.events.columns.item_type})")) from None
+        rows = self.encoder.item_rows(items)
+        now = int(time.time())
+        times = [now if e.timestamp is None else e.timestamp for e in events]
+        users = pa.array([e.user_id for e in events]).cast(self.events.columns.user_type)
+        weights = [1.0 if e.weight is None else e.weight for e in events]
+        name = self.events.write(users, item_col, times, weights)
+        known = [(k, int(r), t) for k, r, t in zip(keys, rows, times, strict=True) if r >= 0]
+        try:
+            self.store.append(known, name)
+        except Exception:
+            self.events.remove(name)
+            raise
+        return EventsResponse(accepted=len(events), in_history=len(known),
+                              unknown_items=[i for i, r in enumerate(rows) if r < 0],
+                              model_version=self.model_version)
+
+    def event_key_schemas(self) -> dict[str, dict[str, Any]]:
+        """JSON schemas of an event's ``user_id`` and ``item_id`` for this run's key types."""
+        if self.events is None:
+            return {}
+        c = self.events.columns
+        return {"user_id": key_schema(c.user_type, self.max_string_length),
+                "item_id": key_schema(c.item_type, self.max_string_length)}
+
+    def replay(self) -> int:
+        """Apply the log files this store has not seen (posted to another run); events applied.
+
+        A file is applied once, whichever replica gets to it first (the store keeps the
+        set of applied files in the transaction that appends their events).
+        """
+        if self.events is None:
+            return 0
+        applied, done = self.store.backend.applied(), 0
+        for name in self.events.files():
+            if name in applied:
+                continue
+            table = self.events.read(name)
+            c = self.events.columns
+            rows = self.encoder.item_rows(table[c.item_id].to_pylist())
+            keys = [self.store.key(u) for u in table[c.user_id].to_pylist()]
+            times = table[c.timestamp].to_pylist()
+            known = [(k, int(r), int(t)) for k, r, t in zip(keys, rows, times, strict=True)
+                     if r >= 0 and k is not None]
+            if self.store.append(known, name):
+                done += len(known)
+        return done
+
+
+def key_schema(typ: pa.DataType, max_length: int) -> dict[str, Any]:
+    """The JSON schema of a raw key of Arrow type ``typ`` (integer within JSON's range, or text)."""
+    if pa.types.is_integer(typ):
+        return {"type": "integer", "minimum": ID_MIN, "maximum": ID_MAX}
+    return {"type": "string", "maxLength": max_length}
+
+
+def _fits(value: Any, typ: pa.DataType) -> bool:
+    try:
+        pa.array([value], typ)
+    except (pa.ArrowException, TypeError, OverflowError):
+        return False
+    return True
+
+
+def open_store(run: RunDir, cfg: Any, meta: ModelMeta, fitted: FeatureStateSet
+               ) -> UserStore | MemoryStore:
+    """The user-state store ``cfg.user_store`` names, checked to belong to this model.
+
+    Raises:
+        FileNotFoundError: the run has no store (names the command that writes it), or the
+            Redis server holds no copy of it.
+        ValueError: the store was built for another model.
+        StoreUnavailable: the Redis server does not answer.
+    """
+    if cfg.user_store is UserStoreKind.MEMORY:
+        users = read_table(run, USER)
+        require_columns(users, run.table(USER), [fitted.user_id, SEEN], "key / seen items")
+        emb = stored_user_embeddings(run, meta.model_version, fitted.user_id, users.num_rows) \
+            if cfg.stored_user_embeddings else None
+        return MemoryStore(users, fitted.user_id, emb)
+    layout = Layout.read(run.user_state)
+    if layout.model_version != meta.model_version:
+        raise ValueError(f"{run.user_state} was built for model {layout.model_version}, not "
+                         f"{meta.model_version}: re-run `python -m jobs.build_index`")
+    if cfg.user_store is UserStoreKind.EMBEDDED:
+        return UserStore(layout, LmdbBackend(run.user_state))
+    backend = RedisBackend(cfg.redis_url, redis_prefix(layout), cfg.store_timeout_s)
+    if not backend.has_layout():
+        backend.close()
+        raise FileNotFoundError(f"the Redis server at {cfg.redis_url} holds no store "
+                                f"{layout.store_id}: run `python -m jobs.user_store "
+                                f"{run.root} --redis-url {cfg.redis_url}`")
+    return UserStore(layout, backend)

@@ -49,6 +49,11 @@ def _integral(value: Any) -> Any:
     return value
 
 
+def _one_or_many(value: Any) -> Any:
+    """``POST /events`` takes one event object or a list of them: one is a list of one."""
+    return [value] if isinstance(value, dict) else value
+
+
 def integer(low: int, high: int) -> Any:
     """A JSON integer in ``low..high``: no bool, no "7"; 7.0 is 7 (bounds in the schema)."""
     return Annotated[StrictInt, Field(ge=low, le=high), BeforeValidator(_integral)]
@@ -59,6 +64,7 @@ Scalar = Union[StrictInt, StrictFloat, StrictStr, StrictBool, None]  # in-proces
 FeatureValue = Union[Scalar, list[Scalar]]
 RawId = Union[StrictInt, StrictStr]  # the Python type of an id once validated
 
+EVENT_TIME_MAX = ID_MAX  # an event's integer time: within JSON's exact range, >= 0
 ONE_OF_USER = ("user_id", "features", "history")
 WHO_MSG = "at least one of user_id, features or history is required"
 
@@ -101,6 +107,9 @@ class RecommendResponse(_Strict):
 
     items: list[ScoredItem] = Field(description="At most k items, best first.")
     model_version: str = Field(description="Version of the model that answered.")
+    state_version: int | None = Field(
+        default=None, description="Events applied to the user's stored state since the run "
+        "was prepared (0: as prepared); absent for a user the store does not hold.")
 
 
 class SimilarItemsResponse(_Strict):
@@ -115,6 +124,20 @@ class ScoreResponse(_Strict):
 
     scores: list[ScoredItem] = Field(description="Scores in the order of item_ids.")
     model_version: str = Field(description="Version of the model that answered.")
+    state_version: int | None = Field(
+        default=None, description="Events applied to the user's stored state since the run "
+        "was prepared (0: as prepared); absent for a user the store does not hold.")
+
+
+class EventsResponse(_Strict):
+    """``POST /events``: what was written (the log and the store hold it on a 2xx)."""
+
+    accepted: int = Field(description="Events written to the events log.")
+    in_history: int = Field(description="Events of catalogue items, appended to the users' "
+                            "state (the rest are in the log only).")
+    unknown_items: list[int] = Field(description="Positions of events whose item is not in "
+                                     "the catalogue.")
+    model_version: str = Field(description="Version of the model whose store took them.")
 
 
 class HealthResponse(_Strict):
@@ -188,6 +211,7 @@ class RequestModels:
     recommend: type[BaseModel]
     similar_items: type[BaseModel]
     score: type[BaseModel]
+    events: Any  # list[Event], one event object accepted as a list of one
 
 
 def request_models(cfg: ServeConfig) -> RequestModels:  # noqa: C901 - one class per body
@@ -266,7 +290,23 @@ def request_models(cfg: ServeConfig) -> RequestModels:  # noqa: C901 - one class
             description=f"Raw catalogue item ids, 1..{cfg.max_k} of them (serve.max_k); an "
             "id not in the catalogue is a 404.")
 
-    return RequestModels(RecommendRequest, SimilarItemsRequest, ScoreRequest)
+    class Event(_Strict):
+        """One interaction to add to the user's state and to the events log."""
+
+        user_id: Id = Field(description="Raw user id, of the run's key type; a user the "
+                            "store does not hold is created by its first event.")
+        item_id: Id = Field(description="Raw item id, of the catalogue's key type; an item "
+                            "not in the catalogue is logged but left out of the history.")
+        timestamp: integer(0, EVENT_TIME_MAX) = Field(
+            default=None, description="Integer time (unix seconds, or the data's own "
+            f"integer clock), 0..{EVENT_TIME_MAX}; default: the server's unix time.")
+        weight: Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False)] = Field(
+            default=None, description="Finite, >= 0: the interaction's loss weight when the "
+            "run's data has data.weight; default 1.")
+
+    Events = Annotated[list[Event], BeforeValidator(_one_or_many),
+                       Field(min_length=1, max_length=cfg.max_events)]
+    return RequestModels(RecommendRequest, SimilarItemsRequest, ScoreRequest, Events)
 
 
 DEFAULT_MODELS = request_models(ServeConfig())
@@ -278,7 +318,7 @@ BOUND_TYPES = ("too_long", "string_too_long", "less_than_equal", "greater_than_e
 # field -> the serve setting that bounds it, to name it in the 422 message
 BOUNDS = {"k": "max_k", "item_ids": "max_k", "history": "max_history",
           "exclude_items": "max_exclude_items", "allow_items": "max_allow_items",
-          "features": "max_keys", "filter": "max_keys"}
+          "features": "max_keys", "filter": "max_keys", "events": "max_events"}
 
 
 class RequestError(ValueError):
@@ -400,7 +440,8 @@ def explain(errors: list[dict[str, Any]], cfg: ServeConfig) -> list[dict[str, An
     for err in out:
         field = next((p for p in err["loc"][1:2] if isinstance(p, str)), "")
         path = ".".join(map(str, err["loc"][1:])) or "body"
-        setting = BOUNDS.get(field)
+        setting = BOUNDS.get(field) if field else \
+            ("max_events" if len(err["loc"]) == 1 else None)  # only /events' body is a list
         if err["type"] in ("too_long", "less_than_equal") and setting:
             err["msg"] = (f"{path}: {err['msg']}; at most {getattr(cfg, setting)} "
                           f"(serve.{setting})")

@@ -80,7 +80,15 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, demo_trained, second_model):
+def served_run(demo_trained, tmp_path_factory) -> Path:
+    """A copy of the demo run for the live deployment: fuzzed /events write into its store."""
+    dst = tmp_path_factory.mktemp("served") / "run"
+    shutil.copytree(demo_trained, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, served_run, second_model):
     """One live deployment over HTTP; Serve is shut down (never `ray stop`) at module end.
 
     ``second_model`` is built first: its index build (Ray Data) needs the CPUs that the
@@ -92,7 +100,7 @@ def server(ray_session, demo_trained, second_model):
     from serve_app.app import run_app
 
     port = free_port()
-    cfg = run_app(demo_trained, {"host": "127.0.0.1", "port": str(port)}, name=APP)
+    cfg = run_app(served_run, {"host": "127.0.0.1", "port": str(port)}, name=APP)
     assert (cfg.host, cfg.port) == ("127.0.0.1", port)  # the requests below go there
     client = httpx.Client(base_url=f"http://{cfg.host}:{cfg.port}", timeout=HTTP_TIMEOUT)
     deadline = time.monotonic() + 60  # the HTTP front may come up after the app
@@ -146,7 +154,7 @@ def test_known_user_alone_gives_the_stored_row(retriever, users):
     from serve_app.schemas import RecommendRequest
 
     uid = next(iter(users))
-    encoded = retriever.encoder.encode(RecommendRequest(user_id=uid))
+    encoded = retriever.encode_user(RecommendRequest(user_id=uid))
     for column, value in encoded.columns.items():
         np.testing.assert_array_equal(value[0], np.asarray(users[uid][column]), column)
     assert encoded.seen.tolist() == sorted(set(users[uid]["seen_item_index"]))
@@ -220,7 +228,7 @@ def test_user_embedding_equals_the_batch_jobs(batch_embeddings, demo_trained):
     from serve_app.schemas import RecommendRequest
 
     tower_only = Retriever(demo_trained, ServeConfig(stored_user_embeddings=False))
-    assert tower_only.user_vectors is None
+    assert not tower_only.stored_embeddings
     uids = sample_test_users(demo_trained, 16)
     got = tower_only.user_embeddings([RecommendRequest(user_id=u) for u in uids])
     want = np.stack([batch_embeddings["users"][u] for u in uids])
@@ -647,10 +655,14 @@ def _drop_meta_key(run: Path) -> None:
     path.write_text(json.dumps(meta))
 
 
-def _drop_users_column(run: Path) -> None:
-    path = run / "prepared" / "users.parquet"
-    table = pq.read_table(path)
-    pq.write_table(table.drop_columns(["seen_item_index"]), path)
+def _drop_user_store(run: Path) -> None:
+    (run / "user_state" / "data.mdb").unlink()
+
+
+def _stale_user_store(run: Path) -> None:
+    path = run / "user_state" / "layout.json"
+    layout = json.loads(path.read_text())
+    path.write_text(json.dumps({**layout, "model_version": "an-older-model"}))
 
 
 def _reorder_catalogue(run: Path) -> None:
@@ -668,7 +680,8 @@ def _change_feature_state(run: Path) -> None:
 
 
 CORRUPTIONS = {"truncated index": _truncate_index, "missing meta key": _drop_meta_key,
-               "missing users column": _drop_users_column,
+               "missing user store": _drop_user_store,
+               "stale user store": _stale_user_store,
                "reordered catalogue": _reorder_catalogue,
                "mismatched feature state": _change_feature_state}
 
@@ -691,7 +704,8 @@ def test_each_corrupt_run_is_refused_by_the_loader_naming_the_file(kind, corrupt
 
     run = tampered_run if kind == "foreign index manifest" else corrupt_runs[kind]
     names = {"truncated index": "index.faiss", "missing meta key": "meta.json",
-             "missing users column": "users.parquet", "reordered catalogue": "items.parquet",
+             "missing user store": "data.mdb", "stale user store": "an-older-model",
+             "reordered catalogue": "items.parquet",
              "mismatched feature state": "feature state",
              "foreign index manifest": "model_version='not-this-model'"}
     with pytest.raises((ValueError, FileNotFoundError)) as err:  # typed at the edge
@@ -847,7 +861,7 @@ def test_schemathesis_finds_no_5xx_and_no_contract_violation(server, tmp_path):
     report = fuzz(str(server.base_url), 1000, tmp_path / "report.json", seed=0, timeout_s=600)
     print(summary(report))
     assert report["test_cases"]["generated"] >= 1000, summary(report)
-    assert report["operations"]["tested"] == 5, summary(report)
+    assert report["operations"]["tested"] == 6, summary(report)
     assert report["failures"] == [], report["console_tail"]  # not_a_server_error included
     assert report["test_cases"]["errored"] == 0, report["console_tail"]
     assert server.post("/recommend", json={"user_id": 1}).status_code == 200  # still up

@@ -18,6 +18,10 @@ class DataConfig(StrictModel):
         default=None, description="Base for relative table paths (the one field to override)."
     )
     interactions: str = Field(description="File, folder or glob; local or s3://, gs://, ...")
+    extra_interactions: str | None = Field(
+        default=None, description="More interactions, read beside `interactions` with the "
+        "same columns: e.g. the events log of POST /events (serve.events_dir), so the next "
+        "run trains on what was served. A folder that does not exist yet adds nothing.")
     users: str = Field(description="File, folder or glob of the user table.")
     items: str = Field(description="File, folder or glob of the item table (the catalogue).")
     user_id: str = Field(default="user_id", description="User key column (all tables).")

@@ -17,6 +17,14 @@ class Ingress(str, enum.Enum):
     PROXY = "proxy"  # Ray Serve's Python proxy
 
 
+class UserStoreKind(str, enum.Enum):
+    """Where a replica reads users from (``serve_app.user_store`` has the details)."""
+
+    EMBEDDED = "embedded"  # LMDB in RUN_DIR/user_state: memory-mapped, shared on a node
+    REDIS = "redis"  # a Redis server (serve.redis_url), for replicas on several nodes
+    MEMORY = "memory"  # users.parquet in every replica, as prepared; takes no events
+
+
 class ServeConfig(StrictModel):
     """The Ray Serve retrieval deployment: endpoint, replicas, batching, request bounds."""
 
@@ -35,6 +43,22 @@ class ServeConfig(StrictModel):
         default=True, description="Answer a known user sent without features or history "
         "with the embedding jobs.build_index wrote for it (no tower forward; U x D floats "
         "in memory); false runs the tower for every request.")
+    user_store: UserStoreKind = Field(
+        default=UserStoreKind.EMBEDDED, description="Where users' features, histories and "
+        "events live: embedded (LMDB beside the run, shared by the replicas of a node), "
+        "redis (serve.redis_url; load it with `python -m jobs.user_store RUN_DIR "
+        "--redis-url URL`) or memory (users.parquet in each replica; no /events).")
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0", description="The Redis server of "
+        "user_store: redis.")
+    store_timeout_s: float = Field(
+        default=1.0, gt=0, description="Longest wait for the Redis user store; past it a "
+        "request is a 503 with Retry-After (one that sends its own history is served).")
+    events_dir: str | None = Field(
+        default=None, description="Folder of the events log that POST /events appends to "
+        "(Parquet; data.extra_interactions of the next run); default: events/ beside the "
+        "run directory.")
+    max_events: int = Field(default=1000, ge=1, description="Most events in one POST /events.")
     batching: bool = Field(
         default=True, description="Run the user tower and the index search once for the "
         "requests that arrive together (serve_app.batching); false answers each on its own.")

@@ -1,0 +1,634 @@
+"""User state outside the replica: each user's prepared row, seen items and events.
+
+A replica no longer loads every user. It reads the users of each request from a store
+that ``jobs.build_index`` writes beside the index (``RUN_DIR/user_state/``) and that
+``POST /events`` appends to (``serve.user_store``):
+
+- ``embedded`` (the default): an LMDB environment on the node's disk. Memory-mapped, so
+  the replicas on one node share one copy through the page cache and a replica's RSS does
+  not grow with the audience; readers never block; a write is a transaction, serialised
+  across processes by LMDB's own lock.
+- ``redis``: the same records in a Redis server, for replicas on several nodes. Loaded from
+  the run's embedded store by ``python -m jobs.user_store RUN_DIR --redis-url URL`` under
+  a prefix of the run's own (``towerline:STORE_ID:``), so a new run's records sit beside
+  the old run's until the rollout swaps them.
+- ``memory``: the path before the store: every replica reads ``prepared/users.parquet``
+  and the stored user embeddings whole. Read-only (``/events`` answers 409); kept as the
+  baseline ``benchmarks.user_state`` measures the store against.
+
+What a user is, in every backend (:class:`UserState`):
+
+- the **base record**, as prepared: the user's encoded ``users.parquet`` row (features and
+  latest history, the columns the tower reads), its distinct seen catalogue rows, and the
+  embedding the index build computed from that row;
+- the **events** appended since, each a (catalogue row, time) pair of int64, in arrival
+  order. ``append`` is one LMDB write transaction or one Redis ``MULTI`` of ``APPEND``s:
+  atomic, and done before ``/events`` answers. A user with events is encoded afresh
+  (:meth:`serve_app.encode.RequestEncoder.encode`): its history is the stored one with the
+  events' items appended, its seen items include them, and the stored embedding no longer
+  applies.
+
+Records are bytes in a layout of the run's own (``layout.json``: each column's name, dtype
+and shape, the embedding width), read with ``numpy.frombuffer``: no pickle anywhere.
+
+Events files of the log (:mod:`serve_app.events`) are applied to a store once: each
+``append`` names the log file its events were written to, and the store keeps the set of
+applied names in the same transaction. :meth:`UserStore.replay` applies the files a store
+has not seen (events posted to the old run while a new one was being built and rolled out).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.columns import SEEN, USER, tower_columns
+from pipeline.io import column_to_numpy
+from pipeline.run_dir import RunDir, write_json
+from pipeline.state import RESERVED
+from pipeline.transforms import VocabIndex, cast_like, distinct
+
+LAYOUT = "layout.json"
+EVENT = np.dtype([("row", "<i8"), ("time", "<i8")])  # one event in a store: 16 bytes
+MAP_SIZE = 1 << 40  # LMDB's address-space reservation; the file grows only as written
+BUILD_BATCH = 65_536  # users per read batch and per write transaction when building
+
+
+class StoreUnavailable(RuntimeError):
+    """The store cannot be reached (HTTP 503 with ``Retry-After``)."""
+
+
+class StoreReadOnly(RuntimeError):
+    """The backend keeps no events (``serve.user_store: memory``; HTTP 409)."""
+
+
+@dataclass(frozen=True)
+class Column:
+    """One encoded user column of a record: name, numpy dtype and per-user shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one user's value."""
+        return int(np.dtype(self.dtype).itemsize * int(np.prod(self.shape, dtype=np.int64)))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a run's records are laid out, and which store they belong to (``layout.json``).
+
+    Attributes:
+        store_id: unique per build: the Redis prefix, and what a rollout swaps.
+        model_version: the model whose embeddings the records hold.
+        key_type: the Arrow type of the user key (``int64`` or ``string``).
+        columns: the encoded user columns, in record order.
+        embedding_dim: width of the stored embedding; 0 when none is stored.
+        users: users written.
+        applied: events-log files already in the prepared data (never replayed).
+    """
+
+    store_id: str
+    model_version: str
+    key_type: str
+    columns: tuple[Column, ...]
+    embedding_dim: int
+    users: int
+    applied: tuple[str, ...] = ()
+
+    @property
+    def fixed_bytes(self) -> int:
+        """Bytes of the fixed part of a record: columns, then the embedding."""
+        return sum(c.nbytes for c in self.columns) + 4 * self.embedding_dim
+
+    def arrow_key_type(self) -> pa.DataType:
+        """The user key's Arrow type."""
+        return pa.int64() if self.key_type == "int64" else pa.string()
+
+    def to_json(self) -> dict[str, Any]:
+        """The layout as written to ``layout.json``."""
+        return {"store_id": self.store_id, "model_version": self.model_version,
+                "key_type": self.key_type, "embedding_dim": self.embedding_dim,
+                "users": self.users, "applied": list(self.applied),
+                "columns": [{"name": c.name, "dtype": c.dtype, "shape": list(c.shape)}
+                            for c in self.columns]}
+
+    @classmethod
+    def read(cls, folder: Path) -> Layout:
+        """``folder/layout.json``.
+
+        Raises:
+            FileNotFoundError: no store was built there (names the command that builds it).
+            ValueError: the file does not parse.
+        """
+        path = folder / LAYOUT
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: the run has no user-state store; run "
+                                    "`python -m jobs.build_index` (it writes the store)")
+        try:
+            body = json.loads(path.read_text(encoding="utf-8"))
+            return cls(store_id=str(body["store_id"]), model_version=str(body["model_version"]),
+                       key_type=str(body["key_type"]), embedding_dim=int(body["embedding_dim"]),
+                       users=int(body["users"]), applied=tuple(body.get("applied", ())),
+                       columns=tuple(Column(str(c["name"]), str(c["dtype"]), tuple(c["shape"]))
+                                     for c in body["columns"]))
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path} does not parse ({err}); rebuild it with "
+                             "`python -m jobs.build_index`") from None
+
+
+@dataclass(frozen=True)
+class UserState:
+    """One known user as a store holds it.
+
+    Attributes:
+        columns: encoded user-tower columns as prepared, ``user__NAME`` -> [1, ...].
+        seen: [S] int64 distinct catalogue rows seen as prepared.
+        embedding: [D] float32 embedding of the prepared row, or None.
+        events: [E] :data:`EVENT` records appended since prepare, oldest first.
+        prepared: False for a user known from events only (no prepared row: the encoder
+            starts from the absent-user row).
+    """
+
+    columns: dict[str, np.ndarray]
+    seen: np.ndarray
+    embedding: np.ndarray | None
+    events: np.ndarray
+    prepared: bool = True
+
+    @property
+    def version(self) -> int:
+        """Events applied since prepare: 0 is the prepared state."""
+        return len(self.events)
+
+
+def user_key(value: Any, key_type: pa.DataType) -> bytes | None:
+    """The store key of a raw user id (None where it cannot be a key of that type).
+
+    Compared by the one rule of every lookup (``pipeline.transforms.cast_like``): "7" is
+    the integer key 7, " 7" or "x" is no integer key.
+    """
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int) and pa.types.is_integer(key_type):
+        return b"%d" % value if -(1 << 63) <= value < (1 << 63) else None
+    if isinstance(value, str) and pa.types.is_string(key_type):
+        return value.encode("utf-8", "surrogatepass")
+    try:
+        cast, as_text = cast_like(pa.array([value]), key_type)
+    except (pa.ArrowException, TypeError, OverflowError):
+        return None
+    if as_text or cast.null_count:
+        return None
+    v = cast[0].as_py()
+    return b"%d" % v if isinstance(v, int) else str(v).encode("utf-8", "surrogatepass")
+
+
+def encode_record(fixed: bytes, seen: np.ndarray) -> bytes:
+    """One base record: the fixed part (columns, embedding), then the seen rows (int64)."""
+    return fixed + np.ascontiguousarray(seen, dtype="<i8").tobytes()
+
+
+def decode_state(layout: Layout, record: bytes, events: bytes | None) -> UserState:
+    """A :class:`UserState` from a base record and its events' bytes."""
+    buf = memoryview(record)
+    columns, at = {}, 0
+    for c in layout.columns:
+        columns[c.name] = np.frombuffer(buf, c.dtype, int(np.prod(c.shape, dtype=np.int64)),
+                                        at).reshape((1, *c.shape))
+        at += c.nbytes
+    embedding = None
+    if layout.embedding_dim:
+        embedding = np.frombuffer(buf, "<f4", layout.embedding_dim, at)
+        at += 4 * layout.embedding_dim
+    seen = np.frombuffer(buf, "<i8", (len(buf) - at) // 8, at)
+    ev = np.frombuffer(events, EVENT) if events else np.zeros(0, EVENT)
+    return UserState(columns, seen, embedding, ev)
+
+
+# -- backends -----------------------------------------------------------------------------
+
+
+class Backend(ABC):
+    """Bytes by key: base records, appended events, the applied log files."""
+
+    @abstractmethod
+    def get(self, keys: Sequence[bytes]) -> list[tuple[bytes | None, bytes | None]]:
+        """(base record or None, events or None) of each key, in one read."""
+
+    @abstractmethod
+    def append(self, events: Sequence[tuple[bytes, bytes]], mark: str) -> bool:
+        """Append each (key, event bytes) and mark log file ``mark`` applied, atomically.
+
+        Returns False (and writes nothing) when ``mark`` was already applied.
+        """
+
+    @abstractmethod
+    def applied(self) -> set[str]:
+        """The log files applied to this store."""
+
+    @abstractmethod
+    def put_users(self, records: Iterable[tuple[bytes, bytes]]) -> None:
+        """Write base records (building a store)."""
+
+    @abstractmethod
+    def mark(self, names: Iterable[str]) -> None:
+        """Mark log files applied without applying them (their events are prepared)."""
+
+    def close(self) -> None:  # noqa: B027 - optional
+        """Release the connection or the environment."""
+
+
+class LmdbBackend(Backend):
+    """An LMDB environment: ``users``, ``events`` and ``applied`` databases.
+
+    Args:
+        folder: the environment's folder (``RUN_DIR/user_state``).
+        create: make it (building); otherwise it must exist.
+    """
+
+    # LMDB allows one environment per file per process: retrievers of one run in one
+    # process (a rollout to the same run, tests) share it, closed with the last of them.
+    _open: dict[str, list] = {}  # real path -> [env, users, events, applied, holders]
+    _lock = threading.Lock()
+
+    def __init__(self, folder: Path, create: bool = False):
+        import lmdb
+
+        if not create and not (folder / "data.mdb").exists():
+            raise FileNotFoundError(f"{folder / 'data.mdb'} is missing: run "
+                                    "`python -m jobs.build_index` (it writes the store)")
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = os.path.realpath(folder)
+        with self._lock:
+            entry = self._open.get(self.path)
+            if entry is None:
+                env = lmdb.open(self.path, map_size=MAP_SIZE, max_dbs=3, readahead=False,
+                                create=create)
+                entry = [env, env.open_db(b"users"), env.open_db(b"events"),
+                         env.open_db(b"applied"), 0]
+                self._open[self.path] = entry
+            entry[4] += 1
+        self.env, self.users, self.events, self.log = entry[:4]
+        self.closed = False
+
+    def get(self, keys: Sequence[bytes]) -> list[tuple[bytes | None, bytes | None]]:
+        """Both records of each key in one read transaction."""
+        with self.env.begin(buffers=False) as txn:
+            return [(txn.get(k, db=self.users), txn.get(k, db=self.events)) for k in keys]
+
+    def append(self, events: Sequence[tuple[bytes, bytes]], mark: str) -> bool:
+        """One write transaction: the mark (unless present), then each event appended."""
+        with self.env.begin(write=True) as txn:
+            if not txn.put(mark.encode(), b"", db=self.log, overwrite=False):
+                return False
+            for key, event in events:
+                txn.put(key, (txn.get(key, db=self.events) or b"") + event, db=self.events)
+        return True
+
+    def applied(self) -> set[str]:
+        """Every key of the ``applied`` database."""
+        with self.env.begin() as txn:
+            return {k.decode() for k in txn.cursor(db=self.log).iternext(values=False)}
+
+    def put_users(self, records: Iterable[tuple[bytes, bytes]]) -> None:
+        """One write transaction per call."""
+        with self.env.begin(write=True) as txn:
+            txn.cursor(db=self.users).putmulti(records)
+
+    def mark(self, names: Iterable[str]) -> None:
+        """Mark names applied."""
+        with self.env.begin(write=True) as txn:
+            for name in names:
+                txn.put(name.encode(), b"", db=self.log)
+
+    def records(self, batch: int = BUILD_BATCH) -> Iterable[list[tuple[bytes, bytes]]]:
+        """Every base record, in key order, ``batch`` at a time (loading another backend)."""
+        with self.env.begin() as txn:
+            out = []
+            for item in txn.cursor(db=self.users):
+                out.append(item)
+                if len(out) == batch:
+                    yield out
+                    out = []
+            if out:
+                yield out
+
+    def close(self) -> None:
+        """Release the environment (closed when no other backend in this process holds it)."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            entry = self._open[self.path]
+            entry[4] -= 1
+            if entry[4] == 0:
+                del self._open[self.path]
+                self.env.close()
+
+
+class RedisBackend(Backend):
+    """Keys ``PREFIX u:KEY`` (base), ``PREFIX e:KEY`` (events), set ``PREFIX applied``.
+
+    Args:
+        url: ``redis://host:port/db``.
+        prefix: the store's own prefix (``towerline:STORE_ID:``).
+        timeout_s: socket timeout; a server that does not answer in time is down.
+    """
+
+    def __init__(self, url: str, prefix: str, timeout_s: float = 1.0):
+        import redis
+
+        self.errors = (redis.RedisError, OSError)
+        self.client = redis.Redis.from_url(url, socket_timeout=timeout_s,
+                                           socket_connect_timeout=timeout_s)
+        self.url, self.prefix = url, prefix.encode()
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except self.errors as err:
+            raise StoreUnavailable(f"the Redis user store at {self.url} does not answer "
+                                   f"({type(err).__name__}: {err})") from None
+
+    def get(self, keys: Sequence[bytes]) -> list[tuple[bytes | None, bytes | None]]:
+        """One MGET of every base and events key."""
+        names = [self.prefix + b"u:" + k for k in keys] + [self.prefix + b"e:" + k
+                                                           for k in keys]
+        values = self._call(lambda: self.client.mget(names)) if keys else []
+        return list(zip(values[:len(keys)], values[len(keys):], strict=True))
+
+    def append(self, events: Sequence[tuple[bytes, bytes]], mark: str) -> bool:
+        """SADD the mark; when new, one MULTI of APPENDs."""
+        def run() -> bool:
+            if not self.client.sadd(self.prefix + b"applied", mark):
+                return False
+            pipe = self.client.pipeline(transaction=True)
+            for key, event in events:
+                pipe.append(self.prefix + b"e:" + key, event)
+            pipe.execute()
+            return True
+        return self._call(run)
+
+    def applied(self) -> set[str]:
+        """SMEMBERS of the applied set."""
+        return {m.decode() for m in self._call(
+            lambda: self.client.smembers(self.prefix + b"applied"))}
+
+    def put_users(self, records: Iterable[tuple[bytes, bytes]]) -> None:
+        """One pipelined MSET."""
+        mapping = {self.prefix + b"u:" + k: v for k, v in records}
+        if mapping:
+            self._call(lambda: self.client.mset(mapping))
+
+    def mark(self, names: Iterable[str]) -> None:
+        """SADD the names."""
+        names = list(names)
+        if names:
+            self._call(lambda: self.client.sadd(self.prefix + b"applied", *names))
+
+    def set_layout(self, layout: Layout) -> None:
+        """Write the layout under the prefix: the store is complete."""
+        self._call(lambda: self.client.set(self.prefix + b"layout",
+                                           json.dumps(layout.to_json())))
+
+    def has_layout(self) -> bool:
+        """Whether a complete store is under the prefix."""
+        return bool(self._call(lambda: self.client.exists(self.prefix + b"layout")))
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self.client.close()
+
+
+def redis_prefix(layout: Layout) -> str:
+    """The key prefix of a run's records in Redis."""
+    return f"towerline:{layout.store_id}:"
+
+
+# -- the store -------------------------------------------------------------------------
+
+
+class UserStore:
+    """Users read and events appended through one backend, in a run's layout.
+
+    Args:
+        layout: the run's record layout.
+        backend: where the records are.
+    """
+
+    read_only = False
+
+    def __init__(self, layout: Layout, backend: Backend):
+        self.layout, self.backend = layout, backend
+        self.key_type = layout.arrow_key_type()
+
+    def key(self, user_id: Any) -> bytes | None:
+        """The store key of a raw id, None where it cannot be one."""
+        return user_key(user_id, self.key_type)
+
+    def read(self, user_ids: Sequence[Any]) -> list[UserState | None]:
+        """Each user's state; None for ids the store does not hold.
+
+        Raises:
+            StoreUnavailable: the backend cannot be reached.
+        """
+        keys = [self.key(u) for u in user_ids]
+        found = self.backend.get([k for k in keys if k is not None])
+        out, it = [], iter(found)
+        for k in keys:
+            if k is None:
+                out.append(None)
+                continue
+            record, events = next(it)
+            if record is not None:
+                out.append(decode_state(self.layout, record, events))
+            elif events:  # known from events only
+                out.append(UserState({}, np.zeros(0, np.int64), None,
+                                     np.frombuffer(events, EVENT), prepared=False))
+            else:
+                out.append(None)
+        return out
+
+    def append(self, events: Sequence[tuple[bytes, int, int]], mark: str) -> bool:
+        """Append (user key, catalogue row, time) events, as log file ``mark``'s, atomically.
+
+        Returns False when ``mark`` was applied before (nothing written).
+        """
+        body = []
+        for key, row, t in events:
+            rec = np.zeros(1, EVENT)
+            rec["row"], rec["time"] = row, t
+            body.append((key, rec.tobytes()))
+        return self.backend.append(body, mark)
+
+    def close(self) -> None:
+        """Release the backend."""
+        self.backend.close()
+
+
+class MemoryStore:
+    """Today's path: ``users.parquet`` and the stored embeddings in this process; no events.
+
+    Args:
+        users: the prepared user table.
+        key: its key column.
+        embeddings: [U, D] stored embeddings by row, or None.
+    """
+
+    read_only = True
+
+    def __init__(self, users: pa.Table, key: str, embeddings: np.ndarray | None):
+        self.index = VocabIndex(users[key])
+        self.columns = {c: column_to_numpy(users[c])
+                        for c in tower_columns(users.column_names, USER)}
+        self.seen_offsets, self.seen_rows = distinct_per_user(users[SEEN])
+        self.embeddings = embeddings
+
+    def read(self, user_ids: Sequence[Any]) -> list[UserState | None]:
+        """Each known user's row as prepared (never any events)."""
+        out = []
+        for u in user_ids:
+            found = self.index.lookup_one(u) if u is not None else -1
+            if found < RESERVED:  # a vocabulary index is row + RESERVED
+                out.append(None)
+                continue
+            row = found - RESERVED
+            out.append(UserState(
+                {c: a[row:row + 1] for c, a in self.columns.items()},
+                self.seen_rows[self.seen_offsets[row]:self.seen_offsets[row + 1]],
+                None if self.embeddings is None else self.embeddings[row],
+                np.zeros(0, EVENT)))
+        return out
+
+    def append(self, events: Sequence[tuple[bytes, int, int]], mark: str) -> bool:
+        """Refused: this backend keeps no events."""
+        raise StoreReadOnly("serve.user_store is 'memory': users are read from "
+                            "prepared/users.parquet and keep no events; serve with "
+                            "user_store 'embedded' or 'redis' to post events")
+
+    def key(self, user_id: Any) -> bytes | None:
+        """No keys: the memory path takes no events."""
+        return None
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def distinct_per_user(seen: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's seen rows, sorted and distinct: ``(offsets [U + 1], rows)``."""
+    seen = seen.combine_chunks()
+    offsets = np.asarray(seen.offsets, dtype=np.int64)
+    values = seen.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    values = values[offsets[0]:offsets[-1]]
+    offsets = offsets - offsets[0]
+    if not len(values):
+        return np.zeros(len(offsets), np.int64), values
+    users = len(offsets) - 1
+    span = int(values.max()) + 2  # (user, row + 1) as one key: row -1 stays in its user
+    owner = np.repeat(np.arange(users, dtype=np.int64), np.diff(offsets))
+    keys = distinct(owner * span + values + 1)
+    counts = np.bincount(keys // span, minlength=users)
+    return np.r_[0, np.cumsum(counts)].astype(np.int64), keys % span - 1
+
+
+# -- building ---------------------------------------------------------------------------
+
+
+def build_embedded(run: RunDir, key: str, model_version: str,
+                   embeddings: np.ndarray | None, applied: Sequence[str] = (),
+                   log: Callable[[str], None] = print) -> Layout:
+    """Write ``RUN_DIR/user_state/`` from ``users.parquet`` and the users' embeddings.
+
+    Streams the user table ``BUILD_BATCH`` rows at a time, one write transaction each; the
+    folder is written beside and renamed into place, so a reader never sees half a store.
+
+    Args:
+        run: the run directory.
+        key: the user key column.
+        model_version: the model the embeddings come from.
+        embeddings: [U, D] float32 by ``users.parquet`` row, or None (no fast path).
+        applied: events-log files whose events the prepared data already holds.
+        log: progress lines (one per batch).
+    """
+    import shutil
+
+    final = run.user_state
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}")
+    start, written = time.perf_counter(), 0
+    pf = pq.ParquetFile(run.table(USER))
+    names = tower_columns(pf.schema_arrow.names, USER)
+    backend = LmdbBackend(tmp, create=True)
+    columns: tuple[Column, ...] | None = None
+    try:
+        for batch in pf.iter_batches(BUILD_BATCH, columns=[key, SEEN, *names]):
+            arrays = {c: column_to_numpy(batch.column(c)) for c in names}
+            if columns is None:
+                columns = tuple(Column(c, np.dtype(a.dtype).newbyteorder("<").str,
+                                       tuple(int(s) for s in a.shape[1:]))
+                                for c, a in arrays.items())
+            parts = [np.ascontiguousarray(arrays[c.name], c.dtype).reshape(len(batch), -1)
+                     .view(np.uint8) for c in columns]
+            if embeddings is not None:
+                emb = np.ascontiguousarray(embeddings[written:written + len(batch)], "<f4")
+                parts.append(emb.view(np.uint8))
+            fixed = np.concatenate(parts, axis=1) if parts else np.zeros((len(batch), 0),
+                                                                         np.uint8)
+            offsets, seen = distinct_per_user(pa.chunked_array([batch.column(SEEN)]))
+            keys = [user_key(k, batch.schema.field(key).type)
+                    for k in batch.column(key).to_pylist()]
+            backend.put_users(sorted(
+                (k, encode_record(fixed[i].tobytes(), seen[offsets[i]:offsets[i + 1]]))
+                for i, k in enumerate(keys)))
+            written += len(batch)
+            log(f"[user_state] {written:,} users written ({time.perf_counter() - start:.1f}s)")
+        backend.mark(applied)
+    finally:
+        backend.close()
+    key_type = "int64" if pa.types.is_integer(pf.schema_arrow.field(key).type) else "string"
+    layout = Layout(store_id=f"{model_version}-{uuid.uuid4().hex[:8]}",
+                    model_version=model_version, key_type=key_type,
+                    columns=columns or (), users=written, applied=tuple(applied),
+                    embedding_dim=0 if embeddings is None else int(embeddings.shape[1]))
+    write_json(tmp / LAYOUT, layout.to_json())
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    log(f"[user_state] {written:,} users in {final} ({time.perf_counter() - start:.1f}s)")
+    return layout
+
+
+def load_redis(run: RunDir, url: str, log: Callable[[str], None] = print) -> str:
+    """Copy a run's embedded store into Redis under its own prefix; returns the prefix.
+
+    The layout key is written last: a replica refuses a prefix without it.
+    """
+    layout = Layout.read(run.user_state)
+    source = LmdbBackend(run.user_state)
+    target = RedisBackend(url, redis_prefix(layout), timeout_s=30.0)
+    done = 0
+    try:
+        for batch in source.records():
+            target.put_users(batch)
+            done += len(batch)
+            log(f"[user_state] {done:,} of {layout.users:,} users loaded into {url}")
+        target.mark(layout.applied)  # events posted since the build: replayed from the log
+        target.set_layout(layout)
+    finally:
+        source.close()
+        target.close()
+    return redis_prefix(layout)
