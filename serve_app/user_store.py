@@ -39,6 +39,7 @@ has not seen (events posted to the old run while a new one was being built and r
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -110,10 +111,20 @@ class Layout:
     users: int
     applied: tuple[str, ...] = ()
 
-    @property
-    def fixed_bytes(self) -> int:
-        """Bytes of the fixed part of a record: columns, then the embedding."""
-        return sum(c.nbytes for c in self.columns) + 4 * self.embedding_dim
+    @functools.cached_property
+    def plan(self) -> tuple[tuple[str, np.dtype, int, tuple[int, ...], int], ...]:
+        """Each column's (name, dtype, count, shape [1, ...], byte offset), worked out once."""
+        out, at = [], 0
+        for c in self.columns:
+            count = int(np.prod(c.shape, dtype=np.int64))
+            out.append((c.name, np.dtype(c.dtype), count, (1, *c.shape), at))
+            at += c.nbytes
+        return tuple(out)
+
+    @functools.cached_property
+    def columns_bytes(self) -> int:
+        """Bytes of a record's columns (the embedding follows them)."""
+        return sum(c.nbytes for c in self.columns)
 
     def arrow_key_type(self) -> pa.DataType:
         """The user key's Arrow type."""
@@ -206,11 +217,9 @@ def encode_record(fixed: bytes, seen: np.ndarray) -> bytes:
 def decode_state(layout: Layout, record: bytes, events: bytes | None) -> UserState:
     """A :class:`UserState` from a base record and its events' bytes."""
     buf = memoryview(record)
-    columns, at = {}, 0
-    for c in layout.columns:
-        columns[c.name] = np.frombuffer(buf, c.dtype, int(np.prod(c.shape, dtype=np.int64)),
-                                        at).reshape((1, *c.shape))
-        at += c.nbytes
+    columns = {name: np.frombuffer(buf, dtype, count, offset).reshape(shape)
+               for name, dtype, count, shape, offset in layout.plan}
+    at = layout.columns_bytes
     embedding = None
     if layout.embedding_dim:
         embedding = np.frombuffer(buf, "<f4", layout.embedding_dim, at)
