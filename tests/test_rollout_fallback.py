@@ -27,6 +27,10 @@ class FakeRetriever:
             raise ValueError(f"{self.run_dir}/index/index.faiss: truncated")
         self.model_version = self.run_dir.name
 
+    def replay(self) -> int:
+        """No events log here."""
+        return 0
+
 
 @pytest.fixture
 def runs(tmp_path, monkeypatch):

@@ -444,6 +444,36 @@ def test_concurrent_requests_get_their_own_answers(server, retriever, demo_train
     assert [ids_of(g) for g in got] == want
 
 
+def test_an_event_over_http_survives_a_replica_kill(server, batch_embeddings):
+    """POST /events, kill the replica, and the one Serve starts again has the event."""
+    import ray
+
+    item = batch_embeddings["item_ids"][7]
+    uid = 10**9 + 7  # a new user: created by its first event (known users stay as prepared)
+    ok = server.post("/events", json={"user_id": uid, "item_id": item})
+    assert ok.status_code == 200 and ok.json()["in_history"] == 1, ok.text
+    first = server.post("/recommend", json={"user_id": uid, "k": 50}).json()
+    assert first["state_version"] == 1 and item not in ids_of(first)
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["namespace"] == "serve" and f"{APP}#Retrieval" in a["name"]]
+    assert len(replicas) == 1, replicas
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace="serve"), no_restart=False)
+    deadline = time.monotonic() + 120
+    answer = None
+    while time.monotonic() < deadline:
+        try:
+            got = server.post("/recommend", json={"user_id": uid, "k": 50})
+            if got.status_code == 200:
+                answer = got.json()
+                break
+        except Exception:  # noqa: BLE001 - the replica is coming back
+            pass
+        time.sleep(0.5)
+    assert answer is not None, "the replica did not come back within 120 s"
+    assert answer["state_version"] == 1 and item not in ids_of(answer)
+    assert ids_of(answer) == ids_of(first)
+
+
 def test_cold_start_over_http(server, retriever):
     bodies = [{"user_id": "someone-new", "features": {"age": 30, "country": "Atlantis"}},
               {"history": ["no-such-item", 10**12], "k": 3},
