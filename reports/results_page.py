@@ -26,6 +26,7 @@ TITLES = {
     "prepare_throughput": "Prepare throughput: Ray Data against one process",
     "sequence_candidates": "Full against sampled softmax (sequence mode)",
     "api_fuzz": "API fuzzing (schemathesis)",
+    "user_state": "User state: replica memory and speed per store",
 }
 HEADER = """# Results
 
@@ -214,6 +215,30 @@ def _api_fuzz(f: dict) -> str:
                     num(f["operations_tested"]), failures, num(f["running_time_s"], 1)]])
 
 
+def _user_state(f: dict) -> str:
+    rss, users = f["replica_rss_mib"], [str(u) for u in f["users"]]
+    out = _table(["replica RSS, MiB", *[f"{int(u):,} users" for u in users]],
+                 [[store, *[num(rss.get(store, {}).get(u)) or "not run" for u in users]]
+                  for store in ("embedded", "memory")])
+    rows = []
+    for store in ("memory", "embedded", "redis"):
+        for c in ("c1", "c16"):
+            r = f["recommend"][store][c]
+            ratio = f["known_user_p50_ratio"].get(store, {}).get(c)
+            rows.append([store, c[1:], num(r["p50_ms"], 2), num(r["p99_ms"], 2),
+                         num(r["rps"], 0), num(ratio, 2) if ratio is not None else "1"])
+    out += (f"\n/recommend of a known, unchanged user ({f['served_users']:,} users, through "
+            "Serve, the backends taking turns):\n\n")
+    out += _table(["store", "concurrency", "p50 ms", "p99 ms", "req/s", "p50 / memory"], rows)
+    ev, effect = f["events"], f["event_to_effect_ms"]
+    out += (f"\n/events on the embedded store, concurrency 16: {num(ev['events_per_s'])} "
+            f"events/s one per request, {num(ev['events_per_s_in_lists_of_100'])} in lists of "
+            "100. Event to effect (2xx on /events to the next /recommend that shows it), "
+            "p50: " + ", ".join(f"{s} {num(e['p50_ms'], 1)} ms" for s, e in effect.items())
+            + ".\n")
+    return out
+
+
 def _generic(f: dict) -> str:
     """Any other record: its numbers by dotted key."""
     rows = [[f"`{k}`", num(v, 4)] for k, v in _flat(f) if isinstance(v, (int, float))]
@@ -232,7 +257,7 @@ TABLES: dict[str, Callable[[dict], str]] = {
     "quality": _quality, "serve_latency": _serve_latency, "index_types": _index_types,
     "train_throughput": _train_throughput, "train_profile": _train_profile,
     "prepare_throughput": _prepare_throughput, "sequence_candidates": _sequence_candidates,
-    "api_fuzz": _api_fuzz,
+    "api_fuzz": _api_fuzz, "user_state": _user_state,
 }
 
 
