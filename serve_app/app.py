@@ -86,6 +86,9 @@ APP_NAME = "towerline"  # the application's name in configs/serve.yaml
 # Serve's HTTP front is shared by every application on a node: host / port / ingress are
 # applied when Serve (or Ray) starts, never as an application's builder argument.
 NOT_OVERRIDABLE = ("host", "port", "ingress")
+# A swapped-out retriever's user store (an LMDB map, a Redis pool) is closed this long after
+# the swap: far longer than any request it encoded can take to be answered.
+RETIRE_AFTER_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,8 @@ class RetrievalDeployment:
         logger.info("serving model %s from %s (was %s)", fresh.model_version, fresh.run_dir,
                     old.model_version if old else None)
         self._replay(fresh)
+        if old is not None:  # its requests in flight keep it a while; then its store goes
+            asyncio.get_running_loop().call_later(RETIRE_AFTER_S, old.store.close)
 
     @staticmethod
     def _replay(retriever: Retriever) -> None:

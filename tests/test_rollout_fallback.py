@@ -31,6 +31,14 @@ class FakeRetriever:
         """No events log here."""
         return 0
 
+    @property
+    def store(self):
+        """A user store with nothing to close."""
+        return self
+
+    def close(self) -> None:
+        """Nothing to release."""
+
 
 @pytest.fixture
 def runs(tmp_path, monkeypatch):
