@@ -73,6 +73,7 @@ def grow(base: Path, n: int, out: Path, seed: int = 0) -> Path:
     from pipeline.io import column_to_numpy
     from pipeline.run_dir import RunDir, load_fitted, read_model_meta
     from pipeline.state import FeatureKind
+    from pipeline.transforms import vocab_index
     from serve_app.user_store import build_embedded
 
     if (out / "user_state" / "layout.json").exists():
@@ -91,7 +92,7 @@ def grow(base: Path, n: int, out: Path, seed: int = 0) -> Path:
     drawn_cols = {column_name(USER, name) for name in sequences} | {
         column_name(USER, name, f) for name, st in sequences.items() for f in st.item_features}
     static = {c: column_to_numpy(real[c]) for c in columns if c not in drawn_cols}
-    vocab = {name: st.vocab_index().lookup(items) for name, st in sequences.items()}
+    vocab = {name: vocab_index(st).lookup(items) for name, st in sequences.items()}
     item_feats = {f: column_to_numpy(catalogue[column_name("item", f)])
                   for st in sequences.values() for f in st.item_features}
     rng = np.random.default_rng(seed)

@@ -41,9 +41,10 @@ from pipeline.columns import (
 )
 from pipeline.config import checks
 from pipeline.errors import TableError, in_table
+from pipeline.features import encode_feature, spec_of, transform_tower
 from pipeline.run_dir import SEQUENCES, TABLES
 from pipeline.state import FeatureKind, FeatureStateSet, TowerState
-from pipeline.transforms import encode_feature, lookup, transform_tower
+from pipeline.transforms import lookup
 
 
 @dataclass
@@ -119,8 +120,8 @@ def absent_row(tower: TowerState, skip: Sequence[str] = ()) -> Columns:
     """
     out: Columns = {}
     for name, st in tower.features.items():
-        if st.spec.table_column and name not in skip:
-            out.update(encode_feature(st.spec.null_array(st), st, name))
+        if spec_of(st.type).table_column and name not in skip:
+            out.update(encode_feature(spec_of(st.type).null_array(st), st, name))
     return out
 
 

@@ -1,7 +1,8 @@
 """Fitted feature state: vocabularies and statistics, stored as JSON (never pickle).
 
-Each feature kind's module in :mod:`pipeline.features` fits its own state; :func:`fit_feature`
-dispatches to it through the registry. The prepare job fits id columns on training
+Each feature kind's module in :mod:`pipeline.features` fits its own state;
+:func:`pipeline.features.fit_feature` dispatches to it through the registry. This module is
+plain data: it imports no kind module. The prepare job fits id columns on training
 interactions and metadata on the user / item tables, so nothing is learned from validation
 or test targets. Vocabularies are ordered by count (descending) then value, which makes the
 state identical across runs on the same input.
@@ -13,65 +14,19 @@ their values and :meth:`FeatureStateSet.load` turns them back.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-if TYPE_CHECKING:
-    from pipeline.features.base import FeatureConfig, KindSpec
-    from pipeline.transforms import VocabIndex
+from pipeline.kinds import FeatureKind, NumericTransform, Pooling, kind_member
 
 STATE_VERSION = 1
 RESERVED = 2  # index 0 = padding / null, 1 = out of vocabulary
-
-
-class FeatureKind(str, enum.Enum):
-    """The built-in feature kinds: the ``type`` of a feature config and of its fitted state.
-
-    Each has one entry in :data:`pipeline.features.REGISTRY`; an extension kind registers a
-    member of its own str-Enum there instead.
-    """
-
-    CATEGORICAL = "categorical"
-    MULTI_HOT = "multi_hot"
-    TEXT = "text"
-    NUMERIC = "numeric"
-    DENSE_VECTOR = "dense_vector"
-    SEQUENCE = "sequence"
-
-
-class Pooling(str, enum.Enum):
-    """How a bag of embeddings (multi-hot, text) is reduced to one vector."""
-
-    MEAN = "mean"
-    SUM = "sum"
-
-
-class NumericTransform(str, enum.Enum):
-    """How a numeric column is turned into model input."""
-
-    NONE = "none"
-    STANDARDIZE = "standardize"
-    LOG = "log"  # log1p(max(x, 0)) then standardised
-    BUCKETIZE = "bucketize"
-
-
-def kind_spec(kind: str) -> KindSpec:
-    """The registry entry of a feature kind (an enum member or its value).
-
-    Raises:
-        ValueError: the kind is not registered; the message lists the registered kinds.
-    """
-    # Imported here, not at load time: the kind modules build FeatureState (import cycle).
-    from pipeline.features import spec_of
-
-    return spec_of(kind)
 
 
 @dataclass(frozen=True)
@@ -99,16 +54,11 @@ class FeatureState:
 
     def __post_init__(self) -> None:
         # JSON files and hand-built states give plain strings; in memory they are enums.
-        object.__setattr__(self, "type", kind_spec(self.type).kind)
+        object.__setattr__(self, "type", kind_member(self.type))
         if self.pooling is not None:
             object.__setattr__(self, "pooling", Pooling(self.pooling))
         if self.transform is not None:
             object.__setattr__(self, "transform", NumericTransform(self.transform))
-
-    @property
-    def spec(self) -> KindSpec:
-        """The registry entry of this feature's kind."""
-        return kind_spec(self.type)
 
     def vocab_arrow_type(self) -> pa.DataType:
         """The Arrow type of the raw values: int64 or string (also without a vocabulary)."""
@@ -123,16 +73,6 @@ class FeatureState:
             arr = pa.array(self.vocab, self.vocab_arrow_type())
             object.__setattr__(self, "_vocab_array", arr)
         return arr
-
-    def vocab_index(self) -> VocabIndex:
-        """The vocabulary's lookup table, built once per state object (serving's path)."""
-        index = self.__dict__.get("_vocab_index")
-        if index is None:
-            from pipeline.transforms import VocabIndex  # transforms imports this module
-
-            index = VocabIndex(self.vocab_array())
-            object.__setattr__(self, "_vocab_index", index)
-        return index
 
 
 @dataclass(frozen=True)
@@ -200,14 +140,3 @@ def fit_vocab(values: pa.Array, min_count: int, max_vocab: int | None) -> tuple[
     )
     out = vals.take(order).to_pylist()
     return (out[:max_vocab] if max_vocab else out), vtype
-
-
-def fit_feature(feat: FeatureConfig, values: pa.Array | None) -> FeatureState:
-    """Fit one feature through its kind's registry entry.
-
-    Args:
-        feat: the feature's config.
-        values: the prepared column: flattened lists for bags, tokens for text, item ids
-            for a sequence (see ``KindSpec.fit_column`` for the raw column).
-    """
-    return kind_spec(feat.type).fit(feat, values)

@@ -1,8 +1,8 @@
 """Pure batch transforms: raw columns -> fixed-shape numpy model inputs.
 
 The vectorised primitives the feature kinds (:mod:`pipeline.features`) encode with, each
-``(raw column, fitted state) -> np.ndarray``; :func:`encode_feature` encodes one feature
-through its kind's registry entry and :func:`transform_tower` a whole tower. The prepare
+``(raw column, fitted state) -> np.ndarray``; :func:`pipeline.features.encode_feature`
+encodes one feature through its kind's registry entry. The prepare
 job (through Ray Data) and the serving endpoint (on request JSON) call the same functions,
 so a request is encoded exactly as a training row was.
 
@@ -14,7 +14,6 @@ recent item is always the last position.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.errors import TableError
-from pipeline.state import FeatureState, NumericTransform, TowerState
+from pipeline.state import FeatureState, NumericTransform
 
 PAD = 0
 OOV = 1
@@ -103,6 +102,15 @@ def cast_like(arr: pa.Array, typ: pa.DataType) -> tuple[pa.Array, bool]:
         return pc.cast(arr, typ), False
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return pc.cast(arr, pa.string()), True
+
+
+def vocab_index(state: FeatureState) -> VocabIndex:
+    """A feature's vocabulary lookup table, built once per state object (serving's path)."""
+    index = state.__dict__.get("_vocab_index")
+    if index is None:
+        index = VocabIndex(state.vocab_array())
+        object.__setattr__(state, "_vocab_index", index)  # a cache on the frozen state
+    return index
 
 
 class VocabIndex:
@@ -252,7 +260,7 @@ def tokenize(values: Any) -> pa.Array:
 def encode_bag(values: Any, state: FeatureState) -> np.ndarray:
     """Multi-hot list column -> [B, max_length] vocabulary ids (post-padded)."""
     flat, offsets = _list_parts(values)
-    return pad_bags(lookup(flat, state.vocab_index()), offsets, state.max_length, pre=False)
+    return pad_bags(lookup(flat, vocab_index(state)), offsets, state.max_length, pre=False)
 
 
 def encode_text(values: Any, state: FeatureState) -> np.ndarray:
@@ -306,38 +314,3 @@ def encode_sequence(histories: Any, item_vocab: pa.Array | VocabIndex,
     return pad_bags(lookup(flat, item_vocab), offsets, max_length, pre=True)
 
 
-def encode_feature(values: Any, state: FeatureState, name: str) -> dict[str, np.ndarray]:
-    """Encode one feature through its kind: ``{name: array}`` (+ e.g. ``name__missing``).
-
-    Args:
-        values: [B] raw values of the feature's column.
-        state: the feature's fitted state.
-        name: the feature name, the model input key.
-
-    Returns:
-        ``{input key: [B, ...] array}``.
-    """
-    return state.spec.encode(values, state, name)
-
-
-def transform_tower(
-    batch: Mapping[str, Any], tower: TowerState, skip: Sequence[str] = ()
-) -> dict[str, np.ndarray]:
-    """Encode every table-backed feature of a tower from a batch of raw columns.
-
-    Args:
-        batch: raw columns by source column name ([B] each; lists for bag features).
-        tower: the tower's fitted state.
-        skip: feature names not to encode (e.g. sequences, built from interactions).
-
-    Returns:
-        ``{feature name (+ "__missing"): [B, ...] array}``.
-    """
-    out: dict[str, np.ndarray] = {}
-    for name, st in tower.features.items():
-        if not st.spec.table_column or name in skip:  # e.g. a sequence: from interactions
-            continue
-        if st.source not in batch:
-            raise ValueError(f"feature {name!r}: column {st.source!r} missing from the batch")
-        out.update(encode_feature(batch[st.source], st, name))
-    return out

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.columns import ITEM, USER, column_name, prefixed
+from pipeline.features import encode_feature, spec_of
 from pipeline.io import column_to_numpy
 from pipeline.rows import absent_row, history_columns, id_columns, id_feature_names
 from pipeline.state import RESERVED, FeatureKind, FeatureState, FeatureStateSet
@@ -38,9 +39,9 @@ from pipeline.transforms import (
     VocabIndex,
     as_arrow,
     distinct,
-    encode_feature,
     encode_sequence,
     pad_bags,
+    vocab_index,
 )
 from serve_app.schemas import FeatureValue, RawId, RequestError, UnknownItemError
 from serve_app.user_store import UserState
@@ -71,7 +72,7 @@ class EncodedUser:
 
 def null_array(state: FeatureState) -> pa.Array:
     """A one-row null of the raw type a feature is encoded from (its kind's registry entry)."""
-    return state.spec.null_array(state)
+    return spec_of(state.type).null_array(state)
 
 
 def raw_array(value: FeatureValue, state: FeatureState) -> pa.Array:
@@ -80,7 +81,7 @@ def raw_array(value: FeatureValue, state: FeatureState) -> pa.Array:
     Raises:
         TypeError / ValueError / pyarrow.ArrowException: the value does not fit the kind.
     """
-    return state.spec.raw_array(value, state)
+    return spec_of(state.type).raw_array(value, state)
 
 
 class IdMap:
@@ -138,7 +139,7 @@ class RequestEncoder:
         """Source column -> the non-id, non-sequence features a request may set from it."""
         out: dict[str, list[str]] = {}
         for name, st in self.state.features.items():
-            if st.spec.table_column and name not in self.id_features:
+            if spec_of(st.type).table_column and name not in self.id_features:
                 out.setdefault(st.source, []).append(name)
         return out
 
@@ -244,7 +245,7 @@ class RequestEncoder:
         lists = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), _id_array(history))
         ids, at = {}, {}
         for name, st in self.sequences.items():
-            ids[name] = encode_sequence(lists, st.vocab_index(), st.max_length)  # [1, L]
+            ids[name] = encode_sequence(lists, vocab_index(st), st.max_length)  # [1, L]
             at[name] = pad_bags(rows + 1, offsets, st.max_length, pre=True) - 1  # -1: padding
         return history_columns(self.state, ids, at, self.item_features)
 

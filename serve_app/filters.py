@@ -27,7 +27,7 @@ import pyarrow as pa
 from pipeline.columns import ITEM, column_name
 from pipeline.io import column_to_numpy
 from pipeline.state import RESERVED, FeatureKind, FeatureState
-from pipeline.transforms import PAD, distinct
+from pipeline.transforms import PAD, distinct, vocab_index
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class Postings:
 
     def rows_of(self, values: list[Any]) -> np.ndarray:
         """Sorted unique rows having any of ``values`` (raw; out of vocabulary: none)."""
-        index = distinct(self.state.vocab_index().lookup(values))
+        index = distinct(vocab_index(self.state).lookup(values))
         index = index[index >= RESERVED]  # padding and out-of-vocabulary match nothing
         parts = [self.rows[self.offsets[i]:self.offsets[i + 1]] for i in index]
         if not parts:

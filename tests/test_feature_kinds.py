@@ -20,6 +20,7 @@ import torch
 from pydantic import Field, TypeAdapter
 
 from pipeline import config as C
+from pipeline import features as F
 from pipeline import io, state
 from pipeline import transforms as T
 from pipeline.config.model import TowerConfig
@@ -56,10 +57,10 @@ def fit_sample(kind: FeatureKind) -> tuple[KindSpec, FeatureState, pa.Array]:
 @pytest.mark.parametrize("kind", list(FeatureKind))
 def test_every_builtin_kind_provides_each_piece(kind):
     spec, st, column = fit_sample(kind)
-    assert spec.kind is kind and st.type is kind and st.spec is spec
+    assert spec.kind is kind and st.type is kind and F.spec_of(st.type) is spec
     assert spec.config.model_fields["type"].default == kind.value
     # encode: one [B, ...] array per input key the form's module reads
-    out = T.encode_feature(column, st, "f")
+    out = F.encode_feature(column, st, "f")
     assert all(len(v) == len(column) for v in out.values())
     module = build_feature("f", st, TowerConfig(), {}, {})
     assert type(module) is FORM_MODULES[spec.form]
@@ -71,7 +72,7 @@ def test_every_builtin_kind_provides_each_piece(kind):
     assert spec.raw_array(None, st).null_count == 1
     for one in (spec.raw_array(None, st), spec.raw_array(raw, st)):
         assert len(one) == 1
-        assert all(len(v) == 1 for v in T.encode_feature(one, st, "f").values())
+        assert all(len(v) == 1 for v in F.encode_feature(one, st, "f").values())
     # io: a table column's Arrow type check, or no table column (built from interactions)
     wrong = SAMPLES[kind][2]
     if kind is FeatureKind.SEQUENCE:
@@ -166,16 +167,16 @@ def test_toy_kind_validates_in_a_config(hour_kind):
 
 
 def test_toy_kind_fits_and_encodes(hour_kind, tmp_path):
-    st = state.fit_feature(hour_config().features.user[-1], pa.array([7, 23]))
+    st = F.fit_feature(hour_config().features.user[-1], pa.array([7, 23]))
     assert st.type is ToyKind.HOUR_OF_DAY and st.num_embeddings == 26
     # hour h -> h + 2; null -> pad 0; 24 and -1 are not hours -> OOV 1
-    out = T.encode_feature(pa.array([0, 23, None, 24, -1, 7]), st, "hour")["hour"]
+    out = F.encode_feature(pa.array([0, 23, None, 24, -1, 7]), st, "hour")["hour"]
     np.testing.assert_array_equal(out, [2, 25, 0, 1, 1, 9])
     tower = TowerState({"hour": st})
-    np.testing.assert_array_equal(T.transform_tower({"hour": [5]}, tower)["hour"], [7])
+    np.testing.assert_array_equal(F.transform_tower({"hour": [5]}, tower)["hour"], [7])
     # serving: a request's raw value and a missing one
-    np.testing.assert_array_equal(T.encode_feature(raw_array(13, st), st, "h")["h"], [15])
-    np.testing.assert_array_equal(T.encode_feature(raw_array(None, st), st, "h")["h"], [0])
+    np.testing.assert_array_equal(F.encode_feature(raw_array(13, st), st, "h")["h"], [15])
+    np.testing.assert_array_equal(F.encode_feature(raw_array(None, st), st, "h")["h"], [0])
     with pytest.raises(ValueError, match="a hour_of_day feature takes a single value"):
         raw_array([1, 2], st)
     # the JSON state names the kind and loads it back as the toy enum
@@ -199,10 +200,10 @@ def test_toy_kind_column_is_type_checked(hour_kind, tmp_path):
 
 
 def test_toy_kind_builds_a_tower_module(hour_kind):
-    st = state.fit_feature(HourOfDayFeature(name="hour", embedding_dim=3), None)
+    st = F.fit_feature(HourOfDayFeature(name="hour", embedding_dim=3), None)
     module = build_feature("hour", st, TowerConfig(), {}, {})
     assert isinstance(module, CategoricalEmbedding)  # the ID form's module
-    ids = T.encode_feature(pa.array([0, None, 23]), st, "hour")
+    ids = F.encode_feature(pa.array([0, None, 23]), st, "hour")
     x = module({k: torch.from_numpy(v) for k, v in ids.items()})
     assert x.shape == (3, 3)
     assert torch.equal(x[1], torch.zeros(3))  # null -> padding row 0, kept at zero

@@ -140,3 +140,95 @@ def test_a_package_imports_only_packages_at_or_below_it(package):
     offenders = [f"{f}:{line} imports {top}" for f, line, top in project_imports(package)
                  if top not in allowed]
     assert offenders == [], f"{package} may import only {allowed}; {offenders}"
+
+
+# -- pipeline/ is acyclic -------------------------------------------------------------------
+
+def module_graph(root: Path, package: str) -> dict[str, set[str]]:
+    """Module -> the modules of ``package`` that importing it runs (any depth in the file).
+
+    Importing ``a.b.c`` runs ``a``, ``a.b`` and ``a.b.c`` (each package's ``__init__``),
+    except the importer's own packages, which are already running when it is imported;
+    ``from a.b import c`` also runs ``a.b.c`` when ``c`` is a module.
+    """
+    files = {}
+    for path in sorted((root / package).rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for module, path in files.items():
+        is_package = path.name == "__init__.py"
+        own = module if is_package else module.rpartition(".")[0]
+        ancestors = {".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 1)}
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join([*own.split(".")[:len(own.split(".")) - node.level + 1],
+                                 *([node.module] if node.module else [])]) \
+                    if node.level else node.module or ""
+                targets = [base, *(f"{base}.{a.name}" for a in node.names)]
+            else:
+                continue
+            for target in targets:
+                parts = target.split(".")
+                for i in range(1, len(parts) + 1):
+                    name = ".".join(parts[:i])
+                    if name in files and name != module and name not in ancestors:
+                        graph[module].add(name)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                out.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_pipeline_has_no_import_cycle():
+    graph = module_graph(ROOT, "pipeline")
+    assert len(graph) > 30 and "pipeline.kinds" in graph["pipeline.state"]
+    assert cycles(graph) == []
+
+
+def test_the_cycle_check_catches_a_planted_cycle(tmp_path):
+    """A function-level import closing a loop, and one through a package's __init__."""
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def f():\n    from pkg import b\n    return b\n")
+    (pkg / "b.py").write_text("from pkg.a import f\n")
+    (pkg / "sub" / "__init__.py").write_text("from pkg.sub import leaf\n")  # fine: its own
+    (pkg / "sub" / "leaf.py").write_text("X = 1\n")
+    (pkg / "c.py").write_text("from pkg.sub.leaf import X\n")  # runs pkg.sub, then leaf
+    assert cycles(module_graph(tmp_path, "pkg")) == [["pkg.a", "pkg.b"]]
+    (pkg / "sub" / "leaf.py").write_text("from pkg.c import Y\nX = 1\n")  # c -> sub -> leaf -> c
+    assert sorted(cycles(module_graph(tmp_path, "pkg"))) == [
+        ["pkg.a", "pkg.b"], ["pkg.c", "pkg.sub", "pkg.sub.leaf"]]
+

@@ -470,36 +470,6 @@ def test_haproxy_listens_on_loopback_only_and_keeps_its_admin_socket_private(ser
     assert stat.S_IMODE(os.stat(admin).st_mode) == 0o600
 
 
-def test_an_event_over_http_survives_a_replica_kill(server, batch_embeddings):
-    """POST /events, kill the replica, and the one Serve starts again has the event."""
-    import ray
-
-    item = batch_embeddings["item_ids"][7]
-    uid = 10**9 + 7  # a new user: created by its first event (known users stay as prepared)
-    ok = server.post("/events", json={"user_id": uid, "item_id": item})
-    assert ok.status_code == 200 and ok.json()["in_history"] == 1, ok.text
-    first = server.post("/recommend", json={"user_id": uid, "k": 50}).json()
-    assert first["state_version"] == 1 and item not in ids_of(first)
-    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                if a["namespace"] == "serve" and f"{APP}#Retrieval" in a["name"]]
-    assert len(replicas) == 1, replicas
-    ray.kill(ray.get_actor(replicas[0]["name"], namespace="serve"), no_restart=False)
-    deadline = time.monotonic() + 120
-    answer = None
-    while time.monotonic() < deadline:
-        try:
-            got = server.post("/recommend", json={"user_id": uid, "k": 50})
-            if got.status_code == 200:
-                answer = got.json()
-                break
-        except Exception:  # noqa: BLE001 - the replica is coming back
-            pass
-        time.sleep(0.5)
-    assert answer is not None, "the replica did not come back within 120 s"
-    assert answer["state_version"] == 1 and item not in ids_of(answer)
-    assert ids_of(answer) == ids_of(first)
-
-
 def test_cold_start_over_http(server, retriever):
     bodies = [{"user_id": "someone-new", "features": {"age": 30, "country": "Atlantis"}},
               {"history": ["no-such-item", 10**12], "k": 3},
@@ -921,3 +891,42 @@ def test_schemathesis_finds_no_5xx_and_no_contract_violation(server, tmp_path):
     assert report["failures"] == [], report["console_tail"]  # not_a_server_error included
     assert report["test_cases"]["errored"] == 0, report["console_tail"]
     assert server.post("/recommend", json={"user_id": 1}).status_code == 200  # still up
+
+
+# -- last: a replica kill (the module's other tests need the first replica) ------------
+
+def test_an_event_over_http_survives_a_replica_kill(server, batch_embeddings):
+    """POST /events, kill the replica, and the one Serve starts again has the event."""
+    import ray
+
+    item = batch_embeddings["item_ids"][7]
+    uid = 10**9 + 7  # a new user: created by its first event (known users stay as prepared)
+    ok = server.post("/events", json={"user_id": uid, "item_id": item})
+    assert ok.status_code == 200 and ok.json()["in_history"] == 1, ok.text
+    first = server.post("/recommend", json={"user_id": uid, "k": 50}).json()
+    assert first["state_version"] == 1 and item not in ids_of(first)
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["namespace"] == "serve" and f"{APP}#Retrieval" in a["name"]]
+    assert len(replicas) == 1, replicas
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace="serve"), no_restart=False)
+    deadline = time.monotonic() + 120
+    answer = None
+    while time.monotonic() < deadline:
+        try:
+            got = server.post("/recommend", json={"user_id": uid, "k": 50})
+            if got.status_code == 200:
+                answer = got.json()
+                break
+        except Exception:  # noqa: BLE001 - the replica is coming back
+            pass
+        time.sleep(0.5)
+    assert answer is not None, "the replica did not come back within 120 s"
+    assert answer["state_version"] == 1 and item not in ids_of(answer)
+    assert ids_of(answer) == ids_of(first)
+    steady = 0  # HAProxy closes the connections of the killed replica: settle before leaving
+    while steady < 10 and time.monotonic() < deadline + 60:
+        try:
+            steady = steady + 1 if server.get("/healthz").status_code == 200 else 0
+        except Exception:  # noqa: BLE001 - a pooled connection the restart closed
+            steady = 0
+        time.sleep(0.2)

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline import config as C
+from pipeline import features as F
 from pipeline import state
 from pipeline import transforms as T
 
@@ -14,14 +15,14 @@ from pipeline import transforms as T
 def fitted(feat, values):
     if values is not None and not isinstance(values, pa.Array):
         values = pa.array(values)
-    return state.fit_feature(feat, values)
+    return F.fit_feature(feat, values)
 
 
 def test_categorical_lookup_null_and_oov():
     # counts: b=3, a=2, c=1 -> min_count 2 keeps [b, a]; indices: pad 0, oov 1, b 2, a 3
     st = fitted(C.CategoricalFeature(name="c", min_count=2), ["a", "b", "b", "c", "a", "b"])
     assert st.vocab == ["b", "a"] and st.num_embeddings == 4
-    out = T.encode_feature(["a", "b", "c", None, "zzz"], st, "c")["c"]
+    out = F.encode_feature(["a", "b", "c", None, "zzz"], st, "c")["c"]
     np.testing.assert_array_equal(out, [3, 2, 1, 0, 1])
 
 
@@ -40,7 +41,7 @@ def test_max_vocab_keeps_most_frequent_ties_by_value():
 def test_hash_buckets_stable_and_in_range():
     st = fitted(C.CategoricalFeature(name="h", hash_buckets=7), ["a"])
     assert st.num_embeddings == 9 and st.vocab is None
-    a = T.encode_feature(["a", "b", "a", None, "a-very-long-value"], st, "h")["h"]
+    a = F.encode_feature(["a", "b", "a", None, "a-very-long-value"], st, "h")["h"]
     assert a[0] == a[2] and a[3] == 0
     assert ((a[[0, 1, 2, 4]] >= 2) & (a[[0, 1, 2, 4]] <= 8)).all()
     # FNV-1a 64 of b"a" is 0xaf63dc4c8601ec8c; mod 7 = 5 -> index 5 + 2 = 7
@@ -127,7 +128,7 @@ def test_pad_bags_matches_a_python_loop():
 def test_transform_tower_reports_missing_column():
     tower = state.TowerState({"c": fitted(C.CategoricalFeature(name="c"), ["a"])})
     with pytest.raises(ValueError, match="column 'c' missing"):
-        T.transform_tower({"other": ["a"]}, tower)
+        F.transform_tower({"other": ["a"]}, tower)
 
 
 @pytest.mark.parametrize("kind", ["int64", "string"])

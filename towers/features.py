@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from pipeline.columns import MISSING, input_key
 from pipeline.config import checks
 from pipeline.config.model import Aggregation, TowerConfig
-from pipeline.features import InputForm, NumericTransform, Pooling
+from pipeline.features import InputForm, NumericTransform, Pooling, spec_of
 from pipeline.state import FeatureState, TowerState
 from pipeline.transforms import PAD
 
@@ -251,7 +251,7 @@ def build_feature(name: str, state: FeatureState, cfg: TowerConfig,
     Raises:
         ValueError: the kind is not registered, or no module takes its form.
     """
-    form = state.spec.form
+    form = spec_of(state.type).form
     if form not in FORM_MODULES:
         raise ValueError(f"feature {name!r}: input form {form.value!r} of type "
                          f"{state.type.value!r} has no encoder; accepted: "

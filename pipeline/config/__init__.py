@@ -22,7 +22,6 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from pipeline.config import checks
-from pipeline.config.base import StrictModel
 from pipeline.config.data import DataConfig, Duplicates, PrepareConfig
 from pipeline.config.features import (
     CategoricalFeature,
@@ -45,6 +44,7 @@ from pipeline.config.serve import ServeConfig
 from pipeline.config.train import TrainConfig
 from pipeline.config.tune import TuneConfig
 from pipeline.features.base import REGISTRY, FeatureConfig
+from pipeline.strict import StrictModel
 
 __all__ = [
     "Candidates", "CategoricalFeature", "Config", "DataConfig", "DenseVectorFeature",

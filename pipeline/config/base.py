@@ -1,15 +1,6 @@
-"""The base of every config section."""
+"""Which config keys the prepare step bakes into a run (one home for the rule)."""
 
 from __future__ import annotations
-
-from pydantic import BaseModel, ConfigDict
-
-
-class StrictModel(BaseModel):
-    """Base of every config section: unknown keys are errors, values are frozen."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
-
 
 # Config keys whose values the prepare step bakes into RUN_DIR/prepared (vocabularies, table
 # widths, windows, the split): a later job with other values would silently train what was

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from pipeline.config.base import StrictModel
+from pipeline.strict import StrictModel
 
 
 class DataConfig(StrictModel):

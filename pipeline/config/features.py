@@ -12,7 +12,6 @@ from typing import Annotated, Any, Union
 
 from pydantic import Field, PlainValidator, SerializeAsAny, TypeAdapter, model_validator
 
-from pipeline.config.base import StrictModel
 from pipeline.features.base import REGISTRY, FeatureConfig
 from pipeline.features.categorical import CategoricalFeature
 from pipeline.features.dense_vector import DenseVectorFeature
@@ -21,6 +20,7 @@ from pipeline.features.numeric import NullFill, NumericFeature
 from pipeline.features.sequence import SequenceFeature
 from pipeline.features.text import TextFeature
 from pipeline.state import NumericTransform, Pooling
+from pipeline.strict import StrictModel
 
 __all__ = [
     "CategoricalFeature", "DenseVectorFeature", "Feature", "FeatureConfig", "FeaturesConfig",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from pipeline.config.base import StrictModel
+from pipeline.strict import StrictModel
 
 
 class IndexConfig(StrictModel):

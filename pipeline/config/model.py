@@ -9,7 +9,7 @@ import enum
 
 from pydantic import Field, model_validator
 
-from pipeline.config.base import StrictModel
+from pipeline.strict import StrictModel
 
 
 class Similarity(str, enum.Enum):

@@ -21,7 +21,7 @@ import enum
 
 from pydantic import Field
 
-from pipeline.config.base import StrictModel
+from pipeline.strict import StrictModel
 
 
 class Objective(str, enum.Enum):

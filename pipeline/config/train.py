@@ -6,7 +6,7 @@ import enum
 
 from pydantic import Field, model_validator
 
-from pipeline.config.base import StrictModel
+from pipeline.strict import StrictModel
 
 
 class LRSchedule(str, enum.Enum):

@@ -21,8 +21,9 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from pipeline.config.base import StrictModel, is_prepare_key
+from pipeline.config.base import is_prepare_key
 from pipeline.config.train import VALIDATION_METRICS
+from pipeline.strict import StrictModel
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
 

@@ -16,8 +16,9 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from pipeline.config.base import StrictModel
+from pipeline.kinds import register_member
 from pipeline.state import FeatureState
+from pipeline.strict import StrictModel
 
 Encoded = dict[str, np.ndarray]  # model input key -> [B, ...] array
 
@@ -104,7 +105,25 @@ class KindSpec:
         return self.null_array(state) if value is None else self.raw_value(value, state)
 
 
-REGISTRY: dict[enum.Enum, KindSpec] = {}  # filled with the built-in kinds by the package
+class Registry(dict):
+    """Kind enum member -> :class:`KindSpec`; an entry also makes its member known by value.
+
+    A fitted state turns the kind value its JSON holds back into the member through
+    :func:`pipeline.kinds.kind_member`, which knows a kind once it is registered here (the
+    built-ins by this package, an extension kind by ``REGISTRY[member] = spec``).
+    """
+
+    def __setitem__(self, kind: enum.Enum, spec: KindSpec) -> None:
+        register_member(kind)
+        super().__setitem__(kind, spec)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        """Each entry through :meth:`__setitem__`."""
+        for kind, spec in dict(*args, **kwargs).items():
+            self[kind] = spec
+
+
+REGISTRY: Registry = Registry()  # filled with the built-in kinds by the package
 
 
 def spec_of(kind: str) -> KindSpec:

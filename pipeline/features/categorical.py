@@ -16,7 +16,7 @@ from pipeline.features.base import (
     one_row,
 )
 from pipeline.state import RESERVED, FeatureKind, FeatureState, fit_vocab
-from pipeline.transforms import hash_bucket, lookup
+from pipeline.transforms import hash_bucket, lookup, vocab_index
 
 
 class CategoricalFeature(FeatureConfig):
@@ -55,7 +55,7 @@ def _fit(feat: CategoricalFeature, values: pa.Array | None) -> FeatureState:
 def _encode(values: Any, state: FeatureState, name: str) -> Encoded:
     if state.hash_buckets:
         return {name: hash_bucket(values, state.hash_buckets)}
-    return {name: lookup(values, state.vocab_index())}
+    return {name: lookup(values, vocab_index(state))}
 
 
 def _accepts(typ: pa.DataType) -> bool:

@@ -15,7 +15,7 @@ from pydantic import Field
 
 from pipeline.features.base import Encoded, FeatureConfig, InputForm, KindSpec, one_row
 from pipeline.state import RESERVED, FeatureKind, FeatureState, TowerState, fit_vocab
-from pipeline.transforms import encode_sequence
+from pipeline.transforms import encode_sequence, vocab_index
 
 
 class SequenceFeature(FeatureConfig):
@@ -64,7 +64,7 @@ def fit_history(feat: SequenceFeature, item_ids: pa.Array, item_tower: TowerStat
 
 def _encode(histories: Any, state: FeatureState, name: str) -> Encoded:
     """[B] raw id lists -> the history ids only; item features need the catalogue."""
-    return {name: encode_sequence(histories, state.vocab_index(), state.max_length)}
+    return {name: encode_sequence(histories, vocab_index(state), state.max_length)}
 
 
 SPEC = KindSpec(
