@@ -419,7 +419,9 @@ class Retriever:
         rows = self.encoder.item_rows(items)
         now = int(time.time())
         times = [now if e.timestamp is None else e.timestamp for e in events]
-        users = pa.array([e.user_id for e in events]).cast(self.events.columns.user_type)
+        integer = pa.types.is_integer(self.events.columns.user_type)
+        users = pa.array([int(k) if integer else k.decode("utf-8", "surrogatepass")
+                          for k in keys], self.events.columns.user_type)  # as the keys read
         weights = [1.0 if e.weight is None else e.weight for e in events]
         name = self.events.write(users, item_col, times, weights)
         known = [(k, int(r), t) for k, r, t in zip(keys, rows, times, strict=True) if r >= 0]

@@ -209,6 +209,11 @@ def test_unknown_items_are_logged_not_stored_and_new_users_are_created(run_copy,
     logged = pq.read_table(next((tmp_path / "events").glob("events-*.parquet")))
     assert logged["item_id"].to_pylist() == [10**12, known]
     assert logged["weight"].to_pylist() == [1.0, 2.0]
+    # "7" is the integer key 7 (the lookup rule): one list may mix both spellings
+    mixed = r.post_events(events_body([{"user_id": 10**9 + 1, "item_id": known},
+                                       {"user_id": str(10**9 + 1), "item_id": known}]))
+    assert mixed.in_history == 2
+    assert r.encode_user(RecommendRequest(user_id=10**9 + 1)).state_version == 2
 
 
 def test_wrongly_typed_ids_are_refused_naming_the_field(run_copy, tmp_path):
