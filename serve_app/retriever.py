@@ -330,25 +330,28 @@ class Retriever:
         emb = self.user_tower(tower_inputs(to_tensors(batch), USER))[self.user_tower.output_key]
         return emb.float().numpy()
 
-    def _search(self, queries: np.ndarray, ks: list[int], rows: list[Restriction]
-                ) -> list[Answer]:
-        """Top-k of each query [B, D] within its restriction, as raw ids."""
+    def _search(self, queries: np.ndarray, ks: list[int], rows: list[Restriction],
+                versions: list[int | None] | None = None) -> list[Answer]:
+        """Top-k of each query [B, D] within its restriction, as raw ids.
+
+        ``versions``: each answer's ``state_version`` (its user's events since prepare).
+        """
         scores, found = self.index.search(queries, max(ks), exclude=[r.exclude for r in rows],
                                           allow=[r.allow for r in rows])
         out = []
-        for k, s, f in zip(ks, scores[:, :max(ks)], found, strict=True):
+        for i, (k, s, f) in enumerate(zip(ks, scores[:, :max(ks)], found, strict=True)):
             hits = f[:k]
             hits = hits[hits >= 0].tolist()
             out.append(Answer([self.item_ids[r] for r in hits], s[:len(hits)].tolist(),
-                              self.model_version))
+                              self.model_version,
+                              state_version=versions[i] if versions else None))
         return out
 
     def recommend_encoded(self, queries: list[RecommendQuery]) -> list[Answer]:
         """Top-k per query: one forward, one index search (restrictions per query)."""
         emb = self.embed_users([q.user for q in queries])  # [B, D]
-        answers = self._search(emb, [q.k for q in queries], [q.rows for q in queries])
-        return [Answer(a.item_ids, a.scores, a.model_version, a.key, q.user.state_version)
-                for a, q in zip(answers, queries, strict=True)]
+        return self._search(emb, [q.k for q in queries], [q.rows for q in queries],
+                            [q.user.state_version for q in queries])
 
     def similar_encoded(self, queries: list[SimilarQuery]) -> list[Answer]:
         """Nearest items to each query item, the item itself excluded."""

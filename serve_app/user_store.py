@@ -478,11 +478,7 @@ class UserStore:
 
         Returns False when ``mark`` was applied before (nothing written).
         """
-        body = []
-        for key, row, t in events:
-            rec = np.zeros(1, EVENT)
-            rec["row"], rec["time"] = row, t
-            body.append((key, rec.tobytes()))
+        body = [(key, np.array([(row, t)], EVENT).tobytes()) for key, row, t in events]
         return self.backend.append(body, mark)
 
     def close(self) -> None:
