@@ -16,13 +16,7 @@ started, never with ``ray stop``.
 from __future__ import annotations
 
 import json
-import os
-import re
-import shlex
-import shutil
 import socket
-import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -31,58 +25,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import ROOT
+from tests import ray_heads
 
-DEMO = ROOT / "scripts" / "demo.sh"
 LOOPBACK = ("127.0.0.1", "::1")
-PORT_FLAGS = ("port", "ray-client-server-port", "dashboard-port",
-              "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-              "metrics-export-port", "node-manager-port", "object-manager-port",
-              "runtime-env-agent-port")
-
-
-def demo_head_command() -> list[str]:
-    """The demo's ``ray start --head`` line, as words (``$(nproc)`` made 1)."""
-    line = next(li.strip() for li in DEMO.read_text().splitlines()
-                if li.strip().startswith("ray start --head"))
-    return shlex.split(line.replace('"$(nproc)"', "1"))
-
-
-def demo_auth_mode() -> str:
-    """The auth mode demo.sh exports when the user sets none."""
-    return re.search(r'export RAY_AUTH_MODE="\$\{RAY_AUTH_MODE:-(\w+)\}"',
-                     DEMO.read_text()).group(1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def head_processes(temp_dir: str) -> list[psutil.Process]:
-    """The processes of the head started with ``temp_dir``, and their children."""
-    roots = [p for p in psutil.process_iter(["cmdline"])
-             if any(temp_dir in arg for arg in (p.info["cmdline"] or []))]
-    found = {p.pid: p for p in roots}
-    for p in roots:
-        try:
-            found.update({c.pid: c for c in p.children(recursive=True)})
-        except psutil.NoSuchProcess:
-            pass
-    return list(found.values())
-
-
-def listening(processes: list[psutil.Process]) -> list[tuple[str, str, int]]:
-    """(process name, address, port) of every listening TCP socket of ``processes``."""
-    out = []
-    for p in processes:
-        try:
-            out += [(p.name(), c.laddr.ip, c.laddr.port)
-                    for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
-        except psutil.NoSuchProcess:
-            pass
-    return out
 
 
 def host_addresses() -> list[str]:
@@ -93,33 +38,8 @@ def host_addresses() -> list[str]:
 
 @pytest.fixture
 def demo_head():
-    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths
-    (Path(temp_dir) / "token").write_text("t" * 32)
-    ports = {flag: free_port() for flag in PORT_FLAGS}
-    workers = free_port()
-    command = [*demo_head_command(), f"--temp-dir={temp_dir}",
-               f"--min-worker-port={workers}", f"--max-worker-port={workers + 10}",
-               *(f"--{flag}={port}" for flag, port in ports.items())]
-    env = dict(os.environ, RAY_AUTH_MODE=demo_auth_mode(),
-               RAY_AUTH_TOKEN_PATH=str(Path(temp_dir) / "token"))
-    env.pop("RAY_AUTH_TOKEN", None)
-    started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-    try:
-        assert started.returncode == 0, started.stderr[-2000:]
-        deadline = time.monotonic() + 60  # the agents come up after `ray start` returns
-        while time.monotonic() < deadline:
-            names = {name for name, _, _ in listening(head_processes(temp_dir))}
-            if {"gcs_server", "raylet"} <= names and any("DashboardAgent" in n for n in names):
-                break
-            time.sleep(1)
-        yield temp_dir, ports
-    finally:
-        for p in head_processes(temp_dir):
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with ray_heads.demo_head() as head:
+        yield head.temp_dir, head.ports
 
 
 def submit(address: str, port: int, marker: Path, token: str | None = None) -> int:
@@ -142,10 +62,10 @@ def submit(address: str, port: int, marker: Path, token: str | None = None) -> i
 
 def test_the_demo_head_refuses_jobs_from_the_network_and_keeps_the_dashboard_local(
         demo_head, tmp_path):
-    assert demo_auth_mode() == "token"
-    assert "--node-ip-address=127.0.0.1" in demo_head_command()
+    assert ray_heads.demo_auth_mode() == "token"
+    assert "--node-ip-address=127.0.0.1" in ray_heads.demo_head_command()
     temp_dir, ports = demo_head
-    sockets = listening(head_processes(temp_dir))
+    sockets = ray_heads.listening(ray_heads.head_processes(temp_dir))
     names = {name for name, _, _ in sockets}
     assert {"gcs_server", "raylet"} <= names, sockets
     exposed = sorted({(n, a, p) for n, a, p in sockets if a not in LOOPBACK})
