@@ -1,6 +1,6 @@
 """Prepare throughput: the Ray Data prepare job vs a single-process pyarrow/numpy run.
 
-Both sides run the same ``pipeline.prepare.prepare_tables`` (split, fit, encode, write) on
+Both sides run the same ``prepare.run.prepare_tables`` (split, fit, encode, write) on
 the same inputs: the job reads and writes the splits through Ray Data, the baseline reads
 with ``pyarrow.dataset`` and writes with ``pyarrow.parquet`` in one process.
 Each side runs in its own subprocess, and
@@ -36,12 +36,12 @@ def make_inputs(name: str, work: Path) -> tuple[Path, Path]:
     """Create the tables and config for one dataset; returns (config path, data root)."""
     data = work / name
     if name == "ml100k":
-        from pipeline.sources.movielens import convert_movielens
+        from prepare.sources.movielens import convert_movielens
 
         convert_movielens(str(ML100K), str(data))
         config = ROOT / "configs" / "ml100k.yaml"
     else:
-        from pipeline.sources.demo import generate_demo_data
+        from prepare.sources.demo import generate_demo_data
 
         users, items, rows = DEMO_SIZES[name]
         generate_demo_data(str(data), n_users=users, n_items=items, n_interactions=rows, seed=0)
@@ -64,11 +64,11 @@ def run_side(side: str, config: Path, data: Path, out: Path) -> dict:
 def side_main(side: str, config: Path, data: Path, out: Path) -> None:
     """Inside the subprocess: run prepare one way and print its timing as JSON.
 
-    Both sides run :func:`pipeline.prepare.run_prepare` (one ``prepare_tables``): the
+    Both sides run :func:`prepare.run.run_prepare` (one ``prepare_tables``): the
     Ray side reads and writes through Ray Data, the baseline with pyarrow in-process.
     """
     from pipeline.config import load_config
-    from pipeline.prepare import run_prepare
+    from prepare.run import run_prepare
 
     cfg = load_config(config, [f"data.root={data}"])
     start = time.perf_counter()

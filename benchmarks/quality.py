@@ -82,19 +82,19 @@ def make_data(name: str, work: Path, tiny: bool) -> tuple[Path, Path]:
     data = work / "data"
     config, regime = DATASETS[name]
     if tiny or regime is not None:
-        from pipeline.sources.demo import generate_demo_data
+        from prepare.sources.demo import generate_demo_data
 
         sizes = {"n_users": 200, "n_items": 80, "n_interactions": 5000} if tiny else {}
         generate_demo_data(str(data), seed=1, regime=regime or "default", **sizes)
         return ROOT / "configs" / ("demo.yaml" if tiny else config), data
     if name == "amazon-sports":
-        from pipeline.sources.sequences import convert_sequences
+        from prepare.sources.sequences import convert_sequences
 
         if not AMAZON_SPORTS.exists():
             raise SystemExit(f"Amazon Sports not found at {AMAZON_SPORTS}")
         convert_sequences(str(AMAZON_SPORTS), str(data))
         return ROOT / "configs" / config, data
-    from pipeline.sources.movielens import convert_movielens
+    from prepare.sources.movielens import convert_movielens
 
     if not ML100K.exists():
         raise SystemExit(f"MovieLens-100K not found at {ML100K}")
@@ -253,7 +253,7 @@ def sasrec_row(run_dir: Path, args: argparse.Namespace, cfg: Config) -> dict:
     trains again for that many epochs on the run's windows and is scored on test.
     """
     from benchmarks.sasrec import Shape, train, tune
-    from pipeline.prepare import run_prepare
+    from prepare.run import run_prepare
 
     grid = {"dropout": args.sasrec_dropout, "negatives": args.sasrec_negatives,
             "epochs": [2 if args.tiny else args.sasrec_epochs]}

@@ -103,8 +103,8 @@ def compare(cfg, run_dir: Path, steps: int, turns: int) -> dict:
 def tiny_run(work: Path):
     """A tiny generated data set, prepared with the demo config: (config, run_dir)."""
     from pipeline.config import load_config
-    from pipeline.prepare import run_prepare
-    from pipeline.sources.demo import generate_demo_data
+    from prepare.run import run_prepare
+    from prepare.sources.demo import generate_demo_data
 
     generate_demo_data(str(work / "data"), seed=1, n_users=200, n_items=80,
                        n_interactions=5000)
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
             args.steps, args.turns = 3, 2
         else:
             from pipeline.config import load_config
-            from pipeline.prepare import run_prepare
+            from prepare.run import run_prepare
 
             if not args.config or not args.run_dir:
                 p.error("--config and --run-dir are needed (or --tiny)")

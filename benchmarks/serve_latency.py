@@ -78,8 +78,8 @@ def build_run(work: Path, sizes: tuple[int, int, int], overrides: list[str]) -> 
     from jobs import build_index
     from jobs.ray_setup import ensure_ray
     from pipeline.config import load_config
-    from pipeline.prepare import run_prepare
-    from pipeline.sources.demo import generate_demo_data
+    from prepare.run import run_prepare
+    from prepare.sources.demo import generate_demo_data
     from training.loop import run_plain
 
     users, items, rows = sizes

@@ -68,11 +68,11 @@ def make_data(name: str, work: Path) -> Path:
     """Write the raw tables for one dataset under ``work``; returns the data root."""
     data = work / "data"
     if name.startswith("ml100k"):
-        from pipeline.sources.movielens import convert_movielens
+        from prepare.sources.movielens import convert_movielens
 
         convert_movielens(str(ML100K), str(data))
     else:
-        from pipeline.sources.demo import generate_demo_data
+        from prepare.sources.demo import generate_demo_data
 
         generate_demo_data(str(data), seed=0, **DEMO_DATA[name])
     return data

@@ -69,8 +69,8 @@ def grow(base: Path, n: int, out: Path, seed: int = 0) -> Path:
     import pyarrow.parquet as pq
 
     from indexing.embed import EMBEDDING, ROW
+    from pipeline.arrow import column_to_numpy
     from pipeline.columns import SEEN, USER, column_name, tower_columns
-    from pipeline.io import column_to_numpy
     from pipeline.run_dir import RunDir, load_fitted, read_model_meta
     from pipeline.state import FeatureKind
     from pipeline.transforms import vocab_index

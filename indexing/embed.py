@@ -21,9 +21,9 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from indexing.batches import embed, to_tensors
+from pipeline.arrow import table_to_numpy, to_arrow_table
 from pipeline.columns import ITEM, USER, prefix, tower_columns, tower_inputs
 from pipeline.config.index import IndexConfig
-from pipeline.io import table_to_numpy, to_arrow_table
 from pipeline.run_dir import ModelMeta, RunDir, atomic_dir, read_table, write_json
 
 EMBEDDING = "embedding"

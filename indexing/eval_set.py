@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.arrow import column_to_numpy, table_to_numpy
 from pipeline.columns import ITEM_INDEX, USER, USER_KEY, tower_columns
-from pipeline.io import column_to_numpy, table_to_numpy
 from pipeline.run_dir import RunDir, read_split, read_trained
 
 

@@ -2,7 +2,7 @@ r"""Convert MovieLens: a downloaded MovieLens folder -> the three Parquet tables
 
 Inputs: ``--src``, an unpacked ml-100k, ml-1m or ml-20m/25m/latest folder.
 Outputs: ``OUT/interactions/``, ``OUT/users/``, ``OUT/items/`` (see
-:mod:`pipeline.sources.movielens` for the columns). MovieLens may not be redistributed:
+:mod:`prepare.sources.movielens` for the columns). MovieLens may not be redistributed:
 keep ``OUT`` outside the repository.
 
     python -m jobs.convert_movielens --src ../shared/data/ml-100k --out /tmp/ml100k
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 from jobs.cli import doc_parser, user_errors
-from pipeline.sources.movielens import convert_movielens
+from prepare.sources.movielens import convert_movielens
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

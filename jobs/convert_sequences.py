@@ -6,7 +6,7 @@ format of the sequential-recommendation benchmarks (e.g. Amazon Sports and Outdo
 the S3-Rec / ICLRec papers publish it), and of any event log that kept only the order.
 Outputs: ``OUT/interactions/`` (``user_id``, ``item_id``, ``timestamp`` = the item's
 position on its line), ``OUT/users/`` (``user_id``), ``OUT/items/`` (``item_id``); see
-:mod:`pipeline.sources.sequences`. Then ``configs/amazon_sports.yaml`` is the config to copy.
+:mod:`prepare.sources.sequences`. Then ``configs/amazon_sports.yaml`` is the config to copy.
 
     python -m jobs.convert_sequences --src ../shared/data/amazon-sports/Sports_and_Outdoors.txt \\
         --out /tmp/amazon-sports
@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 
 from jobs.cli import doc_parser, user_errors
-from pipeline.sources.sequences import IdType, convert_sequences
+from prepare.sources.sequences import IdType, convert_sequences
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

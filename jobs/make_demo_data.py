@@ -1,8 +1,8 @@
 r"""Make demo data: sizes and a seed -> the three synthetic Parquet tables configs/demo.yaml reads.
 
-Inputs: ``--regime`` (default, long, sparse: see :mod:`pipeline.sources.demo`), and
+Inputs: ``--regime`` (default, long, sparse: see :mod:`prepare.sources.demo`), and
 ``--users``, ``--items``, ``--interactions`` (default: the regime's sizes), ``--seed``.
-Outputs: ``OUT/users/``, ``OUT/items/``, ``OUT/interactions/`` (see :mod:`pipeline.sources.demo`
+Outputs: ``OUT/users/``, ``OUT/items/``, ``OUT/interactions/`` (see :mod:`prepare.sources.demo`
 for the columns and the planted structure); progress is printed to stderr per chunk.
 
     python -m jobs.make_demo_data --out data/demo --users 5000 --items 2000 \
@@ -18,7 +18,7 @@ import argparse
 import sys
 
 from jobs.cli import doc_parser, user_errors
-from pipeline.sources.demo import REGIMES, generate_demo_data
+from prepare.sources.demo import REGIMES, generate_demo_data
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,7 +1,7 @@
 r"""Prepare: three Parquet tables -> split, fitted feature state, encoded Parquet.
 
 Inputs: the ``data`` and ``features`` sections of the config.
-Outputs: ``RUN_DIR/prepared/`` (see :mod:`pipeline.prepare` for the layout).
+Outputs: ``RUN_DIR/prepared/`` (see :mod:`prepare.run` for the layout).
 Errors: one ``error: ...`` line naming the file (and row), the column and what is
 accepted; exit code 2 for the config and flags, 1 for the data; RUN_DIR is left as it was.
 
@@ -17,8 +17,8 @@ import sys
 from jobs.cli import parse_job_args, user_errors
 from jobs.ray_setup import ensure_ray
 from pipeline.config import Config
-from pipeline.prepare import in_process, run_prepare, validate_inputs
 from pipeline.run_dir import PrepareManifest
+from prepare.run import in_process, run_prepare, validate_inputs
 
 
 def run(cfg: Config, run_dir) -> PrepareManifest:

@@ -1,6 +1,6 @@
-"""Data contracts, the lowest layer; imports no other package of the project.
+"""Data contracts, the lowest layer; imports no other package of the project, nor Ray or torch.
 
-Typed config, column names, feature kinds, fitted state, pure batch transforms and row
-builders, the split, the run-directory layout, and the prepare step (its only Ray Data
-module).
+Typed config, column names, feature kinds, fitted state, pure batch transforms, the row
+encoders prepare and serving share, split labels and the run-directory layout. The stage
+that reads and writes data is ``prepare``.
 """

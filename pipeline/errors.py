@@ -3,7 +3,7 @@
 Transforms and checks see one concatenated table; only the prepare step knows which
 Parquet file each row came from. A check raises :class:`TableError` with the row (and, when
 it knows it, the table); :func:`in_table` fills the table in on the way out, and
-:func:`pipeline.io.locate_error` turns the row into ``file, row of that file``. A
+:func:`prepare.tables.locate_error` turns the row into ``file, row of that file``. A
 ``TableError`` is a ``ValueError``, so callers that know no files (serving) treat it as
 any other bad value.
 """

@@ -38,12 +38,12 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pipeline.arrow import table_to_numpy
 from pipeline.columns import ITEM, USER, tower_columns
 from pipeline.config import Config
 from pipeline.config.base import is_prepare_key
 from pipeline.config.model import Similarity
-from pipeline.io import table_to_numpy
-from pipeline.split import SPLIT_NAMES, trained_on
+from pipeline.splits import SPLIT_NAMES, trained_on
 from pipeline.state import FeatureStateSet
 
 SPLITS = ("train", "validation", "test")

@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline.arrow import column_to_numpy
 from pipeline.columns import ITEM, USER, column_name, prefixed
 from pipeline.features import encode_feature, spec_of
-from pipeline.io import column_to_numpy
 from pipeline.rows import absent_row, history_columns, id_columns, id_feature_names
 from pipeline.state import RESERVED, FeatureKind, FeatureState, FeatureStateSet
 from pipeline.transforms import (

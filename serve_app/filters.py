@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline.arrow import column_to_numpy
 from pipeline.columns import ITEM, column_name
-from pipeline.io import column_to_numpy
 from pipeline.state import RESERVED, FeatureKind, FeatureState
 from pipeline.transforms import PAD, distinct, vocab_index
 

@@ -55,8 +55,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.arrow import column_to_numpy
 from pipeline.columns import SEEN, USER, tower_columns
-from pipeline.io import column_to_numpy
 from pipeline.run_dir import RunDir, write_json
 from pipeline.state import RESERVED
 from pipeline.transforms import VocabIndex, cast_like, distinct

@@ -142,7 +142,7 @@ def demo_config(data_root: Path, *overrides: str):
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """Tiny generated demo tables (once per session)."""
-    from pipeline.sources.demo import generate_demo_data
+    from prepare.sources.demo import generate_demo_data
 
     root = tmp_path_factory.mktemp("demo") / "data"
     generate_demo_data(str(root), seed=3, **DEMO_SIZES)
@@ -152,7 +152,7 @@ def demo_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_prepared(ray_session, demo_data, tmp_path_factory) -> Path:
     """A RUN_DIR with ``prepared/`` from the real prepare step (copy it before writing)."""
-    from pipeline.prepare import run_prepare
+    from prepare.run import run_prepare
 
     run_dir = tmp_path_factory.mktemp("demo_run")
     run_prepare(demo_config(demo_data), run_dir, log=lambda m: None)

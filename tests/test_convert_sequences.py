@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.sources.sequences import convert_sequences
+from prepare.sources.sequences import convert_sequences
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,8 @@ def test_job_prints_counts_and_the_split_takes_the_last_items(tmp_path):
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "30 users" in out.stdout
-    from pipeline.split import TEST, leave_last_out
+    from pipeline.splits import TEST
+    from prepare.split import leave_last_out
 
     inter = pq.read_table(tmp_path / "out" / "interactions")
     users = inter.column("user_id").to_numpy()

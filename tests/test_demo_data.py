@@ -9,9 +9,10 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from pipeline import io
 from pipeline.config import load_config
-from pipeline.sources.demo import (
+from pipeline.splits import TEST, TRAIN
+from prepare import tables
+from prepare.sources.demo import (
     EMBEDDING_DIM,
     MIN_PER_USER,
     REGIMES,
@@ -24,7 +25,7 @@ from pipeline.sources.demo import (
     generate_demo_data,
     interaction_counts,
 )
-from pipeline.split import TEST, TRAIN, leave_last_out
+from prepare.split import leave_last_out
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"n_users": 2000, "n_items": 500, "n_interactions": 60_000}
@@ -61,8 +62,8 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
 
 def test_schema_matches_demo_config(small):
     cfg = load_config(ROOT / "configs" / "demo.yaml")
-    for name, columns in io.required_columns(cfg).items():
-        io.validate_table(io.resolve_files(name, str(small / name)), columns)
+    for name, columns in tables.required_columns(cfg).items():
+        tables.validate_table(tables.resolve_files(name, str(small / name)), columns)
     items = read(small, "items")
     assert items.schema.field("embedding").type == pa.list_(pa.float32())
     assert items.schema.field("tags").type == pa.list_(pa.string())

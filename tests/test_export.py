@@ -14,9 +14,9 @@ import torch
 from tower_cases import batch_for, demo_state, model_config
 
 from indexing.batches import to_tensors
+from pipeline.arrow import table_to_numpy
 from pipeline.columns import TOWERS, tower_columns, tower_inputs
 from pipeline.config.model import TowerType
-from pipeline.io import table_to_numpy
 from pipeline.run_dir import META_FILE, MODEL_FILE, RunDir, read_table
 from towers.export import export_tower, load_exported, sidecar_path
 from towers.exported import ExportedTower

@@ -21,12 +21,13 @@ from pydantic import Field, TypeAdapter
 
 from pipeline import config as C
 from pipeline import features as F
-from pipeline import io, state
+from pipeline import state
 from pipeline import transforms as T
 from pipeline.config.model import TowerConfig
 from pipeline.features import REGISTRY, FeatureConfig, FeatureKind, InputForm, KindSpec
 from pipeline.features.base import one_row
 from pipeline.state import RESERVED, FeatureState, FeatureStateSet, TowerState
+from prepare import tables
 from serve_app.encode import raw_array
 from tests.conftest import TINY_CONFIG
 from towers.features import FORM_MODULES, CategoricalEmbedding, build_feature
@@ -187,15 +188,15 @@ def test_toy_kind_fits_and_encodes(hour_kind, tmp_path):
 
 
 def test_toy_kind_column_is_type_checked(hour_kind, tmp_path):
-    columns = io.required_columns(hour_config())["users"]
+    columns = tables.required_columns(hour_config())["users"]
     assert columns["hour"] == "hour_of_day"
     pq.write_table(pa.table({"hour": pa.array([3, 4], pa.int32())}), tmp_path / "ok.parquet")
-    io.validate_table(io.resolve_files("users", str(tmp_path / "ok.parquet")),
+    tables.validate_table(tables.resolve_files("users", str(tmp_path / "ok.parquet")),
                       {"hour": columns["hour"]})
     pq.write_table(pa.table({"hour": ["3am"]}), tmp_path / "bad.parquet")
     with pytest.raises(ValueError, match=r"column 'hour' has type string, expected integer "
                                          r"hour 0-23 for a hour_of_day column"):
-        io.validate_table(io.resolve_files("users", str(tmp_path / "bad.parquet")),
+        tables.validate_table(tables.resolve_files("users", str(tmp_path / "bad.parquet")),
                           {"hour": columns["hour"]})
 
 

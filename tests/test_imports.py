@@ -3,8 +3,10 @@
 Loaded modules, each in a fresh interpreter: importing any ``towers`` module loads no ray;
 importing the Serve side loads no ``training`` and none of the model classes (it runs the
 exported program). Source imports, by parsing every module with ``ast`` (imports inside
-functions included): nothing imports ``jobs``, and each package imports only packages at
-or below it in the dependency direction.
+functions included): nothing imports ``jobs``, each package imports only packages at or
+below it in the dependency direction, and the ``prepare`` stage is imported by ``jobs``
+alone (it may import only ``pipeline``). ``pipeline``, the contracts core, loads neither
+Ray nor torch and has no import circle.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ("pipeline", "towers", "indexing", "training", "serve_app", "jobs")  # lowest first
+LAYERS = ("pipeline", "prepare", "towers", "indexing", "training", "serve_app", "jobs")  # lowest
+STAGE = "prepare"  # a stage beside training and indexing: only jobs import it
 SOURCE = LAYERS[:-1]  # the packages; jobs holds the entry points
 SERVE_MODULES = ["serve_app.app", "serve_app.retriever", "serve_app.check",
                  "serve_app.deploy_config", "serve_app.api", "serve_app.contract",
@@ -101,6 +104,16 @@ def test_importing_towers_leaves_ray_out():
     assert loaded_after_import(modules, ("ray",)) == [], "importing towers loaded ray"
 
 
+def test_the_contracts_core_loads_neither_ray_nor_torch():
+    modules = [module_name(p) for p in package_modules("pipeline")]
+    assert {"pipeline.rows", "pipeline.run_dir", "pipeline.arrow"} <= set(modules)
+    assert loaded_after_import(modules, ("ray", "torch")) == []
+    deferred = [f"{p.relative_to(ROOT)}:{line} {name}" for p in package_modules("pipeline")
+                for line, name in imported_names(p.read_text(encoding="utf-8"), module_name(p))
+                if name.split(".")[0] in ("ray", "torch")]
+    assert deferred == [], f"pipeline imports Ray or torch inside a function: {deferred}"
+
+
 def test_the_ingress_settings_load_no_ray():
     """serve_app.ingress sets Serve's environment before Ray starts: it must not import it."""
     assert loaded_after_import(["serve_app.ingress"], ("ray",)) == []
@@ -126,6 +139,13 @@ def test_the_scanner_sees_function_level_relative_and_dynamic_imports():
     assert sorted(got) == [(1, "os"), (2, "serve_app.sub"), (4, "jobs.cli"),
                            (5, "importlib"), (6, "training.loop"), (7, "serve_app.towers")]
     assert imported_names("from . import x\n", "towers", is_package=True) == [(1, "towers")]
+
+
+def test_only_jobs_import_the_prepare_stage():
+    offenders = [f"{f}:{line}" for pkg in SOURCE if pkg != STAGE
+                 for f, line, top in project_imports(pkg) if top == STAGE]
+    assert offenders == [], f"prepare is imported by {offenders}"
+    assert {top for _, _, top in project_imports(STAGE)} == {"pipeline", STAGE}
 
 
 def test_nothing_in_the_source_packages_imports_jobs():

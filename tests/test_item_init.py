@@ -68,7 +68,7 @@ def test_training_setup_starts_from_the_factors(demo_prepared, demo_data, tmp_pa
     assert abs(float(table[ids].std()) - cfg.model.embedding_init_std) < 0.2 * \
         cfg.model.embedding_init_std
     # the written rows are the run's PureSVD factors (OOV catalogue rows excepted)
-    from pipeline.io import column_to_numpy
+    from pipeline.arrow import column_to_numpy
     from pipeline.run_dir import RunDir, read_split
 
     train = read_split(RunDir(tmp_path), "train", ["user_id", "item_index"])

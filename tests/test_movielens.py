@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import convert_movielens as job
-from pipeline import io
 from pipeline.config import load_config
-from pipeline.sources.movielens import (
+from prepare import tables
+from prepare.sources.movielens import (
     INTERACTIONS_SCHEMA,
     ITEMS_SCHEMA,
     USERS_SCHEMA,
@@ -56,8 +56,8 @@ def test_ml100k_schemas_and_config(ml100k):
     assert read(ml100k, "users").schema == USERS_SCHEMA
     assert read(ml100k, "items").schema == ITEMS_SCHEMA
     cfg = load_config(ROOT / "configs" / "ml100k.yaml")
-    for name, columns in io.required_columns(cfg).items():
-        io.validate_table(io.resolve_files(name, str(ml100k / name)), columns)
+    for name, columns in tables.required_columns(cfg).items():
+        tables.validate_table(tables.resolve_files(name, str(ml100k / name)), columns)
 
 
 def test_ml100k_hand_checked_items(ml100k):

@@ -42,8 +42,8 @@ run_plain(demo_config(Path(sys.argv[1]), *sys.argv[3:]), Path(sys.argv[2]), log=
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """(demo data, a RUN_DIR with prepared/), prepared in this process."""
-    from pipeline.prepare import run_prepare
-    from pipeline.sources.demo import generate_demo_data
+    from prepare.run import run_prepare
+    from prepare.sources.demo import generate_demo_data
 
     root = tmp_path_factory.mktemp("resume")
     generate_demo_data(str(root / "data"), seed=3, **DEMO_SIZES)

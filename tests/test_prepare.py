@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import parse_config
-from pipeline.prepare import in_process, run_prepare, validate_inputs
+from prepare.run import in_process, run_prepare, validate_inputs
 from tests.conftest import TINY_CONFIG, demo_config
 
 
@@ -228,21 +228,21 @@ def test_a_failed_atomic_write_leaves_no_folder_it_created(tmp_path):
 def test_a_table_row_is_located_to_its_file_past_empty_files():
     import pyarrow.fs as pafs
 
-    from pipeline import io
     from pipeline.errors import TableError
+    from prepare import tables
 
     # files of 2, 0 and 3 rows: table rows 0-1 are a's, 2-4 are c's (b is empty)
-    tf = io.TableFiles("items", "/d", pafs.LocalFileSystem(),
+    tf = tables.TableFiles("items", "/d", pafs.LocalFileSystem(),
                        ["/d/a.parquet", "/d/b.parquet", "/d/c.parquet"], (2, 0, 3))
-    assert [io.locate(tf, r) for r in range(5)] == [
+    assert [tables.locate(tf, r) for r in range(5)] == [
         ("/d/a.parquet", 0), ("/d/a.parquet", 1), ("/d/c.parquet", 0), ("/d/c.parquet", 1),
         ("/d/c.parquet", 2)]
     with pytest.raises(IndexError, match="row 5 is beyond the 5 rows"):
-        io.locate(tf, 5)
+        tables.locate(tf, 5)
     files = {"items": tf}
-    assert str(io.locate_error(TableError("bad", "items", 3), files)) == \
+    assert str(tables.locate_error(TableError("bad", "items", 3), files)) == \
         "items table, file /d/c.parquet, row 1: bad"
-    assert str(io.locate_error(TableError("bad", "items"), files)) == \
+    assert str(tables.locate_error(TableError("bad", "items"), files)) == \
         "items table at '/d' (3 file(s)): bad"
 
 

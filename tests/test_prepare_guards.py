@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import Duplicates, PrepareConfig, parse_config
-from pipeline.prepare import run_prepare, validate_inputs
+from prepare.run import run_prepare, validate_inputs
 from tests.conftest import TINY_CONFIG
 
 

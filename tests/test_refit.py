@@ -32,8 +32,8 @@ REFIT = "train.refit=true"
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """(demo data, {refit: RUN_DIR with prepared/}), prepared in this process."""
-    from pipeline.prepare import run_prepare
-    from pipeline.sources.demo import generate_demo_data
+    from prepare.run import run_prepare
+    from prepare.sources.demo import generate_demo_data
 
     root = tmp_path_factory.mktemp("refit")
     generate_demo_data(str(root / "data"), seed=3, **DEMO_SIZES)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from indexing.batches import to_tensors
+from pipeline.arrow import table_to_numpy
 from pipeline.columns import (
     SEQUENCE_ITEMS,
     SEQUENCE_TIMES,
@@ -21,9 +22,9 @@ from pipeline.columns import (
 from pipeline.config import Objective
 from pipeline.config.checks import sequence_mode
 from pipeline.config.model import TowerConfig, TransformerConfig
-from pipeline.io import table_to_numpy
 from pipeline.run_dir import RunDir, read_split, read_table
-from pipeline.split import TRAIN, leave_last_out, sequence_windows
+from pipeline.splits import TRAIN
+from prepare.split import leave_last_out, sequence_windows
 from tests.conftest import SEQUENCE_OVERRIDES, demo_config
 from towers.bodies import SequenceTransformer
 from towers.exported import ExportedTower

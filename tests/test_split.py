@@ -6,7 +6,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from pipeline.split import TEST, TRAIN, VALIDATION, history_windows, leave_last_out
+from pipeline.splits import TEST, TRAIN, VALIDATION
+from prepare.split import history_windows, leave_last_out
 
 
 def test_hand_worked_split_ties_broken_by_row():
@@ -73,7 +74,7 @@ def test_ml100k_split_counts_and_no_leakage(ml100k_dir):
 
 
 def test_split_stats_hand_worked():
-    from pipeline.split import leave_last_out, split_stats
+    from prepare.split import leave_last_out, split_stats
 
     # user 0: times 5 5 6 (one tie in 2 pairs); user 1: 1 2 3 4 (none in 3); user 2 dropped
     codes = np.array([0, 1, 0, 1, 1, 0, 1, 2])

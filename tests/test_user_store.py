@@ -304,7 +304,7 @@ def test_redis_store_takes_events_and_reports_outages(run_copy, tmp_path, redis_
 # -- the events log is the next run's data ------------------------------------------------
 
 def test_prepare_reads_the_events_log(run_copy, tmp_path, demo_data, ray_session):
-    from pipeline.prepare import run_prepare
+    from prepare.run import run_prepare
     from serve_app.retriever import Retriever
 
     r = Retriever(run_copy, serve_cfg(tmp_path))

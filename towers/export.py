@@ -26,8 +26,8 @@ import pyarrow as pa
 import torch
 from torch import Tensor, nn
 
+from pipeline.arrow import table_to_numpy
 from pipeline.columns import TOWERS, tower_columns, tower_inputs
-from pipeline.io import table_to_numpy
 from pipeline.run_dir import RunDir, read_table
 from towers.exported import FORMAT, ExportedTower, load_exported, sidecar_path
 from towers.features import Spec

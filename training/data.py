@@ -28,9 +28,9 @@ import pyarrow.parquet as pq
 import torch
 
 from indexing.batches import to_tensors
+from pipeline.arrow import table_to_numpy
 from pipeline.columns import SEQUENCE_ITEMS, model_columns
 from pipeline.config import Config
-from pipeline.io import table_to_numpy
 from pipeline.run_dir import SEQUENCES, RunDir, trained_splits
 
 BUCKET_POOL = 64  # batches per length-sorted pool (bucketed_order)
@@ -41,7 +41,7 @@ def train_table(run: RunDir, cfg: Config) -> list[Path]:
 
     ``prepared/train/`` (and ``prepared/validation/`` when ``train.refit``), or
     ``prepared/sequences/`` when ``cfg.sequence`` is enabled (prepare cut the windows from
-    the same splits, :func:`pipeline.split.trained_on`).
+    the same splits, :func:`pipeline.splits.trained_on`).
     """
     if cfg.sequence.enabled:
         return [run.split(SEQUENCES)]

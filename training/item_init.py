@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.arrow import column_to_numpy
 from pipeline.columns import ITEM_INDEX, USER_KEY
-from pipeline.io import column_to_numpy
 from pipeline.run_dir import RunDir, read_trained
 from pipeline.transforms import OOV
 

@@ -1,6 +1,6 @@
 """The sequence training task: the loss at every position of every window, in one forward.
 
-A batch is B windows of ``prepared/sequences/`` (:func:`pipeline.rows.build_sequence_rows`):
+A batch is B windows of ``prepared/sequences/`` (:func:`prepare.rows.build_sequence_rows`):
 the user's static features, the history columns over ``L + 1`` items and each item's
 catalogue row (:data:`~pipeline.columns.SEQUENCE_ITEMS`, -1 = padding) and weight. The
 objective (``sequence.objective``) decides what the user tower sees and what each position

@@ -3,7 +3,7 @@
 Everything that differs between kinds is in its module and reached through its registry
 entry: the config model (``features`` section), fitting (:func:`fit_feature`, the
 prepare step), encoding (:func:`encode_feature`, :func:`transform_tower`), the Arrow type check
-(``pipeline.io``), the model input form (``towers.features`` maps a form to a module) and
+(``prepare.tables``), the model input form (``towers.features`` maps a form to a module) and
 the one-row arrays of a request (``serve_app.encode``). Adding a kind that reuses an input
 form is one module and one entry::
 

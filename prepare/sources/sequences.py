@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.sources.movielens import PART_NAME, TABLE_NAMES, _check_output
+from prepare.sources.movielens import PART_NAME, TABLE_NAMES, _check_output
 
 
 class IdType(str, enum.Enum):

@@ -1,7 +1,7 @@
 """Checks on the read tables: each raises a :class:`TableError` at the first bad row.
 
 The prepare step reads the three tables as one Arrow table each (files in path order) and
-calls these before it splits or fits anything; :func:`pipeline.io.locate_error` then names
+calls these before it splits or fits anything; :func:`prepare.tables.locate_error` then names
 the file and the row within it. Each message says what is wrong and what is accepted.
 """
 
@@ -14,8 +14,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import config as C
-from pipeline import split
 from pipeline.errors import TableError
+from pipeline.splits import TRAIN
+from prepare import split
 
 Log = Callable[[str], None]
 
@@ -124,7 +125,7 @@ def check_split(sp: split.Split, per_user: np.ndarray, cfg: C.Config, log: Log) 
             f"accepted: at least one user with {k} or more; lower "
             f"prepare.min_user_interactions to {per_user.max()} or less, or add interactions")
     short = int(((per_user >= k) & (per_user < split.MIN_WITH_TRAINING)).sum())
-    if not (sp.split == split.TRAIN).any():
+    if not (sp.split == TRAIN).any():
         raise TableError(
             f"column {col!r}: no training rows: each of the {short:,} users kept has fewer "
             f"than {split.MIN_WITH_TRAINING} interactions, and leave-last-out puts a user's "

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-TRAIN, VALIDATION, TEST = 0, 1, 2
+from pipeline.splits import TEST, TRAIN, VALIDATION
+
 MIN_WITH_TRAINING = 3  # a user with fewer interactions has no training row (test, validation)
-SPLIT_NAMES = {TRAIN: "train", VALIDATION: "validation", TEST: "test"}
 
 
 @dataclass(frozen=True)
@@ -35,16 +35,6 @@ class Split:
     def rows(self, which: int | tuple[int, ...]) -> np.ndarray:
         """Sorted positions of one split (or of several), in (user, time) order."""
         return np.flatnonzero(np.isin(self.split, which))
-
-
-def trained_on(refit: bool) -> tuple[int, ...]:
-    """The splits a model trains on: TRAIN, and VALIDATION too when it is refit.
-
-    ``train.refit`` trains the final model on training + validation interactions for the
-    epochs chosen on validation, as the matrix-factorisation rows of EVALUATION.md are
-    refit; the test targets are never trained on either way.
-    """
-    return (TRAIN, VALIDATION) if refit else (TRAIN,)
 
 
 def leave_last_out(user_codes: np.ndarray, timestamps: np.ndarray, min_interactions: int) -> Split:

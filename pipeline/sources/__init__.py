@@ -1,1 +1,0 @@
-"""Input sources: the demo data generator and the MovieLens converter (no Ray)."""
