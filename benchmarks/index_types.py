@@ -2,7 +2,7 @@
 
 Items and queries are drawn from one mixture of Gaussian clusters (``sqrt(N)`` clusters,
 at least 64; dim 64), L2-normalised, and searched with cosine similarity through
-``indexing.topk.build_topk`` (the project's interface). Isotropic random vectors would make
+``indexing.topk.store.build_topk`` (the project's interface). Isotropic random vectors would make
 IVF recall collapse (RAY_NOTES), hence the clusters. The items are generated in chunks of
 10^5 rows, so the only full-size array is the ``[N, 64]`` float32 catalogue itself.
 
@@ -66,7 +66,7 @@ TINY_BUDGET = Budget(recall_queries=500, single_queries=300, single_s=1.0,
 
 def clustered(rng: np.random.Generator, centres: np.ndarray, n: int) -> np.ndarray:
     """``n`` unit vectors around randomly chosen ``centres``; returns [n, D] float32."""
-    from indexing.topk import l2_normalize
+    from indexing.topk.kernels import l2_normalize
 
     out = np.empty((n, centres.shape[1]), np.float32)
     for lo in range(0, n, CHUNK_ROWS):
@@ -121,7 +121,7 @@ def measure(name: str, factory: str, params: dict, items: np.ndarray, ids: np.nd
     """Build one index type and measure it."""
     import faiss
 
-    from indexing.topk import build_topk
+    from indexing.topk.store import build_topk
 
     start = time.perf_counter()
     topk = build_topk(items, ids, "cosine", factory, params)
@@ -149,7 +149,7 @@ def measure(name: str, factory: str, params: dict, items: np.ndarray, ids: np.nd
 
 def bench_size(n: int, budget: Budget, pq_m: int, ef_construction: int, seed: int) -> dict:
     """Every index type at ``n`` items, against the exact oracle."""
-    from indexing.topk import ExactTopK
+    from indexing.topk.exact import ExactTopK
 
     n_queries = max(budget.recall_queries, budget.single_queries, budget.batch_queries)
     start = time.perf_counter()

@@ -180,7 +180,7 @@ def served_recall(url: str, run_dir: Path) -> dict:
     import httpx
 
     from indexing.embed import read_embeddings
-    from indexing.topk import ExactTopK
+    from indexing.topk.exact import ExactTopK
     from pipeline.run_dir import RunDir, read_model_meta
 
     run, version = RunDir(run_dir), read_model_meta(RunDir(run_dir).model).model_version

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from indexing.topk import TopK, build_topk, default_factory, load_topk
+from indexing.topk.base import TopK
+from indexing.topk.store import build_topk, default_factory, load_topk
 from pipeline.columns import ITEM
 from pipeline.config.index import IndexConfig
 from pipeline.config.model import Similarity

@@ -32,7 +32,7 @@ from pipeline.columns import ITEM, USER
 from pipeline.run_dir import RunDir, read_catalogue, trained_splits, write_json
 
 if TYPE_CHECKING:  # faiss loads only where an index is used: training imports evaluate()
-    from indexing.topk import TopK
+    from indexing.topk.base import TopK
 
 MISS = 1 << 30  # the rank of a target the index did not return
 
@@ -140,7 +140,7 @@ def evaluate_run(run_dir: Path) -> dict[str, Any]:
     targets (``trained_on`` names the splits it trained on).
     """
     from indexing.build import load_index, recall_at_k
-    from indexing.topk import build_topk
+    from indexing.topk.store import build_topk
     from towers.model import load_trained
 
     t0 = time.perf_counter()

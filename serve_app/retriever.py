@@ -35,7 +35,7 @@ import pydantic_core
 from indexing.batches import to_tensors
 from indexing.build import check_catalogue, load_index
 from indexing.embed import read_embeddings
-from indexing.topk import as_searched
+from indexing.topk.kernels import as_searched
 from pipeline.columns import ITEM, SEEN, USER, tower_inputs
 from pipeline.config.serve import UserStoreKind
 from pipeline.rows import id_feature_names

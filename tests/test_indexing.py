@@ -14,7 +14,7 @@ from indexing.embed import read_embeddings
 from indexing.eval_set import EvalSet, load_eval_set
 from indexing.evaluate import MISS, evaluate_run, index_metrics, index_ranks, split_metrics
 from indexing.metrics import retrieval_metrics, target_ranks
-from indexing.topk import build_topk
+from indexing.topk.store import build_topk
 from pipeline.columns import ITEM, USER
 from pipeline.run_dir import RunDir, read_catalogue, read_index_manifest, read_model_meta
 from towers.model import load_trained

@@ -8,13 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from indexing.topk import (
-    ExactTopK,
-    FaissTopK,
-    build_topk,
-    default_factory,
-    load_topk,
-)
+from indexing.topk.exact import ExactTopK
+from indexing.topk.faiss_index import FaissTopK
+from indexing.topk.store import build_topk, default_factory, load_topk
 
 
 def _oracle(items, ids, queries, k, exclude=None):
@@ -275,7 +271,7 @@ def test_ann_filters_return_only_matching_items_and_never_fewer_than_k(filtered_
 
 def test_a_graph_search_that_runs_dry_falls_back_to_the_exact_answer(filtered_case,
                                                                       monkeypatch):
-    import indexing.topk as topk_module
+    import indexing.topk.faiss_index as topk_module
 
     items, ids, queries, _, _ = filtered_case
     monkeypatch.setattr(topk_module, "BRUTE_FORCE_MAX", 0)  # every allow-list via the graph
@@ -298,7 +294,7 @@ def test_a_long_exclusion_list_does_not_change_its_neighbours(filtered_case):
 
 
 def test_masked_top_keeps_order_and_pads():
-    from indexing.topk import _masked_top
+    from indexing.topk.kernels import _masked_top
 
     # row 0 drops 7 and 3 -> [5, 1, -1]; row 1 drops nothing -> cut to 3; -1 never kept
     scores = np.array([[9, 8, 7, 6, 5], [4, 3, 2, 1, 0]], np.float32)
@@ -312,7 +308,7 @@ def test_flat_scored_in_numpy_equals_faiss_flat_search(filtered_case, monkeypatc
     """Flat indexes up to DENSE_MAX_ITEMS are scored and masked in numpy, every exclusion
     list in one search: same answers as faiss's own Flat search widened and masked, with
     the lists above WIDEN_MAX searched alone (the path of larger Flat indexes)."""
-    import indexing.topk as topk_module
+    import indexing.topk.faiss_index as topk_module
 
     items, ids, queries, exclude, _ = filtered_case
     short = [e[:60] for e in exclude]  # every list short enough to be searched together
