@@ -229,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run-dir", help="A run directory (default: build a tiny demo run).")
+    p.add_argument("--url", help="Fuzz an endpoint already running at this base URL "
+                                 "(e.g. http://127.0.0.1:8000) instead of starting one.")
     p.add_argument("--cases", type=int, default=5000, help="Generated cases to reach.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hostile-cases", type=int, default=5000,
@@ -238,20 +240,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "api_fuzz.json"))
     add_record_flag(p)
     args = p.parse_args(argv)
-    start_ray()
     report: dict = {"failures": [], "test_cases": {"generated": 0, "errored": 0}}
     with tempfile.TemporaryDirectory(prefix="bench-fuzz-") as tmp:
-        run_dir = Path(args.run_dir).resolve() if args.run_dir else \
-            build_run(Path(tmp), DEMO_SIZES["tiny"], [])
-        base = serve_run(run_dir)
+        if args.url:
+            base = args.url.rstrip("/")
+        else:
+            start_ray()
+            run_dir = Path(args.run_dir).resolve() if args.run_dir else \
+                build_run(Path(tmp), DEMO_SIZES["tiny"], [])
+            base = serve_run(run_dir)
         try:
             if not args.hostile_only:
                 report = fuzz(base, args.cases, Path(tmp) / "report.json", args.seed)
             report["hostile"] = hostile(base, args.hostile_cases, args.seed)
         finally:
-            from ray import serve
+            if not args.url:
+                from ray import serve
 
-            serve.shutdown()
+                serve.shutdown()
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=1))
     if not args.hostile_only:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from benchmarks._measure import add_side_flags, run_watched, side_env
 from benchmarks.record import add_record_flag, save_record
-from benchmarks.train_throughput import CONFIGS, TINY_OVERRIDES, make_data, prepare
+from benchmarks.train_throughput import CONFIGS, make_data, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 SIDES = ("plain", "ray_2_workers")
@@ -240,11 +240,9 @@ def side_main(side: str, config: Path, overrides: list[str], prepared: Path,
 
 def bench(name: str) -> dict:
     """Prepare once, profile both sides, each in its own process."""
-    overrides = TINY_OVERRIDES if name == "tiny" else []
     with tempfile.TemporaryDirectory(prefix=f"bench-profile-{name}-") as tmp:
         work = Path(tmp)
-        overrides = [f"data.root={make_data(name, work)}", *overrides,
-                     "train.mlflow.enabled=false"]
+        overrides = [f"data.root={make_data(name, work)}", "train.mlflow.enabled=false"]
         prepared = prepare(CONFIGS[name], overrides, work / "prepared-run")
         sides = {}
         for side in SIDES:

@@ -49,18 +49,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ML100K = ROOT.parent / "shared" / "data" / "ml-100k"
 CONFIGS = {"ml100k": ROOT / "configs" / "ml100k_rows.yaml",
            "ml100k-sequence": ROOT / "configs" / "ml100k.yaml",
-           "demo1m": ROOT / "configs" / "demo.yaml", "tiny": ROOT / "configs" / "demo.yaml"}
+           "demo1m": ROOT / "configs" / "demo.yaml", "tiny": ROOT / "configs" / "tiny.yaml"}
 DEMO_DATA = {  # generated demo sets: the 10^6-interaction one and the tests' tiny one
     "demo1m": {"n_users": 20_000, "n_items": 5_000, "n_interactions": 1_000_000},
     "tiny": {"n_users": 300, "n_items": 120, "n_interactions": 9000},
 }
-TINY_OVERRIDES = [  # the tiny demo model, interaction mode (tests/conftest.py adds to it)
-    "sequence.objective=null", "model.user.type=mlp", "model.user.features=null",
-    "features.user.0.embedding_dim=16", "features.user.5.embedding_dim=16",
-    "features.item.0.embedding_dim=16", "model.output_dim=16", "model.user.mlp.hidden=[32]",
-    "model.item.mlp.hidden=[32]", "train.batch_size=256", "train.epochs=2",
-    "train.warmup_steps=5",
-]
 SIDES = {"plain": 0, "ray_1_worker": 1, "ray_2_workers": 2}
 
 
@@ -157,11 +150,9 @@ def epoch_figures(history: list[dict], fit_s: float) -> dict:
 def bench(name: str, epochs: int | None, threads: int | None,
           sides: tuple[str, ...] = tuple(SIDES)) -> dict:
     """Prepare one dataset once, then train it the three ways (or the ``sides`` given)."""
-    overrides = TINY_OVERRIDES if name == "tiny" else []
     with tempfile.TemporaryDirectory(prefix=f"bench-train-{name}-") as tmp:
         work = Path(tmp)
-        overrides = [f"data.root={make_data(name, work)}", *overrides,
-                     "train.mlflow.enabled=false"]
+        overrides = [f"data.root={make_data(name, work)}", "train.mlflow.enabled=false"]
         start = time.perf_counter()
         prepared = prepare(CONFIGS[name], overrides, work / "prepared-run")
         prepare_s = time.perf_counter() - start

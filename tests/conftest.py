@@ -9,8 +9,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from benchmarks.train_throughput import TINY_OVERRIDES
-
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
@@ -118,12 +116,9 @@ def tiny_data(tmp_path) -> Path:
 
 # Small enough for a 2-core machine, big enough that every split and feature is populated.
 DEMO_SIZES = {"n_users": 300, "n_items": 120, "n_interactions": 9000}
-DEMO_OVERRIDES = [  # the interaction mode, small (the sequence mode: tests/test_sequence.py)
-    *TINY_OVERRIDES, "train.mlflow.enabled=false", "index.recall_users=100",
-    "index.factory=Flat", "index.recall_k=20",
-]
+TINY = ROOT / "configs" / "tiny.yaml"  # the interaction mode, small
 
-# The sequence mode of configs/demo.yaml, small (after DEMO_OVERRIDES).
+# The sequence mode of configs/demo.yaml, small (on configs/tiny.yaml).
 SEQUENCE_OVERRIDES = (
     "model.user.type=transformer", "model.user.transformer.causal=true",
     "model.user.transformer.dim=16", "model.user.transformer.num_layers=1",
@@ -132,11 +127,10 @@ SEQUENCE_OVERRIDES = (
 
 
 def demo_config(data_root: Path, *overrides: str):
-    """configs/demo.yaml pointed at ``data_root`` with the tiny sizes above."""
+    """configs/tiny.yaml pointed at ``data_root``, with ``overrides``."""
     from pipeline.config import load_config
 
-    return load_config(ROOT / "configs" / "demo.yaml",
-                       [f"data.root={data_root}", *DEMO_OVERRIDES, *overrides])
+    return load_config(TINY, [f"data.root={data_root}", *overrides])
 
 
 @pytest.fixture(scope="session")
@@ -173,3 +167,19 @@ def demo_trained(demo_prepared, demo_data, tmp_path_factory) -> Path:
     run_plain(cfg, run_dir, log=lambda m: None)
     build_index.run(demo_config(demo_data, "index.local_max_rows=0"), run_dir)
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def refit_runs(tmp_path_factory):
+    """(demo data, {refit: RUN_DIR with prepared/}), prepared in this process."""
+    from prepare.run import run_prepare
+    from prepare.sources.demo import generate_demo_data
+
+    root = tmp_path_factory.mktemp("refit")
+    generate_demo_data(str(root / "data"), seed=3, **DEMO_SIZES)
+    out = {}
+    for refit in (False, True):
+        out[refit] = root / f"run-{refit}"
+        run_prepare(demo_config(root / "data", f"train.refit={str(refit).lower()}"),
+                    out[refit], log=lambda m: None, ray_data=False)
+    return root / "data", out

@@ -23,7 +23,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import DEMO_OVERRIDES, ROOT, SEQUENCE_OVERRIDES
+from tests.conftest import ROOT, SEQUENCE_OVERRIDES
 
 BIN = Path(sys.executable).parent
 
@@ -107,11 +107,11 @@ def test_job_submit_pipeline_then_serve_deploy_and_query(ray_head, demo_data, tm
     env, url = ray_head["env"], ray_head["dashboard"]
     run_dir = tmp_path / "run"
     # the sequence mode (configs/demo.yaml's), small; two DDP workers
-    sets = [a for o in [f"data.root={demo_data}", *DEMO_OVERRIDES, *SEQUENCE_OVERRIDES,
+    sets = [a for o in [f"data.root={demo_data}", *SEQUENCE_OVERRIDES,
                         "train.num_workers=2"] for a in ("--set", o)]
     submitted = cli(env, "ray", "job", "submit", "--address", url, "--working-dir", ".",
                     "--no-wait", "--", "python", "-m", "jobs.pipeline", "--config",
-                    "configs/demo.yaml", "--output-dir", str(run_dir), *sets)
+                    "configs/tiny.yaml", "--output-dir", str(run_dir), *sets)
     job_id = re.search(r"raysubmit_[A-Za-z0-9]+", submitted.stdout + submitted.stderr)[0]
 
     def finished():

@@ -148,6 +148,14 @@ def test_only_jobs_import_the_prepare_stage():
     assert {top for _, _, top in project_imports(STAGE)} == {"pipeline", STAGE}
 
 
+def test_the_tests_never_import_benchmarks():
+    """Benchmarks are checked by running them (``--tiny``) or by ``benchmarks/test_*.py``."""
+    offenders = [f"{p.relative_to(ROOT)}:{line}" for p in sorted((ROOT / "tests").glob("*.py"))
+                 for line, name in imported_names(p.read_text(encoding="utf-8"), module_name(p))
+                 if name.split(".")[0] == "benchmarks"]
+    assert offenders == [], f"tests import benchmarks: {offenders}"
+
+
 def test_nothing_in_the_source_packages_imports_jobs():
     offenders = [f"{f}:{line}" for pkg in SOURCE for f, line, top in project_imports(pkg)
                  if top == "jobs"]

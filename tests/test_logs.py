@@ -16,18 +16,18 @@ import sys
 
 import pytest
 
-from tests.conftest import DEMO_OVERRIDES, ROOT
+from tests.conftest import ROOT, TINY
 
 EPOCHS = 3
 
 
 @pytest.mark.slow
 def test_a_tiny_pipeline_logs_one_line_per_epoch_and_no_ray_chatter(demo_data, tmp_path):
-    overrides = [*DEMO_OVERRIDES, f"train.epochs={EPOCHS}", f"train.patience={EPOCHS}",
+    overrides = [f"train.epochs={EPOCHS}", f"train.patience={EPOCHS}",
                  "train.min_improvement=0",
                  # through Ray Data, as data above the in-process bounds goes, to see its log
                  "prepare.local_max_rows=0", "index.local_max_rows=0"]
-    cmd = [sys.executable, "-m", "jobs.pipeline", "--config", str(ROOT / "configs/demo.yaml"),
+    cmd = [sys.executable, "-m", "jobs.pipeline", "--config", str(TINY),
            "--output-dir", str(tmp_path / "run"), "--set", f"data.root={demo_data}",
            *[flag for o in overrides for flag in ("--set", o)]]
     env = dict(os.environ, PYTHONPATH=str(ROOT))

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from pipeline.run_dir import MODEL_FILE, RunDir
-from tests.conftest import DEMO_OVERRIDES, DEMO_SIZES, ROOT, demo_config
+from tests.conftest import DEMO_SIZES, ROOT, TINY, demo_config
 from training import checkpoint as ckpt
 from training.loop import run_plain
 
@@ -125,10 +125,10 @@ def test_an_unwritable_mlflow_store_is_one_error_line(prepared, tmp_path, capsys
     blocker.write_text("a file where the store's folder should be")
     store = f"file://{blocker}/mlruns"
     with pytest.raises(SystemExit) as exit_:
-        sets = [f"data.root={prepared[0]}", *DEMO_OVERRIDES,  # as the run was prepared
+        sets = [f"data.root={prepared[0]}",  # configs/tiny.yaml, as the run was prepared
                 "train.mlflow.enabled=true", f"train.mlflow.tracking_uri={store}",
                 "train.epochs=1"]
-        train.main(["--config", str(ROOT / "configs" / "demo.yaml"), "--output-dir",
+        train.main(["--config", str(TINY), "--output-dir",
                     str(run_dir), *[a for o in sets for a in ("--set", o)], "--no-ray"])
     assert exit_.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()

@@ -11,7 +11,6 @@ prepared without it, and a search refuses refit.
 from __future__ import annotations
 
 import shutil
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 from indexing.eval_set import train_item_counts
 from pipeline.columns import ITEM_INDEX, SEQUENCE_ITEMS, USER_KEY
 from pipeline.run_dir import RunDir, read_catalogue, read_split, require_prepared_as
-from tests.conftest import DEMO_SIZES, SEQUENCE_OVERRIDES, demo_config
+from tests.conftest import SEQUENCE_OVERRIDES, demo_config
 from training.data import load_shard, shard_rows, train_table
 from training.item_init import svd_item_factors
 from training.loop import run_plain, selection_metric
@@ -29,20 +28,6 @@ from training.loop import run_plain, selection_metric
 REFIT = "train.refit=true"
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """(demo data, {refit: RUN_DIR with prepared/}), prepared in this process."""
-    from prepare.run import run_prepare
-    from prepare.sources.demo import generate_demo_data
-
-    root = tmp_path_factory.mktemp("refit")
-    generate_demo_data(str(root / "data"), seed=3, **DEMO_SIZES)
-    out = {}
-    for refit in (False, True):
-        out[refit] = root / f"run-{refit}"
-        run_prepare(demo_config(root / "data", f"train.refit={str(refit).lower()}"),
-                    out[refit], log=lambda m: None, ray_data=False)
-    return root / "data", out
 
 
 def _per_user(table, items_column: str) -> dict[int, list[int]]:
@@ -56,8 +41,8 @@ def _per_user(table, items_column: str) -> dict[int, list[int]]:
 
 
 @pytest.mark.parametrize("refit", [False, True])
-def test_windows_hold_training_and_with_refit_validation_items_never_test(runs, refit):
-    run = RunDir(runs[1][refit])
+def test_windows_hold_training_and_with_refit_validation_items_never_test(refit_runs, refit):
+    run = RunDir(refit_runs[1][refit])
     windows = _per_user(read_split(run, "sequences").to_pydict(), SEQUENCE_ITEMS)
     splits = ["train", "validation"] if refit else ["train"]
     rows = {s: read_split(run, s, ["user_id", ITEM_INDEX]).to_pydict() for s in splits}
@@ -78,8 +63,8 @@ def test_windows_hold_training_and_with_refit_validation_items_never_test(runs, 
     assert n_test_last < 0.1 * len(last)  # only where the test item repeats an earlier one
 
 
-def test_refit_reads_validation_rows_in_the_interaction_mode_and_the_counts(runs):
-    data, prepared = runs
+def test_refit_reads_validation_rows_in_the_interaction_mode_and_the_counts(refit_runs):
+    data, prepared = refit_runs
     run = RunDir(prepared[True])
     n = {s: read_split(run, s, [USER_KEY]).num_rows for s in ("train", "validation")}
     plain, refit = demo_config(data), demo_config(data, REFIT)
@@ -99,8 +84,8 @@ def test_refit_reads_validation_rows_in_the_interaction_mode_and_the_counts(runs
                            svd_item_factors(users[:n["train"]], both[:n["train"]], items, 8))
 
 
-def test_a_refit_run_trains_every_epoch_with_no_validation(runs, tmp_path):
-    data, prepared = runs
+def test_a_refit_run_trains_every_epoch_with_no_validation(refit_runs, tmp_path):
+    data, prepared = refit_runs
     run_dir = tmp_path / "run"
     shutil.copytree(prepared[True] / "prepared", run_dir / "prepared")
     # patience 1 and a huge min_improvement would stop a validated run after epoch 2
@@ -117,11 +102,11 @@ def test_a_refit_run_trains_every_epoch_with_no_validation(runs, tmp_path):
     assert all(torch.equal(saved[k], latest[k]) for k in saved)  # the last epoch is served
 
 
-def test_jobs_refuse_refit_on_a_run_prepared_without_it_and_search_refuses_refit(runs,
+def test_jobs_refuse_refit_on_a_run_prepared_without_it_and_search_refuses_refit(refit_runs,
                                                                                  tmp_path):
     from training.tuning import run_search
 
-    data, prepared = runs
+    data, prepared = refit_runs
     with pytest.raises(ValueError, match=r"train\.refit: False -> True.*jobs\.prepare"):
         require_prepared_as(RunDir(prepared[False]), demo_config(data, REFIT))
     with pytest.raises(ValueError, match=r"train\.refit: True -> False"):
@@ -131,36 +116,6 @@ def test_jobs_refuse_refit_on_a_run_prepared_without_it_and_search_refuses_refit
         run_search(demo_config(data, REFIT, space), Path(prepared[True]))
 
 
-def test_the_sasrec_peer_is_chosen_on_training_windows_then_refit(runs, tmp_path,
-                                                                  monkeypatch):
-    import benchmarks.sasrec as sasrec
-    from benchmarks.quality import sasrec_row, summarise
-
-    data, prepared = runs
-    run_dir = tmp_path / "run-0"
-    shutil.copytree(prepared[True] / "prepared", run_dir / "prepared")
-    calls = []
-    real_train = sasrec.train
-
-    def train(run, shape, log=print, validate=True):
-        calls.append((Path(run).name, shape.epochs, validate))
-        return real_train(run, shape, log, validate)
-
-    monkeypatch.setattr(sasrec, "train", train)
-    args = Namespace(sasrec_dropout=[0.2, 0.5], sasrec_negatives=[0], sasrec_epochs=3,
-                     tiny=False)
-    row = sasrec_row(run_dir, args, demo_config(data, *SEQUENCE_OVERRIDES, REFIT))
-    # chosen on windows of the training split alone: the ones a run without refit has
-    chosen_on = RunDir(tmp_path / "sasrec-selection")
-    assert read_split(chosen_on, "sequences").equals(
-        read_split(RunDir(prepared[False]), "sequences"))
-    assert calls[:2] == [("sasrec-selection", 3, True), ("sasrec-selection", 3, True)]
-    assert calls[2:] == [("run-0", row["best_epoch"], False)]  # then refit, scored on test
-    assert row["refit"] is True and 1 <= row["best_epoch"] <= 3
-    assert row["validation"]["NDCG@10"] == max(t["NDCG@10"] for t in row["tried"])
-    assert 0 <= row["test"]["NDCG@10"] <= row["test"]["HR@10"] <= 1
-    # a refit family has no validation figures to summarise
-    assert summarise([{"test": {}, "validation": None, "wall_s": 1.0}], "validation") is None
 
 
 def test_the_pipeline_summary_of_a_refit_run_shows_test_figures_only(tmp_path):
