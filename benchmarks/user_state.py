@@ -4,7 +4,7 @@ One small trained demo run gives the model, the catalogue and the index; its aud
 then replaced by a generated one of N users (ids 0..N-1, each with the static features of a
 real demo user and a history of 50 catalogue items drawn at random, their seen items those
 50, and a random stored embedding), written as ``prepared/users.parquet``, the stored user
-embeddings and the embedded store (``serve_app.user_store.build_embedded``, as
+embeddings and the embedded store (``serve_app.store_build.build_embedded``, as
 ``jobs.build_index`` writes it). Each N is its own run directory.
 
 1. **Replica memory.** For each N and each backend, a fresh process loads the
@@ -74,7 +74,7 @@ def grow(base: Path, n: int, out: Path, seed: int = 0) -> Path:
     from pipeline.run_dir import RunDir, load_fitted, read_model_meta
     from pipeline.state import FeatureKind
     from pipeline.transforms import vocab_index
-    from serve_app.user_store import build_embedded
+    from serve_app.store_build import build_embedded
 
     if (out / "user_state" / "layout.json").exists():
         return out  # built by an earlier call with the same --work
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
         proc, url = start_redis(work)
         try:
             from pipeline.run_dir import RunDir
-            from serve_app.user_store import load_redis
+            from serve_app.store_build import load_redis
 
             load_redis(RunDir(runs[smallest]), url, log=lambda m: None)
             served = serve_side(runs[smallest], smallest, size, url)

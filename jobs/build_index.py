@@ -26,7 +26,7 @@ from pipeline.columns import ITEM, USER
 from pipeline.config import Config
 from pipeline.run_dir import IndexManifest, RunDir, read_model_meta, read_prepare_manifest
 from serve_app.events import PREFIX
-from serve_app.user_store import build_embedded
+from serve_app.store_build import build_embedded
 
 
 def _log(message: str) -> None:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from jobs.cli import doc_parser, user_errors
 from pipeline.run_dir import RunDir
-from serve_app.user_store import StoreUnavailable, load_redis
+from serve_app.store_build import load_redis
+from serve_app.user_store import StoreUnavailable
 
 
 def _log(message: str) -> None:

@@ -59,15 +59,8 @@ from serve_app.schemas import (
     SimilarItemsResponse,
     VersionResponse,
 )
-from serve_app.user_store import (
-    Layout,
-    LmdbBackend,
-    MemoryStore,
-    RedisBackend,
-    StoreUnavailable,
-    UserStore,
-    redis_prefix,
-)
+from serve_app.store_backends import LmdbBackend, RedisBackend, redis_prefix
+from serve_app.user_store import Layout, MemoryStore, StoreUnavailable, UserStore
 from towers.exported import ExportedTower
 
 

@@ -102,7 +102,8 @@ def test_keys_follow_the_lookup_rule():
 
 def test_records_round_trip_without_pickle(run_copy):
     from pipeline.run_dir import RunDir
-    from serve_app.user_store import Layout, LmdbBackend, UserStore
+    from serve_app.store_backends import LmdbBackend
+    from serve_app.user_store import Layout, UserStore
 
     run = RunDir(run_copy)
     layout = Layout.read(run.user_state)
@@ -285,7 +286,7 @@ def test_redis_store_takes_events_and_reports_outages(run_copy, tmp_path, redis_
     # still served
     down = Retriever.__new__(Retriever)
     down.__dict__.update(again.__dict__)
-    from serve_app.user_store import RedisBackend
+    from serve_app.store_backends import RedisBackend
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -363,7 +364,7 @@ def test_events_route_refuses_bad_input_and_keeps_answering(run_copy, tmp_path):
 
     from serve_app.api import build_api
     from serve_app.retriever import Retriever
-    from serve_app.user_store import RedisBackend
+    from serve_app.store_backends import RedisBackend
 
     cfg = serve_cfg(tmp_path, max_events=3)
     r = Retriever(run_copy, cfg)
