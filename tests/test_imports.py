@@ -25,7 +25,8 @@ SOURCE = LAYERS[:-1]  # the packages; jobs holds the entry points
 SERVE_MODULES = ["serve_app.app", "serve_app.retriever", "serve_app.check",
                  "serve_app.deploy_config", "serve_app.api", "serve_app.contract",
                  "serve_app.filters", "serve_app.ingress"]
-MODEL_CLASSES = ("towers.model", "towers.bodies", "towers.features")
+MODEL_CLASSES = ("towers.model", "towers.bodies", "towers.features", "towers.layers",
+                 "towers.sequence_encoders")
 
 LOADED = """
 import sys

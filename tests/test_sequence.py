@@ -26,9 +26,9 @@ from pipeline.run_dir import RunDir, read_split, read_table
 from pipeline.splits import TRAIN
 from prepare.split import leave_last_out, sequence_windows
 from tests.conftest import SEQUENCE_OVERRIDES, demo_config
-from towers.bodies import SequenceTransformer
 from towers.exported import ExportedTower
 from towers.model import load_trained
+from towers.sequence_encoders import SequenceTransformer
 from training.loop import run_plain, setup
 from training.sequence import history_keys, positions_of, seen_mask, shuffle_ties
 
@@ -233,9 +233,9 @@ def test_clm_attention_sees_items_up_to_t_and_mlm_sees_both_sides():
 
 
 def test_block_dropout_keeps_the_mean_and_masks_the_gradient():
-    # towers.bodies.dropout: about p of the entries zeroed, the rest scaled by 1 / (1 - p),
-    # the gradient the same mask; identity in eval mode or at p = 0
-    from towers.bodies import dropout
+    # towers.sequence_encoders.dropout: about p of the entries zeroed, the rest scaled by
+    # 1 / (1 - p), the gradient the same mask; identity in eval mode or at p = 0
+    from towers.sequence_encoders import dropout
 
     torch.manual_seed(0)
     x = torch.ones(200, 500, requires_grad=True)

@@ -24,8 +24,9 @@ from tower_cases import (
 
 from pipeline.config.model import Aggregation, TowerType
 from towers import bodies
-from towers.bodies import MLP, TowerBody
+from towers.bodies import TowerBody
 from towers.features import Aggregator
+from towers.layers import MLP
 from towers.model import TEMPERATURE_RANGE, build_two_tower, model_version
 
 ALL = list(Aggregation)
