@@ -35,7 +35,7 @@ def ours(cfg, run_dir: Path):
     from training.loop import setup
 
     s = setup(cfg, run_dir, torch.device("cpu"), world_size=1, rank=0)
-    lengths = window_lengths(s.shard) if cfg.sequence.length_pools else None
+    lengths = window_lengths(s.shard) if s.pools else None
     epochs = itertools.count()
     batches = itertools.chain.from_iterable(
         epoch_batches(s.shard, cfg.train.batch_size, cfg.train.seed, e, lengths) for e in epochs)

@@ -509,13 +509,17 @@ def test_bucketed_order_is_a_permutation_of_similar_length_batches():
     assert np.mean(spread) < np.mean(plain) / 4  # a batch's windows need similar lengths
 
 
-@pytest.mark.parametrize("pools", [False, True])
+@pytest.mark.parametrize(("setting", "pools"), [("false", False), ("true", True),
+                                               ("auto", False)])
 def test_length_pools_decides_how_an_epoch_is_batched(demo_prepared, demo_data, tmp_path,
-                                                      monkeypatch, pools):
+                                                      monkeypatch, setting, pools):
     import training.loop as loop
 
     s, _ = _sequence_setup(demo_prepared, demo_data, tmp_path,
-                           f"sequence.length_pools={str(pools).lower()}")
+                           f"sequence.length_pools={setting}")
+    assert s.pools == pools and len(s.resolved) == 1
+    if setting == "auto":  # the demo users' median history (about 30) is not short
+        assert s.resolved[0].startswith("sequence.length_pools: auto -> off (median history ")
     seen = []
     monkeypatch.setattr(loop, "train_epoch", lambda module, task, batches, *a, **k: (
         seen.extend(batches), {"loss": 0.0})[1])
@@ -526,3 +530,23 @@ def test_length_pools_decides_how_an_epoch_is_batched(demo_prepared, demo_data, 
     assert len(seen) == len(lengths) // s.cfg.train.batch_size
     # pooled batches hold windows of about one length; random ones span the lengths
     assert (spread < np.ptp(lengths) / 4) == pools
+
+
+def test_auto_length_pools_follow_the_median_history():
+    from training.data import uses_length_pools
+
+    amazon, movielens = uses_length_pools("auto", 6, 50), uses_length_pools("auto", 65, 100)
+    assert amazon == (True, "sequence.length_pools: auto -> on (median history 6 < 0.25 x "
+                            "max_length 50)")
+    assert movielens[0] is False and ">= 0.25 x max_length 100" in movielens[1]
+    assert uses_length_pools("auto", None, 50)[0] is False  # a run prepared before the stat
+    assert uses_length_pools(True, 65, 100)[0] is True
+
+
+def test_auto_candidates_score_small_catalogues_in_full():
+    from pipeline.config.sequence import SequenceConfig
+    from training.sequence import scores_full_catalogue
+
+    cfg = SequenceConfig(objective="clm")  # candidates: auto
+    assert scores_full_catalogue(cfg, 1_682) and scores_full_catalogue(cfg, 4_096)
+    assert not scores_full_catalogue(cfg, 18_357)  # sampled: cheaper from ~3,000-4,000 items

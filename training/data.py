@@ -157,6 +157,30 @@ def epoch_batches(shard: Mapping[str, torch.Tensor], batch_size: int, seed: int,
         yield {k: v.index_select(0, idx) for k, v in shard.items()}
 
 
+POOL_HISTORY_FRACTION = 0.25  # auto: pools when the median history is under this of the window
+
+
+def uses_length_pools(setting: bool | str, median_history: float | None, max_length: int
+                      ) -> tuple[bool, str]:
+    """``sequence.length_pools`` resolved for this data, and why (logged by the loops).
+
+    ``auto`` turns the pools on when the median user history (prepare's manifest) is under
+    ``POOL_HISTORY_FRACTION`` of the windows' ``max_length``: most windows are then mostly
+    padding, which a batch of like lengths cuts (Amazon Sports: median 6 of 50). On long
+    histories (MovieLens-100K: 65 of 100) batches of one length change what a step averages
+    over, and cost validation NDCG@10 (docs/experiments.md, 2026-12-07).
+    """
+    if setting != "auto":
+        return bool(setting), f"sequence.length_pools: {str(setting).lower()}"
+    if median_history is None:
+        return False, "sequence.length_pools: auto -> off (the run's manifest has no median " \
+                      "history: prepared by an older version)"
+    on = median_history < POOL_HISTORY_FRACTION * max_length
+    return on, (f"sequence.length_pools: auto -> {'on' if on else 'off'} (median history "
+                f"{median_history:g} {'<' if on else '>='} {POOL_HISTORY_FRACTION:g} x "
+                f"max_length {max_length})")
+
+
 def window_lengths(shard: Mapping[str, torch.Tensor]) -> np.ndarray:
     """[R] real items of each window of a ``sequences/`` shard."""
     return (shard[SEQUENCE_ITEMS] >= 0).sum(1).numpy()

@@ -25,14 +25,21 @@ from torch import nn
 from indexing.batches import to_tensors
 from indexing.eval_set import EvalSet, load_eval_set, train_item_counts
 from indexing.evaluate import evaluate
-from pipeline.columns import ITEM, column_name
+from pipeline.columns import ITEM, SEQUENCE_ITEMS, column_name
 from pipeline.config import Config
 from pipeline.config.model import IdInit
 from pipeline.run_dir import ModelMeta, RunDir, read_catalogue, require_prepared_as
 from pipeline.state import FeatureStateSet
 from towers.model import build_two_tower, model_version
 from training import checkpoint as ckpt
-from training.data import epoch_batches, load_shard, shard_rows, train_table, window_lengths
+from training.data import (
+    epoch_batches,
+    load_shard,
+    shard_rows,
+    train_table,
+    uses_length_pools,
+    window_lengths,
+)
 from training.distributed import epoch_stats_over_ranks
 from training.item_init import init_item_ids
 from training.sequence import SequenceTask, SequenceTrainModule, history_keys
@@ -61,6 +68,8 @@ class Setup:
     shard: dict[str, torch.Tensor]  # this worker's training rows, [R, ...] each
     steps_per_epoch: int
     averaged: nn.Module | None = None  # the weights' moving average (train.average_epochs)
+    pools: bool = False  # sequence.length_pools, resolved for this data
+    resolved: tuple[str, ...] = ()  # the settings resolved from the data, as logged
 
     @property
     def eval_model(self) -> nn.Module:
@@ -134,7 +143,7 @@ def setup(cfg: Config, run_dir: Path, device: torch.device, world_size: int, ran
     """Build model, task, optimiser, this worker's training shard and evaluation data."""
     torch.manual_seed(cfg.train.seed)
     run = RunDir(run_dir)
-    require_prepared_as(run, cfg)
+    manifest = require_prepared_as(run, cfg)
     fitted = FeatureStateSet.load(run.feature_state)
     model = build_two_tower(cfg.model, fitted, cfg.sequence)
     catalogue = read_catalogue(run)
@@ -154,8 +163,14 @@ def setup(cfg: Config, run_dir: Path, device: torch.device, world_size: int, ran
                          (id_table(model).weight, scale) if scale != 1.0 else None)
     scheduler = make_scheduler(opt, cfg.train, steps * cfg.train.epochs)
     eval_set = load_eval_set(run, "validation") if rank == 0 and not cfg.train.refit else None
+    pools, why = False, ()
+    if cfg.sequence.enabled:
+        pools, line = uses_length_pools(cfg.sequence.length_pools, manifest.median_history,
+                                        shard[SEQUENCE_ITEMS].shape[1] - 1)
+        why = (line,)
     return Setup(cfg, run, fitted, model, module, task, opt, scheduler, device,
-                 catalogue, eval_set, shard, steps, weight_average(model, cfg.train, steps))
+                 catalogue, eval_set, shard, steps, weight_average(model, cfg.train, steps),
+                 pools, why)
 
 
 def train_one_epoch(s: Setup, state: ckpt.TrainState) -> dict[str, float]:
@@ -163,7 +178,7 @@ def train_one_epoch(s: Setup, state: ckpt.TrainState) -> dict[str, float]:
 
     Returns the epoch's figures for the whole worker group (every rank gets the same).
     """
-    lengths = window_lengths(s.shard) if s.cfg.sequence.length_pools else None
+    lengths = window_lengths(s.shard) if s.pools else None
     batches = epoch_batches(s.shard, s.cfg.train.batch_size, s.cfg.train.seed, state.epoch,
                             lengths)
     stats = train_epoch(s.module, s.task, batches, s.opt, s.scheduler, s.cfg.train, s.device,
@@ -280,6 +295,8 @@ def run_plain(cfg: Config, run_dir: Path, log: Log = print,
     resumes never logs an epoch twice.
     """
     s = setup(cfg, run_dir, torch.device(device), world_size=1, rank=0)
+    for line in s.resolved:
+        log(f"[train] {line}")
     best_dir, latest_dir = s.run.plain_best, s.run.plain_latest
     state = ckpt.TrainState()
     if (latest_dir / ckpt.META_FILE).exists():

@@ -115,6 +115,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     s = setup(cfg, run_dir, device, world, rank, wrap=lambda m: ray.train.torch.prepare_model(
         m, move_to_device=True, parallel_strategy_kwargs=DDP_KWARGS))
+    if rank == 0:
+        for line in s.resolved:
+            logger.info(f"[train] {line}")
     state = ckpt.TrainState()
     restored = ray.train.get_checkpoint()
     if restored:

@@ -18,6 +18,7 @@ correction and accidental-hit masking, the ``loss`` section's settings).
 from __future__ import annotations
 
 import enum
+from typing import Literal
 
 from pydantic import Field
 
@@ -68,11 +69,13 @@ class SequenceConfig(StrictModel):
         "of its window it can see (its own target never), as serving's exclude_seen and "
         "the masked metrics leave out the user's history."
     )
-    length_pools: bool = Field(
-        default=False, description="Draw each batch from a pool of windows sorted by length "
+    length_pools: bool | Literal["auto"] = Field(
+        default="auto", description="Draw each batch from a pool of windows sorted by length "
         "(64 batches a pool, the batches shuffled), so that a batch of short histories cuts "
         "the padding its windows share: several times faster where most histories are far "
-        "shorter than the history's max_length (shopping data). Off: plain random batches."
+        "shorter than the history's max_length (shopping data). Off: plain random batches. "
+        "auto: on when the data's median history (prepare's manifest) is under a quarter of "
+        "the windows' max_length, logged at the start of training."
     )
     mask_probability: float = Field(
         default=0.2, gt=0.0, lt=1.0, description="mlm: fraction of positions masked."
@@ -81,8 +84,9 @@ class SequenceConfig(StrictModel):
         default=Candidates.AUTO, description="auto, full (whole catalogue) or sampled."
     )
     full_softmax_max_items: int = Field(
-        default=50_000, ge=1, description="auto: full softmax up to this many catalogue "
-        "items, sampled softmax above."
+        default=4_096, ge=1, description="auto: full softmax up to this many catalogue "
+        "items, sampled softmax above (a full step costs as much as a sampled one at about "
+        "3,000-4,000 items: results/sequence_candidates-to-50k-items.json)."
     )
 
     @property
