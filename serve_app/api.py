@@ -30,18 +30,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline.config.serve import ServeConfig
 from serve_app.contract import ContractError
+from serve_app.request_errors import RequestError, cap_errors, explain, json_safe
 from serve_app.schemas import (
     ErrorResponse,
     EventsResponse,
     HealthResponse,
     RecommendResponse,
-    RequestError,
     ScoreResponse,
     SimilarItemsResponse,
     VersionResponse,
-    cap_errors,
-    explain,
-    json_safe,
     request_models,
 )
 from serve_app.user_store import StoreReadOnly, StoreUnavailable

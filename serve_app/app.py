@@ -51,7 +51,6 @@ the HAProxy ingress every interface (``*:8000``), so the docs serve through the 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import os
@@ -66,11 +65,13 @@ from ray import serve
 from ray.serve import Application
 
 from pipeline.config.serve import ServeConfig
-from pipeline.run_dir import RunDir, read_model_meta, write_json
+from pipeline.run_dir import RunDir, read_model_meta
 from serve_app import ingress
 from serve_app.api import build_api
 from serve_app.batching import MicroBatcher
-from serve_app.retriever import Answer, Retriever
+from serve_app.last_good import read_last_good, write_last_good
+from serve_app.queries import Answer
+from serve_app.retriever import Retriever
 from serve_app.schemas import (
     EventsResponse,
     HealthResponse,
@@ -282,33 +283,6 @@ class RetrievalDeployment:
         retriever = self._current()
         return retriever.model_version, {**retriever.contract.openapi(),
                                          "Event": retriever.event_key_schemas()}
-
-LAST_GOOD = ".towerline-last-good.json"  # beside the run directories
-
-
-def last_good_path(run_dir: str | Path) -> Path:
-    """The record of the last run that loaded, in the folder that holds ``run_dir``."""
-    return Path(run_dir).resolve().parent / LAST_GOOD
-
-
-def write_last_good(run_dir: str | Path) -> None:
-    """Record ``run_dir`` as the last run that loaded (a read-only folder: logged, skipped)."""
-    try:
-        write_json(last_good_path(run_dir), {
-            "run_dir": str(Path(run_dir).resolve()),
-            "loaded_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-    except OSError as err:
-        logger.warning("cannot record %s as the last run that loaded: %s", run_dir, err)
-
-
-def read_last_good(run_dir: str | Path) -> str | None:
-    """The last run that loaded beside ``run_dir``, if any and if it is another run."""
-    try:
-        record = json.loads(last_good_path(run_dir).read_text(encoding="utf-8"))
-        good = str(record["run_dir"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return good if Path(good) != Path(run_dir).resolve() else None
 
 
 def app_config(args: dict[str, Any]) -> tuple[Path, ServeConfig]:

@@ -37,7 +37,8 @@ from pydantic import (
 
 from pipeline.config.serve import ServeConfig
 from pipeline.state import FeatureKind, FeatureState, TowerState
-from serve_app.schemas import Int64, merge_errors, no_null_defaults
+from serve_app.request_errors import merge_errors
+from serve_app.schemas import Int64, no_null_defaults
 
 FILTERABLE = (FeatureKind.CATEGORICAL, FeatureKind.MULTI_HOT)
 

@@ -43,7 +43,8 @@ from pipeline.transforms import (
     pad_bags,
     vocab_index,
 )
-from serve_app.schemas import FeatureValue, RawId, RequestError, UnknownItemError
+from serve_app.request_errors import RequestError, UnknownItemError
+from serve_app.schemas import FeatureValue, RawId
 from serve_app.user_store import UserState
 
 Columns = dict[str, np.ndarray]  # "user__NAME" -> [1, ...] (one request) or [B, ...]

@@ -15,7 +15,7 @@ read is checked at this edge: a run that does not load raises ``FileNotFoundErro
 
 Every public method takes a LIST of requests: the Serve deployment batches concurrent
 requests into one user-tower forward and one index search. Each method is also split in
-two halves, ``encode_*`` (one request, raises a :class:`~serve_app.schemas.RequestError`
+two halves, ``encode_*`` (one request, raises a :class:`~serve_app.request_errors.RequestError`
 naming the field) and ``*_encoded`` (the batched forward and search, returning
 :class:`Answer` lists that render straight to JSON), so a bad request is rejected before it
 joins a batch and cannot fail its neighbours.
@@ -24,13 +24,11 @@ joins a batch and cannot fail its neighbours.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pydantic_core
 
 from indexing.batches import to_tensors
 from indexing.build import check_catalogue, load_index
@@ -46,6 +44,8 @@ from serve_app.contract import RunContract, filterable
 from serve_app.encode import EncodedUser, RequestEncoder
 from serve_app.events import EventLog, LogColumns
 from serve_app.filters import AttributeIndex
+from serve_app.queries import Answer, RecommendQuery, Restriction, ScoreQuery, SimilarQuery
+from serve_app.request_errors import RequestError
 from serve_app.schemas import (
     ID_MAX,
     ID_MIN,
@@ -53,8 +53,6 @@ from serve_app.schemas import (
     IndexSummary,
     RawId,
     RecommendResponse,
-    RequestError,
-    ScoredItem,
     ScoreResponse,
     SimilarItemsResponse,
     VersionResponse,
@@ -62,76 +60,6 @@ from serve_app.schemas import (
 from serve_app.store_backends import LmdbBackend, RedisBackend, redis_prefix
 from serve_app.user_store import Layout, MemoryStore, StoreUnavailable, UserStore
 from towers.exported import ExportedTower
-
-
-@dataclass(frozen=True)
-class Restriction:
-    """What one request may return: rows left out, and the only rows allowed (or None)."""
-
-    exclude: np.ndarray  # [E] int64 catalogue rows
-    allow: np.ndarray | None  # [A] sorted int64 catalogue rows; None: the whole catalogue
-
-
-@dataclass(frozen=True)
-class RecommendQuery:
-    """An encoded ``/recommend`` request: the user, k and what it may return."""
-
-    user: EncodedUser
-    k: int
-    rows: Restriction
-
-
-@dataclass(frozen=True)
-class ScoreQuery:
-    """An encoded ``/score`` request: the user and the catalogue rows of its items."""
-
-    user: EncodedUser
-    item_ids: list[RawId]
-    rows: np.ndarray  # [N] int64 catalogue rows, in request order
-
-
-@dataclass(frozen=True)
-class SimilarQuery:
-    """An encoded ``/similar-items`` request."""
-
-    row: int  # catalogue row of the query item
-    k: int
-    rows: Restriction
-
-
-@dataclass(frozen=True)
-class Answer:
-    """One answer: raw item ids and their scores, best first, and the model that gave it.
-
-    ``key`` names the list in the JSON body (``items`` or ``scores``).
-    """
-
-    item_ids: list[RawId]
-    scores: list[float]
-    model_version: str
-    key: str = "items"
-    state_version: int | None = None  # the user's events since prepare (None: not stored)
-
-    def to_json(self) -> bytes:
-        """The response body, rendered without a model.
-
-        pydantic-core's serializer: a quarter of ``json.dumps``'s time on a 10-item answer.
-        """
-        entries = [{"item_id": i, "score": s}
-                   for i, s in zip(self.item_ids, self.scores, strict=True)]
-        return pydantic_core.to_json(self._body(entries))
-
-    def to_model(self, cls: type) -> Any:
-        """The answer as ``cls`` (a response model of :mod:`serve_app.schemas`)."""
-        entries = [ScoredItem(item_id=i, score=s)
-                   for i, s in zip(self.item_ids, self.scores, strict=True)]
-        return cls(**self._body(entries))
-
-    def _body(self, entries: list) -> dict[str, Any]:
-        body = {self.key: entries, "model_version": self.model_version}
-        if self.state_version is not None:
-            body["state_version"] = self.state_version
-        return body
 
 
 def item_embeddings(run: RunDir, model_version: str, key: str, count: int) -> np.ndarray:

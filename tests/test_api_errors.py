@@ -17,7 +17,7 @@ from pipeline.config.serve import ServeConfig
 from pipeline.state import FeatureKind, FeatureState
 from serve_app.api import build_api
 from serve_app.contract import RunContract
-from serve_app.schemas import cap_errors, json_safe
+from serve_app.request_errors import cap_errors, json_safe
 
 CFG = ServeConfig()
 CONTRACT = RunContract.build(

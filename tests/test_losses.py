@@ -11,19 +11,16 @@ import torch.nn.functional as F
 
 from pipeline.config.loss import LossConfig
 from training.losses import (
-    accidental_hit_mask,
     apply_temperature,
     gbce_beta,
     generalized_bce,
-    hard_negative_mask,
     logq_correction,
-    mask_accidental_hits,
-    mask_value,
     pointwise_bce,
     retrieval_loss,
     softmax_cross_entropy,
     weighted_mean,
 )
+from training.masks import accidental_hit_mask, hard_negative_mask, mask_accidental_hits, mask_value
 from training.negatives import NegativeSampler
 
 L1P = math.log1p(math.exp(-2.0))  # log(1 + e^-2) = 0.126928

@@ -16,6 +16,7 @@ import pytest
 
 from pipeline.config.serve import ServeConfig
 from serve_app import app as app_module
+from serve_app import last_good
 
 
 class FakeRetriever:
@@ -78,7 +79,7 @@ def test_a_restart_after_a_refused_rollout_serves_the_old_run(runs):
         assert served(third) == "run-2"
 
     asyncio.run(scenario())
-    record = json.loads((runs / app_module.LAST_GOOD).read_text())
+    record = json.loads((runs / last_good.LAST_GOOD).read_text())
     assert record["run_dir"] == str((runs / "run-2").resolve())
 
 
@@ -91,7 +92,7 @@ def test_with_no_run_ever_loaded_the_first_load_still_raises(runs):
 
 
 def test_a_missing_last_good_run_is_not_a_fallback(runs):
-    app_module.write_last_good(runs / "run-1")
+    last_good.write_last_good(runs / "run-1")
     (runs / "run-1" / "good").unlink()  # the last good run was since deleted or broken
 
     async def scenario():

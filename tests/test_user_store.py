@@ -218,8 +218,8 @@ def test_unknown_items_are_logged_not_stored_and_new_users_are_created(run_copy,
 
 
 def test_wrongly_typed_ids_are_refused_naming_the_field(run_copy, tmp_path):
+    from serve_app.request_errors import RequestError
     from serve_app.retriever import Retriever
-    from serve_app.schemas import RequestError
 
     r = Retriever(run_copy, serve_cfg(tmp_path))
     for body, loc in ((["x", 1], (0, "user_id")), ([1, "x"], (0, "item_id"))):
