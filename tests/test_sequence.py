@@ -21,14 +21,13 @@ from pipeline.columns import (
 )
 from pipeline.config import Objective
 from pipeline.config.checks import sequence_mode
-from pipeline.config.model import TowerConfig, TransformerConfig
+from pipeline.config.model import TowerConfig
 from pipeline.run_dir import RunDir, read_split, read_table
 from pipeline.splits import TRAIN
 from prepare.split import leave_last_out, sequence_windows
 from tests.conftest import SEQUENCE_OVERRIDES, demo_config
 from towers.exported import ExportedTower
 from towers.model import load_trained
-from towers.sequence_encoders import SequenceTransformer
 from training.loop import run_plain, setup
 from training.sequence import history_keys, positions_of, seen_mask, shuffle_ties
 
@@ -204,108 +203,6 @@ def test_seen_mask_worked_by_hand():
     assert got.int().tolist() == [[0, 0, 0, 1, 0, 0],  # sees 3; its target 1 stays
                                   [0, 1, 0, 1, 0, 0],  # sees 3, 1
                                   [0, 1, 0, 0, 0, 0]]  # sees 3, 1, 3; target 3 is a repeat
-
-
-def _changed_positions(layer: SequenceTransformer, j: int, masked=None) -> list[int]:
-    """Positions whose state changes when the input at position j changes."""
-    torch.manual_seed(0)
-    x, mask = torch.randn(1, 5, 6), torch.ones(1, 5, dtype=torch.bool)
-    base, _ = layer.states(x, mask, masked)
-    x2 = x.clone()
-    x2[0, j] += 1.0
-    moved, _ = layer.states(x2, mask, masked)
-    return [t for t in range(5) if not torch.allclose(base[0, t], moved[0, t], atol=1e-6)]
-
-
-def test_clm_attention_sees_items_up_to_t_and_mlm_sees_both_sides():
-    causal = SequenceTransformer(6, 5, TransformerConfig(dim=8, num_layers=2, causal=True,
-                                                         dropout=0.0)).eval()
-    for j in range(5):  # item j reaches positions j .. 4 only
-        assert _changed_positions(causal, j) == list(range(j, 5))
-    both = SequenceTransformer(6, 5, TransformerConfig(dim=8, num_layers=2, causal=False,
-                                                       dropout=0.0)).eval()
-    both.add_mask_token()
-    assert _changed_positions(both, 0) == [0, 1, 2, 3, 4]
-    # a masked position's own input is replaced by the mask token: changing it changes nothing
-    masked = torch.tensor([[False, False, True, False, False]])
-    assert _changed_positions(both, 2, masked) == []
-    assert _changed_positions(both, 1, masked) == [0, 1, 2, 3, 4]
-
-
-def test_block_dropout_keeps_the_mean_and_masks_the_gradient():
-    # towers.sequence_encoders.dropout: about p of the entries zeroed, the rest scaled by
-    # 1 / (1 - p), the gradient the same mask; identity in eval mode or at p = 0
-    from towers.sequence_encoders import dropout
-
-    torch.manual_seed(0)
-    x = torch.ones(200, 500, requires_grad=True)
-    y = dropout(x, 0.3, training=True)
-    zeroed = (y == 0).float().mean().item()
-    assert abs(zeroed - 0.3) < 0.005  # 100,000 draws: the std of the fraction is 0.0014
-    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.7))
-    assert abs(y.mean().item() - 1.0) < 0.01
-    y.sum().backward()
-    assert torch.equal(x.grad, y.detach())  # d(sum y)/dx = mask / (1 - p) = y here
-    assert dropout(x, 0.3, training=False) is x and dropout(x, 0.0, training=True) is x
-
-
-def test_attention_dropout_is_its_own_setting():
-    # in training mode only dropout's randomness can make two passes differ: with the
-    # attention weights' dropout at 0 (and none elsewhere) they agree, at 0.5 they do not;
-    # unset, it follows dropout
-    def two_passes(**cfg):
-        layer = SequenceTransformer(6, 5, TransformerConfig(dim=8, num_layers=2, **cfg)).train()
-        x, mask = torch.randn(2, 5, 6), torch.ones(2, 5, dtype=torch.bool)
-        return layer.states(x, mask)[0], layer.states(x, mask)[0], layer
-
-    a, b, layer = two_passes(dropout=0.0, attention_dropout=0.0)
-    assert torch.equal(a, b) and layer.blocks[0].p == 0.0
-    a, b, layer = two_passes(dropout=0.0, attention_dropout=0.5)
-    assert not torch.allclose(a, b) and layer.blocks[0].p == 0.5
-    a, b, layer = two_passes(dropout=0.3, attention_dropout=0.0)
-    assert not torch.allclose(a, b) and layer.blocks[1].p == 0.0
-    assert two_passes(dropout=0.3)[2].blocks[0].p == 0.3
-
-
-def test_input_dropout_drops_the_embedded_history_in_training_only():
-    # every other dropout at 0: two training passes differ only through input_dropout,
-    # and an eval pass equals the pass of a layer without it (same weights)
-    torch.manual_seed(0)
-    cfg = dict(dim=8, num_layers=1, dropout=0.0, attention_dropout=0.0)
-    layer = SequenceTransformer(6, 5, TransformerConfig(input_dropout=0.5, **cfg))
-    x, mask = torch.randn(2, 5, 6), torch.ones(2, 5, dtype=torch.bool)
-    layer.train()
-    assert not torch.allclose(layer.states(x, mask)[0], layer.states(x, mask)[0])
-    plain = SequenceTransformer(6, 5, TransformerConfig(**cfg))
-    plain.load_state_dict(layer.state_dict())
-    plain.train()
-    assert torch.equal(plain.states(x, mask)[0], plain.states(x, mask)[0])
-    layer.eval()
-    assert torch.equal(layer.states(x, mask)[0], plain.states(x, mask)[0])
-
-
-@pytest.mark.parametrize("pooling", ["last", "mean", "max", "attention"])
-@pytest.mark.parametrize("causal", [True, False])
-def test_inference_cuts_padding_and_computes_only_what_pooling_reads(pooling, causal):
-    # forward cuts the leading columns that are padding in every row and, pooling the last
-    # position, runs the last block for that position only: the result equals pooling every
-    # position's state over the whole window, and each row alone (cut to its own length)
-    torch.manual_seed(0)
-    layer = SequenceTransformer(6, 12, TransformerConfig(dim=8, num_layers=2, causal=causal,
-                                                         pooling=pooling)).eval()
-    x = torch.randn(4, 12, 6)
-    lengths = torch.tensor([0, 3, 7, 5])  # no row is full: 5 leading columns are cut
-    mask = torch.arange(12) >= 12 - lengths[:, None]
-    got = layer(x, mask)
-    states, attendable = layer.states(x, mask)
-    assert got.shape == (4, 8)
-    assert torch.allclose(got, layer.pool(states, attendable), atol=1e-6)
-    for row, n in enumerate(lengths.tolist()):
-        keep = slice(12 - max(n, 1), None)
-        alone = layer(x[row:row + 1, keep], mask[row:row + 1, keep])
-        assert torch.allclose(alone[0], got[row], atol=1e-6)
-    last, _ = layer.states(x, mask, last_only=True)
-    assert last.shape == (4, 1, 8) and torch.allclose(last[:, 0], states[:, -1], atol=1e-6)
 
 
 # -- config errors name the reason and the fix --------------------------------------------
@@ -495,20 +392,6 @@ def test_trimming_shared_padding_leaves_the_loss_unchanged(demo_prepared, demo_d
     assert float(trimmed.detach()) == pytest.approx(float(whole.detach()), rel=1e-5)
 
 
-def test_bucketed_order_is_a_permutation_of_similar_length_batches():
-    from training.data import bucketed_order
-
-    rng = np.random.default_rng(0)
-    lengths = rng.integers(1, 51, 1000)
-    order = bucketed_order(lengths, 16, seed=3, epoch=1, pool_batches=8).numpy()
-    assert sorted(order.tolist()) == list(range(1000))
-    assert (order == bucketed_order(lengths, 16, 3, 1, 8).numpy()).all()  # (seed, epoch) alone
-    assert not (order == bucketed_order(lengths, 16, 3, 2, 8).numpy()).all()
-    spread = [np.ptp(lengths[order[i:i + 16]]) for i in range(0, 992, 16)]
-    plain = [np.ptp(lengths[rng.permutation(1000)[:16]]) for _ in range(62)]
-    assert np.mean(spread) < np.mean(plain) / 4  # a batch's windows need similar lengths
-
-
 @pytest.mark.parametrize(("setting", "pools"), [("false", False), ("true", True),
                                                ("auto", False)])
 def test_length_pools_decides_how_an_epoch_is_batched(demo_prepared, demo_data, tmp_path,
@@ -530,23 +413,3 @@ def test_length_pools_decides_how_an_epoch_is_batched(demo_prepared, demo_data, 
     assert len(seen) == len(lengths) // s.cfg.train.batch_size
     # pooled batches hold windows of about one length; random ones span the lengths
     assert (spread < np.ptp(lengths) / 4) == pools
-
-
-def test_auto_length_pools_follow_the_median_history():
-    from training.data import uses_length_pools
-
-    amazon, movielens = uses_length_pools("auto", 6, 50), uses_length_pools("auto", 65, 100)
-    assert amazon == (True, "sequence.length_pools: auto -> on (median history 6 < 0.25 x "
-                            "max_length 50)")
-    assert movielens[0] is False and ">= 0.25 x max_length 100" in movielens[1]
-    assert uses_length_pools("auto", None, 50)[0] is False  # a run prepared before the stat
-    assert uses_length_pools(True, 65, 100)[0] is True
-
-
-def test_auto_candidates_score_small_catalogues_in_full():
-    from pipeline.config.sequence import SequenceConfig
-    from training.sequence import scores_full_catalogue
-
-    cfg = SequenceConfig(objective="clm")  # candidates: auto
-    assert scores_full_catalogue(cfg, 1_682) and scores_full_catalogue(cfg, 4_096)
-    assert not scores_full_catalogue(cfg, 18_357)  # sampled: cheaper from ~3,000-4,000 items
