@@ -71,8 +71,8 @@ def grow(base: Path, n: int, out: Path, seed: int = 0) -> Path:
     from indexing.embed import EMBEDDING, ROW
     from pipeline.arrow import column_to_numpy
     from pipeline.columns import SEEN, USER, column_name, tower_columns
+    from pipeline.features import InputForm, spec_of
     from pipeline.run_dir import RunDir, load_fitted, read_model_meta
-    from pipeline.state import FeatureKind
     from pipeline.transforms import vocab_index
     from serve_app.store_build import build_embedded
 
@@ -88,7 +88,7 @@ def grow(base: Path, n: int, out: Path, seed: int = 0) -> Path:
     catalogue = pq.read_table(run.table("item"))
     items = catalogue[fitted.item_id].to_pylist()
     sequences = {name: st for name, st in fitted.user.features.items()
-                 if st.type is FeatureKind.SEQUENCE}
+                 if spec_of(st.type).form is InputForm.SEQUENCE}
     drawn_cols = {column_name(USER, name) for name in sequences} | {
         column_name(USER, name, f) for name, st in sequences.items() for f in st.item_features}
     static = {c: column_to_numpy(real[c]) for c in columns if c not in drawn_cols}

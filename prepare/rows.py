@@ -34,7 +34,7 @@ from pipeline.columns import (
 )
 from pipeline.config import checks
 from pipeline.errors import in_table
-from pipeline.features import FeatureKind
+from pipeline.features import InputForm, spec_of
 from pipeline.rows import (
     Columns,
     absent_row,
@@ -87,7 +87,7 @@ def build_context(cfg: C.Config, fitted: FeatureStateSet, inter: Interactions,
     id_feats = id_columns(fitted.user, d.user_id, inter.user_id)
     seq_ids, specs = {}, {}
     for name, st in fitted.user.features.items():
-        if st.type is FeatureKind.SEQUENCE:
+        if spec_of(st.type).form is InputForm.SEQUENCE:
             seq_ids[name] = lookup(inter.item_id, st.vocab_array())
             specs[name] = (st.max_length, st.item_features)
     return RowContext(

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from pipeline import config as C
 from pipeline.errors import TableError
-from pipeline.features import FeatureKind, spec_of
+from pipeline.features import numeric, spec_of
 from pipeline.features.base import is_list_of, is_scalar_key
 
 _GLOB = set("*?[")
@@ -128,6 +128,7 @@ _COLUMN_KINDS = {
                   "integer (unix time) or timestamp"),
     "id_list": (lambda t: is_list_of(t, pa.types.is_integer, pa.types.is_string),
                 "list<integer> or list<string> of item ids"),
+    "weight": (numeric.SPEC.accepts, numeric.SPEC.accepted),  # read as a numeric feature
 }
 
 
@@ -149,7 +150,7 @@ def required_columns(cfg: C.Config) -> dict[str, dict[str, str]]:
     d = cfg.data
     inter = {d.user_id: "key", d.item_id: "key", d.timestamp: "timestamp"}
     if d.weight:
-        inter[d.weight] = FeatureKind.NUMERIC.value  # checked as a numeric feature column
+        inter[d.weight] = "weight"
     if cfg.loss.impressions_column:
         inter[cfg.loss.impressions_column] = "id_list"
     users: dict[str, str] = {d.user_id: "key"}

@@ -36,11 +36,10 @@ from pydantic import (
 )
 
 from pipeline.config.serve import ServeConfig
-from pipeline.state import FeatureKind, FeatureState, TowerState
+from pipeline.features import RequestTypes, spec_of
+from pipeline.state import FeatureState, TowerState
 from serve_app.request_errors import merge_errors
 from serve_app.schemas import Int64, no_null_defaults
-
-FILTERABLE = (FeatureKind.CATEGORICAL, FeatureKind.MULTI_HOT)
 
 
 class ContractError(ValueError):
@@ -56,21 +55,15 @@ def _value_type(state: FeatureState, cfg: ServeConfig) -> Any:
     text = Annotated[StrictStr, Field(max_length=cfg.max_string_length)]
     key = Union[StrictBool, Int64, text]
     number = Annotated[Union[Int64, StrictFloat], Field(allow_inf_nan=False)]
-    kinds = {
-        FeatureKind.CATEGORICAL: key,
-        FeatureKind.MULTI_HOT: Annotated[list[key], Field(max_length=cfg.max_values)],
-        FeatureKind.TEXT: text,
-        FeatureKind.NUMERIC: number,
-        FeatureKind.DENSE_VECTOR: Annotated[list[number],
-                                            Field(min_length=state.dim, max_length=state.dim)],
-    }
-    return kinds.get(state.type, Any)
+    request = spec_of(state.type).request  # each kind's module says what it takes
+    return request(state, RequestTypes(key, text, number, cfg.max_values)) if request else Any
 
 
 def filterable(tower: TowerState, id_features: list[str]) -> dict[str, FeatureState]:
     """The item features a filter may name: categorical / multi-hot with a vocabulary."""
     return {name: st for name, st in tower.features.items()
-            if st.type in FILTERABLE and st.vocab is not None and name not in id_features}
+            if spec_of(st.type).filterable and st.vocab is not None
+            and name not in id_features}
 
 
 class _Part(BaseModel):

@@ -32,9 +32,9 @@ import pyarrow as pa
 
 from pipeline.arrow import column_to_numpy
 from pipeline.columns import ITEM, USER, column_name, prefixed
-from pipeline.features import encode_feature, spec_of
+from pipeline.features import InputForm, encode_feature, spec_of
 from pipeline.rows import absent_row, history_columns, id_columns, id_feature_names
-from pipeline.state import RESERVED, FeatureKind, FeatureState, FeatureStateSet
+from pipeline.state import RESERVED, FeatureState, FeatureStateSet
 from pipeline.transforms import (
     VocabIndex,
     as_arrow,
@@ -130,7 +130,7 @@ class RequestEncoder:
         self.key = fitted.user_id
         self.id_features = id_feature_names(self.state, fitted.user_id)
         self.sequences = {n: s for n, s in self.state.features.items()
-                          if s.type is FeatureKind.SEQUENCE}
+                          if spec_of(s.type).form is InputForm.SEQUENCE}
         self.item_features = {f: column_to_numpy(catalogue[column_name(ITEM, f)])
                               for s in self.sequences.values() for f in s.item_features}
         self.sources = self._sources()

@@ -26,7 +26,8 @@ import pyarrow as pa
 
 from pipeline.arrow import column_to_numpy
 from pipeline.columns import ITEM, column_name
-from pipeline.state import RESERVED, FeatureKind, FeatureState
+from pipeline.features import InputForm, spec_of
+from pipeline.state import RESERVED, FeatureState
 from pipeline.transforms import PAD, distinct, vocab_index
 
 
@@ -49,7 +50,7 @@ class Postings:
             return parts[0]
         merged = np.concatenate(parts)
         # categorical values partition the rows: a sort suffices; multi-hot ones overlap
-        return np.sort(merged) if self.state.type is FeatureKind.CATEGORICAL \
+        return np.sort(merged) if spec_of(self.state.type).form is InputForm.ID \
             else distinct(merged)
 
 

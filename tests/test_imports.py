@@ -149,6 +149,24 @@ def test_only_jobs_import_the_prepare_stage():
     assert {top for _, _, top in project_imports(STAGE)} == {"pipeline", STAGE}
 
 
+def kind_members_named(path: Path) -> list[int]:
+    """Lines of ``path`` that name a member of ``FeatureKind`` (``FeatureKind.NUMERIC``)."""
+    return [node.lineno for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+            and node.value.id == "FeatureKind" and node.attr.isupper()]
+
+
+def test_a_feature_kind_is_named_only_in_its_module():
+    """Code outside ``pipeline/features/`` asks a kind's registry entry, never for a member."""
+    features = ROOT / "pipeline" / "features"
+    offenders = [f"{p.relative_to(ROOT)}:{line}" for pkg in (*SOURCE, "jobs", "benchmarks")
+                 for p in package_modules(pkg) if features not in p.parents
+                 for line in kind_members_named(p)]
+    assert offenders == [], f"FeatureKind members named outside pipeline/features/: {offenders}"
+    planted = ROOT / "tests" / "test_feature_kinds.py"  # names members on purpose
+    assert kind_members_named(planted), "the scan finds FeatureKind.X"
+
+
 def test_the_tests_never_import_benchmarks():
     """Benchmarks are checked by running them (``--tiny``) or by ``benchmarks/test_*.py``."""
     offenders = [f"{p.relative_to(ROOT)}:{line}" for p in sorted((ROOT / "tests").glob("*.py"))

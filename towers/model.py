@@ -20,8 +20,9 @@ from torch import Tensor, nn
 from pipeline.config import checks
 from pipeline.config.model import ModelConfig, TowerConfig
 from pipeline.config.sequence import Objective, SequenceConfig
+from pipeline.features import InputForm, spec_of
 from pipeline.run_dir import MODEL_FILE, ModelMeta, RunDir, load_fitted, read_model_meta
-from pipeline.state import FeatureKind, FeatureState, FeatureStateSet, TowerState
+from pipeline.state import FeatureState, FeatureStateSet, TowerState
 from towers import bodies
 from towers.features import FeatureEncoder, Spec
 
@@ -179,7 +180,7 @@ def shared_tables(model_cfg: ModelConfig, fitted: FeatureStateSet,
     for name in checks.selected_features(model_cfg.user, list(fitted.user.features),
                                          "model.user"):
         st = fitted.user.features[name]
-        if st.type is not FeatureKind.SEQUENCE:
+        if spec_of(st.type).form is not InputForm.SEQUENCE:
             continue
         id_table = item_tower.encoder.table(st.vocab_of) if st.vocab_of else None
         if _tie(model_cfg.tie_sequence_embedding, name, st, id_table):

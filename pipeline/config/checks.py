@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 
 from pipeline.config.model import Aggregation, Norm, SequencePooling, TowerConfig, TowerType
 from pipeline.config.sequence import Objective
-from pipeline.state import FeatureKind
+from pipeline.features import InputForm, spec_of
 
 SEQUENCE_TYPES = (TowerType.TRANSFORMER, TowerType.CNN)  # bodies that run over one sequence
 
@@ -30,7 +30,7 @@ def id_features(features: Iterable[tuple[str, str, str]], key_column: str) -> li
         Their names, in tower order.
     """
     return [name for name, kind, source in features
-            if kind == FeatureKind.CATEGORICAL and source == key_column]
+            if spec_of(kind).form is InputForm.ID and source == key_column]
 
 
 def id_feature(features: Iterable[tuple[str, str, str]], key_column: str) -> str | None:

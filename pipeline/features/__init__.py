@@ -17,7 +17,14 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.features import categorical, dense_vector, multi_hot, numeric, sequence, text
-from pipeline.features.base import REGISTRY, FeatureConfig, InputForm, KindSpec, spec_of
+from pipeline.features.base import (
+    REGISTRY,
+    FeatureConfig,
+    InputForm,
+    KindSpec,
+    RequestTypes,
+    spec_of,
+)
 from pipeline.kinds import FeatureKind, NumericTransform, Pooling
 from pipeline.state import FeatureState, TowerState
 
@@ -75,6 +82,6 @@ def transform_tower(
     return out
 
 
-__all__ = ["REGISTRY", "FeatureConfig", "FeatureKind", "InputForm", "KindSpec",
+__all__ = ["REGISTRY", "FeatureConfig", "FeatureKind", "InputForm", "KindSpec", "RequestTypes",
            "NumericTransform", "Pooling", "encode_feature", "fit_feature", "spec_of",
            "transform_tower"]

@@ -52,6 +52,16 @@ def _as_is(column: pa.Array) -> pa.Array:
 
 
 @dataclass(frozen=True)
+class RequestTypes:
+    """The JSON value types a serving contract builds a kind's request type from."""
+
+    key: Any  # an id or category: integer, string or bool
+    text: Any  # a bounded string
+    number: Any  # a finite number
+    max_values: int  # the longest list a request may send
+
+
+@dataclass(frozen=True)
 class KindSpec:
     """One feature kind: its config, fit, encode, type check and serving pieces.
 
@@ -68,6 +78,9 @@ class KindSpec:
             not read from a table column (a sequence is built from the interactions).
         accepted: the accepted Arrow types in words, for error messages.
         fit_input: raw column -> the values ``fit`` learns from (tokens, flattened lists).
+        request: (state, request types) -> the JSON type of the value a request may send
+            for the feature; None: any value (checked when encoded).
+        filterable: whether a request may filter items by the feature's values.
     """
 
     kind: enum.Enum
@@ -80,6 +93,8 @@ class KindSpec:
     accepts: Callable[[pa.DataType], bool] | None = None
     accepted: str = ""
     fit_input: Callable[[pa.Array], pa.Array] = _as_is
+    request: Callable[[FeatureState, RequestTypes], Any] | None = None
+    filterable: bool = False
 
     def __post_init__(self) -> None:
         tag = self.config.model_fields["type"].default

@@ -69,4 +69,5 @@ SPEC = KindSpec(
     # the type is inferred, not the vocabulary's: "7" finds id 7, "x" is simply unseen
     raw_value=lambda value, state: one_row(value, state, takes_list=False),
     accepts=_accepts, accepted="integer, string or bool",
+    request=lambda state, types: types.key, filterable=True,
 )

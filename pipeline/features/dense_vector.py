@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pyarrow as pa
 from pydantic import Field
@@ -36,4 +36,6 @@ SPEC = KindSpec(
     raw_value=lambda value, state: one_row(value, state, takes_list=True, typ=_RAW),
     accepts=lambda typ: is_list_of(typ, pa.types.is_floating, pa.types.is_integer),
     accepted="list<float> (fixed length)",
+    request=lambda state, types: Annotated[
+        list[types.number], Field(min_length=state.dim, max_length=state.dim)],
 )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -55,4 +55,6 @@ SPEC = KindSpec(
     raw_value=lambda value, state: one_row(value, state, takes_list=True),
     accepts=lambda typ: is_list_of(typ, pa.types.is_integer, pa.types.is_string),
     accepted="list<string> or list<integer>",
+    request=lambda state, types: Annotated[list[types.key], Field(max_length=types.max_values)],
+    filterable=True,
 )

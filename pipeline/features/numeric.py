@@ -105,4 +105,5 @@ SPEC = KindSpec(
     fit=_fit, encode=_encode,
     null_array=lambda state: pa.nulls(1, pa.float64()), raw_value=_raw_value,
     accepts=_accepts, accepted="integer, float or decimal",
+    request=lambda state, types: types.number,
 )

@@ -47,4 +47,5 @@ SPEC = KindSpec(
     null_array=lambda state: pa.nulls(1, pa.string()),
     raw_value=lambda value, state: one_row(value, state, takes_list=False, typ=pa.string()),
     accepts=_accepts, accepted="string",
+    request=lambda state, types: types.text,
 )
