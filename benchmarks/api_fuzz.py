@@ -192,9 +192,9 @@ def hostile(base_url: str, n: int, seed: int = 0) -> dict:
 
 def start_ray() -> None:
     """Local Ray (2 CPUs) with the HAProxy ingress and this process's own files and ports."""
-    from serve_app import ingress
+    from serve_app import environment
 
-    ingress.apply(ingress.isolated_env(ingress.Ingress.HAPROXY))
+    environment.apply(environment.isolated_env(environment.Ingress.HAPROXY))
     os.environ.update(RAY_AUTH_MODE="disabled", SERVE_SOCKET_REUSE_PORT_ENABLED="0")
     os.environ.pop("RAY_ADDRESS", None)
     import ray
@@ -207,10 +207,10 @@ def serve_run(run_dir: Path) -> str:
     """The app behind HAProxy on a free port of this process's Ray; its base URL."""
     import httpx
 
-    from serve_app import ingress
+    from serve_app import environment
     from serve_app.app import run_app
 
-    port = ingress.free_port()
+    port = environment.free_port()
     run_app(run_dir, {"port": port})
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60

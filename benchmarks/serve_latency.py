@@ -1,7 +1,7 @@
 """Serve latency: POST /recommend next to a bare deployment, per ingress, then at 10^6 items.
 
 Every cell runs in its own subprocess with its own local Ray (2 CPUs) started with one
-ingress mode (``serve_app.ingress``, isolated files and ports), Serve on a free 127.0.0.1
+ingress mode (``serve_app.environment``, isolated files and ports), Serve on a free 127.0.0.1
 port, and two applications behind the same ingress: ``/`` the retrieval app of the run
 (its ``serve`` config: one replica, 0.5 CPU) and ``/floor`` a bare deployment with the same
 resources that reads the body and returns a constant. Each (path, concurrency) gets a 1 s
@@ -232,9 +232,9 @@ def filter_cells(url: str, run_dir: Path, seconds: float) -> dict:
 
 def side(args: argparse.Namespace) -> dict:
     """One cell in this process: Ray with the ingress, both apps, the load, the figures."""
-    from serve_app import ingress
+    from serve_app import environment
 
-    ingress.apply(ingress.isolated_env(args.ingress))
+    environment.apply(environment.isolated_env(args.ingress))
     os.environ.update(RAY_AUTH_MODE="disabled", SERVE_SOCKET_REUSE_PORT_ENABLED="0")
     import ray
     from ray import serve
@@ -245,7 +245,7 @@ def side(args: argparse.Namespace) -> dict:
     ray.init(address="local", num_cpus=2, include_dashboard=False,
              object_store_memory=1 << 29, log_to_driver=False)
     try:
-        port = ingress.free_port()
+        port = environment.free_port()
         t0 = time.perf_counter()
         cfg = run_app(args.run_dir, {"port": port, "ingress": args.ingress,
                                      "batching": args.batching})

@@ -212,9 +212,9 @@ def start_redis(folder: Path) -> tuple[subprocess.Popen, str]:
 
 def serve_side(run_dir: Path, users: int, size: str, redis_url: str) -> dict:
     """One local Ray, three apps (one per backend); the load, events and event-to-effect."""
-    from serve_app import ingress
+    from serve_app import environment
 
-    ingress.apply(ingress.isolated_env("haproxy"))
+    environment.apply(environment.isolated_env("haproxy"))
     os.environ.update(RAY_AUTH_MODE="disabled", SERVE_SOCKET_REUSE_PORT_ENABLED="0")
     import pyarrow.parquet as pq
     import ray
@@ -228,7 +228,7 @@ def serve_side(run_dir: Path, users: int, size: str, redis_url: str) -> dict:
     ray.init(address="local", num_cpus=2, include_dashboard=False,
              object_store_memory=1 << 29, log_to_driver=False)
     try:
-        port = ingress.free_port()
+        port = environment.free_port()
         base = f"http://127.0.0.1:{port}"
         run_app(run_dir, {"port": port, "ingress": "haproxy", "user_store": "memory"},
                 name="memory", route_prefix="/memory")

@@ -1,8 +1,7 @@
 """Starting or joining Ray the same way from every job, once per process.
 
-Environment defaults are set before ``ray.init`` so that workers inherit them (see
-RAY_NOTES): a stalled Ray Data pipeline fails instead of hanging, and two Serve
-instances on one host never silently share a port. A job that runs several steps
+Environment defaults (:mod:`serve_app.environment`, their one home) are set before
+``ray.init`` so that workers inherit them (see RAY_NOTES). A job that runs several steps
 (``jobs.pipeline``, ``jobs.tune``) calls :func:`ensure_ray` before each and gets the same
 Ray instance every time.
 
@@ -29,18 +28,8 @@ from __future__ import annotations
 import logging
 import os
 
-from serve_app.ingress import free_port
+from serve_app.environment import LOCAL_DEFAULTS, RAY_DEFAULTS, free_port
 from towers.exported import WEIGHTS_ONLY_ENV
-
-_ENV_DEFAULTS = {
-    "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "120",
-    "SERVE_SOCKET_REUSE_PORT_ENABLED": "0",
-    **WEIGHTS_ONLY_ENV,  # no torch.load in any job or worker may fall back to pickle
-}
-_LOCAL_ENV_DEFAULTS = {
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-}
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -53,14 +42,14 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    for key, value in _ENV_DEFAULTS.items():
+    for key, value in RAY_DEFAULTS.items():
         os.environ.setdefault(key, value)
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(log_to_driver=True, runtime_env={"env_vars": {"RAY_ADDRESS": address,
                                                                **WEIGHTS_ONLY_ENV}})
     else:
-        for key, value in _LOCAL_ENV_DEFAULTS.items():
+        for key, value in LOCAL_DEFAULTS.items():
             os.environ.setdefault(key, value)
         port = free_port()
         api = f"http://127.0.0.1:{port}"

@@ -26,11 +26,6 @@ if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ] \
         && [ ! -s "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ]; then
     ray get-auth-token --generate >/dev/null
 fi
-export RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S="${RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S:-120}"
-export SERVE_SOCKET_REUSE_PORT_ENABLED=0
-# Ray Train's spot-preemption watcher has nothing to watch on one machine (jobs inherit this
-# from the head started below).
-export RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="${RAY_TRAIN_ENABLE_PREEMPTION_WATCHER:-0}"
 dashboard="http://127.0.0.1:8265"
 
 # 1. Data (outside the uploaded working dir: .rayignore leaves data/ and runs/ out).
@@ -47,15 +42,16 @@ else
 fi
 
 # 2. A local Ray head (token auth, addresses on 127.0.0.1; see above), started from this
-#    venv so jobs run with this project installed, and
-#    with the endpoint's ingress (serve.ingress of the config; default: Serve's bundled
-#    HAProxy in front of each replica), which Serve reads from the head's environment.
+#    venv so jobs run with this project installed, with the project's Ray defaults (jobs
+#    inherit them) and the endpoint's ingress (serve.ingress of the config; default: Serve's
+#    bundled HAProxy in front of each replica), which Serve reads from the head's
+#    environment: python -m jobs.environment prints them (serve_app/environment.py).
 if ! ray status --address 127.0.0.1:6379 >/dev/null 2>&1; then
-    eval "$(python -m serve_app.ingress --config "$config")"
+    eval "$(python -m jobs.environment --config "$config" --one-machine)"
     ray start --head --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 --num-cpus="$(nproc)" --disable-usage-stats
 else
     echo "Ray is already running: Serve keeps the ingress it started with" \
-         "(python -m serve_app.ingress shows what to export before ray start)" >&2
+         "(python -m jobs.environment shows what to export before ray start)" >&2
 fi
 
 # 3. The pipeline as a Ray job: prepare -> train -> build_index -> evaluate.
@@ -65,7 +61,7 @@ ray job submit --address "$dashboard" --working-dir . -- \
 
 # 4. The endpoint: configs/serve.yaml with this run directory and the host / port of the
 #    run's serve config (printed as the endpoint URL), deployed with serve deploy.
-endpoint=$(python -m serve_app.deploy_config "$run" --out "$run/serve.yaml")
+endpoint=$(python -m jobs.deploy_config "$run" --out "$run/serve.yaml")
 serve deploy --address "$dashboard" "$run/serve.yaml"
 for _ in $(seq 1 60); do
     curl -sf "$endpoint/healthz" >/dev/null && break

@@ -7,7 +7,7 @@ from the user-state store (:mod:`serve_app.user_store`), which ``/events`` appen
 
 Ingress: the run's ``serve.ingress`` (default ``haproxy``: Serve's bundled HAProxy on
 ``serve.host:serve.port`` in front of each replica's own HTTP server) is applied when Ray
-starts; :mod:`serve_app.ingress` has the modes, what they cost and their settings.
+starts; :mod:`serve_app.environment` has the modes, what they cost and their settings.
 
 Batching (``serve.batching``): each request is validated and encoded on its own (a bad one
 gets its 4xx and never joins a batch); the user embeddings (stored ones for known users
@@ -35,9 +35,9 @@ loads is recorded beside the runs (``.towerline-last-good.json`` in their folder
 replica that starts later (a crash, an OOM, a scale-up) while the configured run does not
 load serves that last good run, still ``refused``, instead of failing; only a first load
 with nothing to fall back to raises (the deployment refuses to start). Check a run with
-``python -m serve_app.check RUN_DIR`` before pointing ``user_config`` at it.
+``python -m jobs.check RUN_DIR`` before pointing ``user_config`` at it.
 
-    python -m serve_app.deploy_config RUN_DIR --out serve.yaml  # host / port of the run
+    python -m jobs.deploy_config RUN_DIR --out serve.yaml  # host / port of the run
     serve deploy serve.yaml                                      # or: serve run serve.yaml
     serve run serve_app.app:build_app run_dir=/abs/path/RUN_DIR [num_replicas=2 ...]  # *:8000
 
@@ -66,7 +66,7 @@ from ray.serve import Application
 
 from pipeline.config.serve import ServeConfig
 from pipeline.run_dir import RunDir, read_model_meta
-from serve_app import ingress
+from serve_app import environment
 from serve_app.api import build_api
 from serve_app.batching import MicroBatcher
 from serve_app.last_good import read_last_good, write_last_good
@@ -302,8 +302,8 @@ def app_config(args: dict[str, Any]) -> tuple[Path, ServeConfig]:
     if unknown:
         raise ValueError(f"build_app args {unknown} are not accepted; accepted: run_dir, "
                          f"{', '.join(accepted)} (host / port go in http_options: "
-                         "run_app or python -m serve_app.deploy_config; the ingress is "
-                         "chosen when Ray starts: python -m serve_app.ingress)")
+                         "run_app or python -m jobs.deploy_config; the ingress is "
+                         "chosen when Ray starts: python -m jobs.environment)")
     saved = read_model_meta(RunDir(run_dir).model).config.serve.model_dump(mode="json")
     return run_dir, ServeConfig.model_validate({**saved, **args})
 
@@ -354,7 +354,7 @@ def bind_app(run_dir: Path, cfg: ServeConfig) -> Application:
     ).bind(cfg.model_dump(mode="json"))
 
 
-def use_ingress(mode: ingress.Ingress) -> None:
+def use_ingress(mode: environment.Ingress) -> None:
     """Select ``mode`` for a Ray this process is about to start; warn if it is too late.
 
     Serve reads the mode from the environment of the processes Ray starts, so it applies
@@ -364,12 +364,12 @@ def use_ingress(mode: ingress.Ingress) -> None:
     import ray
 
     if ray.is_initialized():
-        if ingress.current() is not mode:
+        if environment.current() is not mode:
             logger.warning("serve.ingress=%s is not applied: Ray is already running (its "
-                           "mode was set when it started; see python -m serve_app.ingress)",
+                           "mode was set when it started; see python -m jobs.environment)",
                            mode.value)
         return
-    for name, value in ingress.ingress_env(mode).items():
+    for name, value in environment.ingress_env(mode).items():
         os.environ.setdefault(name, value)
 
 

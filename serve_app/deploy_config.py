@@ -1,6 +1,6 @@
 """Write the ``serve deploy`` YAML of one run directory, from ``configs/serve.yaml``.
 
-    python -m serve_app.deploy_config RUN_DIR [--out FILE] [--template configs/serve.yaml]
+    python -m jobs.deploy_config RUN_DIR [--out FILE] [--template configs/serve.yaml]
     serve deploy FILE                      # or: serve run FILE
 
 Inputs: the template (application, deployments, proxy location) and the run's saved
@@ -13,8 +13,6 @@ so a script can send its requests to the port the run configured.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -65,27 +63,6 @@ def write_deploy_config(run_dir: str | Path, out: str | Path | None = None,
     config = deploy_config(run_dir, template)
     out = Path(out or Path(run_dir) / "serve.yaml")
     header = f"# serve deploy config of {config['applications'][0]['args']['run_dir']}, " \
-             f"written by python -m serve_app.deploy_config from {template}\n"
+             f"written by python -m jobs.deploy_config from {template}\n"
     out.write_text(header + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return out, endpoint_url(config)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Write the YAML, print the endpoint URL (exit 0), or the error (exit 1)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", help="Run directory with model/, index/ and prepared/.")
-    parser.add_argument("--out", help="Where to write the YAML (default RUN_DIR/serve.yaml).")
-    parser.add_argument("--template", default=str(TEMPLATE), help="The deploy YAML to fill.")
-    args = parser.parse_args(argv)
-    try:
-        out, url = write_deploy_config(args.run_dir, args.out, args.template)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: no deploy config for {args.run_dir}: {err}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}", file=sys.stderr)
-    print(url)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -34,13 +34,12 @@ def ray_session():
     """Start Ray once for the whole session (2 CPUs, no dashboard) and shut it down."""
     import ray
 
-    from serve_app import ingress
+    from serve_app import environment
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "120")
-    os.environ.setdefault("SERVE_SOCKET_REUSE_PORT_ENABLED", "0")
-    # Serve as shipped (HAProxy ingress), with this session's own HAProxy files and ports
-    for name, value in ingress.isolated_env(ingress.Ingress.HAPROXY).items():
+    # the jobs' defaults, and Serve as shipped (HAProxy ingress) with this session's own
+    # HAProxy files and ports
+    for name, value in {**environment.RAY_DEFAULTS, **environment.LOCAL_DEFAULTS,
+                        **environment.isolated_env(environment.Ingress.HAPROXY)}.items():
         os.environ.setdefault(name, value)
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False,

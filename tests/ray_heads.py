@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-from serve_app.ingress import free_port
+from serve_app.environment import free_port
 from tests.conftest import ROOT
 
 DEMO = ROOT / "scripts" / "demo.sh"

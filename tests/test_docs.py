@@ -24,7 +24,7 @@ from reports import config_page
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = sorted(p.stem for p in (ROOT / "jobs").glob("*.py")
               if p.stem not in ("__init__", "cli", "ray_setup"))
-LOCAL_ONLY = {"docs"}  # renders pages from this checkout: nothing to run on a cluster
+LOCAL_ONLY = {"docs", "environment"}  # this checkout's pages; a shell's environment
 # jobs another change owns and has not given flag examples yet (2026-12-07)
 PENDING: dict[str, str] = {}  # job -> why its help may not yet give every example
 

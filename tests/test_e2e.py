@@ -67,7 +67,7 @@ def cli(env, *args, timeout=300) -> subprocess.CompletedProcess:
 def ray_head(tmp_path):
     """A Ray head on 127.0.0.1 in a temporary directory; terminated afterwards."""
     gcs, dash, serve_port, *agent = free_ports(6)
-    from serve_app import ingress
+    from serve_app import environment
 
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{BIN}:{os.environ['PATH']}",
                SERVE_SOCKET_REUSE_PORT_ENABLED="0", RAY_ADDRESS="",
@@ -75,7 +75,7 @@ def ray_head(tmp_path):
     # the shipped ingress (HAProxy), chosen at `ray start` as scripts/demo.sh does, with
     # this head's own HAProxy files and ports
     haproxy = Path("/tmp") / f"tl-hap-{os.getpid()}"  # short: HAProxy's socket paths too
-    env.update(ingress.isolated_env(ingress.Ingress.HAPROXY, str(haproxy)))
+    env.update(environment.isolated_env(environment.Ingress.HAPROXY, str(haproxy)))
     env.pop("RAY_ADDRESS")
     temp = Path("/tmp") / f"tl-e2e-{os.getpid()}"  # short: Ray's socket paths have a limit
     head = subprocess.Popen(

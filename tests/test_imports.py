@@ -24,7 +24,7 @@ STAGE = "prepare"  # a stage beside training and indexing: only jobs import it
 SOURCE = LAYERS[:-1]  # the packages; jobs holds the entry points
 SERVE_MODULES = ["serve_app.app", "serve_app.retriever", "serve_app.check",
                  "serve_app.deploy_config", "serve_app.api", "serve_app.contract",
-                 "serve_app.filters", "serve_app.ingress"]
+                 "serve_app.filters", "serve_app.environment"]
 MODEL_CLASSES = ("towers.model", "towers.bodies", "towers.features", "towers.layers",
                  "towers.sequence_encoders")
 
@@ -116,8 +116,8 @@ def test_the_contracts_core_loads_neither_ray_nor_torch():
 
 
 def test_the_ingress_settings_load_no_ray():
-    """serve_app.ingress sets Serve's environment before Ray starts: it must not import it."""
-    assert loaded_after_import(["serve_app.ingress"], ("ray",)) == []
+    """serve_app.environment sets Serve's environment before Ray starts: it must not import it."""
+    assert loaded_after_import(["serve_app.environment"], ("ray",)) == []
 
 
 def test_serving_loads_no_training_and_no_model_classes():
@@ -165,6 +165,14 @@ def test_a_feature_kind_is_named_only_in_its_module():
     assert offenders == [], f"FeatureKind members named outside pipeline/features/: {offenders}"
     planted = ROOT / "tests" / "test_feature_kinds.py"  # names members on purpose
     assert kind_members_named(planted), "the scan finds FeatureKind.X"
+
+
+def test_every_command_line_entry_point_is_under_jobs():
+    """A module that runs as ``python -m`` lives in jobs/ (benchmarks are their own)."""
+    mains = [str(p.relative_to(ROOT)) for pkg in SOURCE for p in package_modules(pkg)
+             if '__name__ == "__main__"' in p.read_text(encoding="utf-8")]
+    assert mains == [], f"entry points outside jobs/: {mains}"
+    assert '__name__ == "__main__"' in (ROOT / "jobs" / "environment.py").read_text()
 
 
 def test_the_tests_never_import_benchmarks():

@@ -31,7 +31,7 @@ NEEDS = {  # a command's pattern -> what it needs that an offline test does not 
     r"python -m jobs\.(make_demo_data|pipeline|convert_movielens) --(src|config|out) .+":
     "minutes of training, or MovieLens files (not redistributable); the end-to-end test "
     "chains the jobs on tiny data",
-    r"eval .*serve_app\.ingress.*": "changes the shell's environment only",
+    r"eval .*jobs\.environment.*": "changes the shell's environment only",
     r"export RAY_AUTH_MODE=token && ray get-auth-token --generate": "writes the user's Ray "
     "token (~/.ray/auth_token); tests/test_ray_head.py runs the demo head with it",
     r"serve run .+": "a trained run directory and a long-lived server",

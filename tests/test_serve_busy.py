@@ -4,7 +4,7 @@ With Serve's defaults the controller gave the HTTP front three ready checks of 5
 machine at load 4-6 HAProxy's manager actor started more slowly, was killed, and
 ``serve run`` exited with ``ActorDiedError: HAProxyManager`` (4 starts of 5). Here two
 processes spin on the two cores while ``serve run RUN_DIR/serve.yaml`` starts its own
-local Ray with the environment ``python -m serve_app.ingress`` gives (plus per-test files
+local Ray with the environment ``python -m jobs.environment`` gives (plus per-test files
 and ports); ``/healthz`` must answer. The demo's path is ``scripts/demo.sh``'s own: its
 ``ray start --head`` line, started with that environment while the cores spin, then
 ``serve deploy`` through the head's dashboard with the token. Everything started is stopped
@@ -24,7 +24,7 @@ import httpx
 import psutil
 import yaml
 
-from serve_app import ingress
+from serve_app import environment
 from serve_app.deploy_config import deploy_config
 from tests import ray_heads
 from tests.conftest import ROOT
@@ -70,12 +70,12 @@ def spin_both_cores() -> list[subprocess.Popen]:
 
 
 def test_serve_run_comes_up_with_both_cores_busy(demo_trained, tmp_path):
-    port = ingress.free_port()
+    port = environment.free_port()
     config = deploy_config(demo_trained)
     config["http_options"]["port"] = port
     config_file = tmp_path / "serve.yaml"
     config_file.write_text(yaml.safe_dump(config))
-    env = dict(os.environ, **ingress.isolated_env(ingress.Ingress.HAPROXY),
+    env = dict(os.environ, **environment.isolated_env(environment.Ingress.HAPROXY),
                RAY_AUTH_MODE="disabled", RAY_ADDRESS="local", PYTHONPATH=str(ROOT),
                SERVE_SOCKET_REUSE_PORT_ENABLED="0")
     log = tmp_path / "serve-run.log"
@@ -93,12 +93,12 @@ def test_serve_run_comes_up_with_both_cores_busy(demo_trained, tmp_path):
 
 
 def test_the_demos_head_and_serve_deploy_come_up_with_both_cores_busy(demo_trained, tmp_path):
-    port = ingress.free_port()
+    port = environment.free_port()
     config = deploy_config(demo_trained)
     config["http_options"]["port"] = port
     config_file = tmp_path / "serve.yaml"
     config_file.write_text(yaml.safe_dump(config))
-    head_env = dict(ingress.isolated_env(ingress.Ingress.HAPROXY), PYTHONPATH=str(ROOT),
+    head_env = dict(environment.isolated_env(environment.Ingress.HAPROXY), PYTHONPATH=str(ROOT),
                     SERVE_SOCKET_REUSE_PORT_ENABLED="0")
     log = tmp_path / "serve-deploy.log"
     spinners = spin_both_cores()

@@ -190,24 +190,28 @@ def test_http_options_carry_the_serve_configs_host_and_port():
 
 
 def test_ingress_modes_and_their_environment(monkeypatch, capsys):
-    from serve_app import ingress
+    from jobs import environment as cli
+    from serve_app import environment
 
-    env = ingress.ingress_env("haproxy")
+    env = environment.ingress_env("haproxy")
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
-    assert ingress.ingress_env("proxy") == {"RAY_SERVE_ENABLE_HA_PROXY": "0",
-                                            "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
-                                            "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
-                                            **ingress.STARTUP_ENV}
-    for mode in ingress.Ingress:
-        for name, value in ingress.ingress_env(mode).items():
+    assert environment.ingress_env("proxy") == {"RAY_SERVE_ENABLE_HA_PROXY": "0",
+                                                "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+                                                "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
+                                                **environment.STARTUP_ENV}
+    for mode in environment.Ingress:
+        for name, value in environment.ingress_env(mode).items():
             monkeypatch.setenv(name, value)
-        assert ingress.current() is mode  # what a Ray started in this environment runs
-    one, two = ingress.isolated_env("haproxy"), ingress.isolated_env("haproxy")
+        assert environment.current() is mode  # what a Ray started in this environment runs
+    one, two = environment.isolated_env("haproxy"), environment.isolated_env("haproxy")
     ports = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
              "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC")
     assert all(one[k] != two[k] for k in ports)  # two instances share no file or port
-    assert ingress.main(["--config", str(ROOT / "configs" / "demo.yaml")]) == 0
-    assert "export RAY_SERVE_ENABLE_HA_PROXY=1" in capsys.readouterr().out.splitlines()
+    assert cli.main(["--config", str(ROOT / "configs" / "demo.yaml"), "--one-machine"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert "export RAY_SERVE_ENABLE_HA_PROXY=1" in printed  # the ingress, and Ray's defaults
+    defaults = {**environment.RAY_DEFAULTS, **environment.ONE_MACHINE}
+    assert {f'export {k}="${{{k}:-{v}}}"' for k, v in defaults.items()} <= set(printed)
 
 
 def test_run_app_refuses_a_bad_override_before_starting_serve(demo_trained):
@@ -235,7 +239,7 @@ def run_on_port_9123(demo_trained, demo_data, tmp_path):
 def test_deploy_config_carries_the_runs_host_and_port(run_on_port_9123, tmp_path, capsys):
     from ray.serve.schema import ServeDeploySchema
 
-    from serve_app.deploy_config import main
+    from jobs.deploy_config import main
 
     out = tmp_path / "deploy.yaml"
     assert main([str(run_on_port_9123), "--out", str(out)]) == 0
@@ -251,7 +255,7 @@ def test_deploy_config_carries_the_runs_host_and_port(run_on_port_9123, tmp_path
 
 
 def test_deploy_config_names_a_run_without_a_model(tmp_path, capsys):
-    from serve_app.deploy_config import main
+    from jobs.deploy_config import main
 
     assert main([str(tmp_path)]) == 1
     assert "meta.json is missing" in capsys.readouterr().err
@@ -307,7 +311,7 @@ def test_reconfigure_is_a_coroutine_so_batching_changes_on_the_event_loop():
 
 def test_check_tool_accepts_a_good_run_and_names_every_bad_one(demo_trained, tampered_run,
                                                                 corrupt_runs, capsys):
-    from serve_app.check import main
+    from jobs.check import main
 
     assert main([str(demo_trained)]) == 0
     assert json.loads(capsys.readouterr().out)["run_dir"] == str(demo_trained.resolve())

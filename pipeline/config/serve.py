@@ -10,7 +10,7 @@ from pipeline.strict import StrictModel
 
 
 class Ingress(str, enum.Enum):
-    """Which server answers ``http://host:port`` (``serve_app.ingress`` has the details)."""
+    """Which server answers ``http://host:port`` (``serve_app.environment`` has the details)."""
 
     HAPROXY = "haproxy"  # Serve's bundled HAProxy in front of each replica's own server
     DIRECT = "direct"  # replicas on their own ports, for an external load balancer
@@ -32,7 +32,7 @@ class ServeConfig(StrictModel):
     port: int = Field(default=8000, ge=1, le=65535, description="HTTP port.")
     ingress: Ingress = Field(
         default=Ingress.HAPROXY, description="What answers host:port; applied when Ray "
-        "starts (run_app, `python -m serve_app.ingress` for ray start / serve run).")
+        "starts (run_app, `python -m jobs.environment` for ray start / serve run).")
     num_replicas: int = Field(default=1, ge=1, description="Replicas when not autoscaling.")
     autoscaling: bool = Field(default=False, description="Autoscale between min and max.")
     min_replicas: int = Field(default=1, ge=0, description="Autoscaling lower bound.")

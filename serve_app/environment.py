@@ -1,4 +1,12 @@
-"""How HTTP reaches the replicas: the ingress modes of Ray Serve 2.60 and their settings.
+"""The one home of the project's Ray and Serve environment: Ray's defaults, the ingress.
+
+:data:`RAY_DEFAULTS` go into every job and Ray worker (``jobs.ray_setup`` sets them before
+``ray.init``; ``python -m jobs.environment`` prints them for ``ray start``): a stalled Ray
+Data pipeline fails instead of hanging, two Serve instances on one host never silently share
+a port, and no ``torch.load`` may fall back to pickle. :data:`LOCAL_DEFAULTS` are for a Ray
+started in the job's own process (no token for a head nobody else can reach; no spot-node
+preemption watcher on one machine). The rest is how HTTP reaches the replicas: the ingress
+modes of Ray Serve 2.60 and their settings.
 
 Ray Serve reads these settings from environment variables when its processes start, so they
 must be in the environment of whatever starts Ray: ``ray start`` (then ``serve deploy``),
@@ -21,7 +29,7 @@ proxy      Ray Serve's Python proxy (Serve's default): every request crosses one
            Python process and an actor call.
 =========  =============================================================================
 
-``python -m serve_app.ingress [MODE]`` prints the ``export`` lines for a shell (used by
+``python -m jobs.environment [MODE]`` prints the ``export`` lines for a shell (used by
 ``scripts/demo.sh`` before ``ray start``). :func:`isolated_env` adds per-instance files and
 ports, so that tests and benchmarks can run several Serve instances on one machine.
 
@@ -30,18 +38,25 @@ No Ray import here: the environment must be set before Ray's modules are importe
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import shlex
 import shutil
 import socket
 import stat
-import sys
 import tempfile
 from collections.abc import Mapping
 
 from pipeline.config.serve import Ingress
+from towers.exported import WEIGHTS_ONLY_ENV
+
+RAY_DEFAULTS = {
+    "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "120",
+    "SERVE_SOCKET_REUSE_PORT_ENABLED": "0",
+    **WEIGHTS_ONLY_ENV,
+}
+ONE_MACHINE = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}  # no spot node to watch
+LOCAL_DEFAULTS = {"RAY_AUTH_MODE": "disabled", **ONE_MACHINE}
 
 # Every variable any mode sets, so switching modes in one process clears the others.
 _FLAGS = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_ENABLE_DIRECT_INGRESS",
@@ -142,7 +157,7 @@ def haproxy_files(folder: str) -> dict[str, str]:
 # (again on every reload) from RAY_SERVE_HAPROXY_BINARY_PATH; this wrapper edits the
 # config it is given, then runs the real binary with the same arguments.
 _WRAPPER = r"""#!/bin/sh
-# Written by serve_app.ingress: Serve's HAProxy with its stats page and metrics on
+# Written by serve_app.environment: Serve's HAProxy with its stats page and metrics on
 # 127.0.0.1 and its admin socket mode 600, then the real binary.
 cfg=""; prev=""
 for a in "$@"; do [ "$prev" = "-f" ] && cfg="$a"; prev="$a"; done
@@ -259,24 +274,3 @@ def current() -> Ingress:
     if on["RAY_SERVE_ENABLE_DIRECT_INGRESS"] or on["RAY_SERVE_THROUGHPUT_OPTIMIZED"]:
         return Ingress.DIRECT
     return Ingress.PROXY
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Print ``export NAME=VALUE`` lines for a mode (``eval "$(python -m ...)"``)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", nargs="?", choices=[m.value for m in Ingress],
-                        help="The mode (default: the config's serve.ingress, else haproxy).")
-    parser.add_argument("--config", help="An experiment config: use its serve.ingress.")
-    args = parser.parse_args(argv)
-    mode = args.mode or Ingress.HAPROXY.value
-    if args.mode is None and args.config:
-        from pipeline.config import load_config
-
-        mode = load_config(args.config).serve.ingress.value
-    for name, value in ingress_env(mode).items():
-        print(f"export {name}={value}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
