@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -315,6 +316,11 @@ def test_check_tool_accepts_a_good_run_and_names_every_bad_one(demo_trained, tam
 
     assert main([str(demo_trained)]) == 0
     assert json.loads(capsys.readouterr().out)["run_dir"] == str(demo_trained.resolve())
+    known = pq.read_table(demo_trained / "prepared" / "users.parquet").column(0)[0].as_py()
+    assert main([str(demo_trained), "--user-id", json.dumps(known)]) == 0  # read from the store
+    capsys.readouterr()
+    assert main([str(demo_trained), "--user-id", "[1, 2]"]) == 1  # no such user id: refused
+    assert "cannot be served" in capsys.readouterr().err
     assert main([str(tampered_run)]) == 1
     assert "model_version='not-this-model'" in capsys.readouterr().err
     for name, run in corrupt_runs.items():
