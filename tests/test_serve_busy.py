@@ -69,12 +69,18 @@ def spin_both_cores() -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(2)]
 
 
-def test_serve_run_comes_up_with_both_cores_busy(demo_trained, tmp_path):
+def serve_yaml(run_dir: Path, folder: Path) -> tuple[int, Path]:
+    """The run's ``serve deploy`` config on a free port, written under ``folder``."""
     port = environment.free_port()
-    config = deploy_config(demo_trained)
+    config = deploy_config(run_dir)
     config["http_options"]["port"] = port
-    config_file = tmp_path / "serve.yaml"
+    config_file = folder / "serve.yaml"
     config_file.write_text(yaml.safe_dump(config))
+    return port, config_file
+
+
+def test_serve_run_comes_up_with_both_cores_busy(demo_trained, tmp_path):
+    port, config_file = serve_yaml(demo_trained, tmp_path)
     env = dict(os.environ, **environment.isolated_env(environment.Ingress.HAPROXY),
                RAY_AUTH_MODE="disabled", RAY_ADDRESS="local", PYTHONPATH=str(ROOT),
                SERVE_SOCKET_REUSE_PORT_ENABLED="0")
@@ -93,11 +99,7 @@ def test_serve_run_comes_up_with_both_cores_busy(demo_trained, tmp_path):
 
 
 def test_the_demos_head_and_serve_deploy_come_up_with_both_cores_busy(demo_trained, tmp_path):
-    port = environment.free_port()
-    config = deploy_config(demo_trained)
-    config["http_options"]["port"] = port
-    config_file = tmp_path / "serve.yaml"
-    config_file.write_text(yaml.safe_dump(config))
+    port, config_file = serve_yaml(demo_trained, tmp_path)
     head_env = dict(environment.isolated_env(environment.Ingress.HAPROXY), PYTHONPATH=str(ROOT),
                     SERVE_SOCKET_REUSE_PORT_ENABLED="0")
     log = tmp_path / "serve-deploy.log"
