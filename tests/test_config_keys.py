@@ -19,7 +19,7 @@ import pytest
 from pipeline.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "towers", "indexing", "training", "serve_app", "jobs")
+PACKAGES = ("pipeline", "prepare", "towers", "indexing", "training", "serve_app", "jobs")
 
 
 def config_models(model: type[pydantic.BaseModel], seen: dict | None = None) -> dict:
