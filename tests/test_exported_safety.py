@@ -149,10 +149,10 @@ def test_an_entry_outside_the_plain_layout_is_refused(clean, tmp_path):
 
 
 def test_the_jobs_and_the_replica_carry_the_weights_only_setting():
-    from jobs.ray_setup import _ENV_DEFAULTS
+    from jobs import ray_setup
     from pipeline.config.serve import ServeConfig
     from serve_app.app import deployment_options
 
-    assert WEIGHTS_ONLY_ENV.items() <= _ENV_DEFAULTS.items()
+    assert WEIGHTS_ONLY_ENV.items() <= ray_setup.RAY_DEFAULTS.items()
     env = deployment_options(ServeConfig())["ray_actor_options"]["runtime_env"]["env_vars"]
     assert WEIGHTS_ONLY_ENV.items() <= env.items()
