@@ -60,7 +60,7 @@ def step_seconds(items: int, full: bool, negatives: int, batch: int, length: int
         "sequence": {"objective": "clm", "candidates": "full" if full else "sampled"},
         "loss": {"extra_negatives": 0 if full else negatives},
     })
-    model = build_two_tower(cfg.model, fitted, cfg.sequence)
+    model = build_two_tower(cfg.model, fitted, cfg.plan)
     module = SequenceTrainModule(model)
     catalogue = {"item__item_id": torch.arange(2, rows)}  # catalogue row r -> id r + 2
     task = SequenceTask(cfg, np.ones(items), catalogue, history_keys(model), seed=0)

@@ -406,8 +406,8 @@ def main(argv: list[str] | None = None) -> dict:
         if not (args.tiny or args.skip_large):
             large = build_run(work / "large", LARGE_SIZES, LARGE_OVERRIDES)
             manifest = json.loads((large / "index" / "manifest.json").read_text())
-            results.update(large_items=manifest["item_count"],
-                           large_index=manifest["index_type"])
+            results.update(large_items=manifest["index"]["count"],
+                           large_index=manifest["index"]["factory"])
             results["runs"]["1e6"] = [with_ratios(run_side(large, "haproxy", True, size,
                                                            large=True))]
     print_table(results)

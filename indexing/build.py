@@ -1,10 +1,12 @@
 """Build ``RUN_DIR/index/``: item embeddings -> FAISS index + id map + manifest.
 
 The index stores catalogue row numbers (``item_index``) as its ids; ``prepared/items.parquet``
-maps a row to the raw item id. The manifest carries what a server needs to refuse an index
-that does not belong to its model: model version, feature-state hash, similarity, metric,
-dimension, normalisation, item count, index type and parameters, and the recall@K of the
-index against exact search on sampled users.
+maps a row to the raw item id. :class:`IndexManifest` (``index/manifest.json``) is the
+index's one metadata file: what loads it (:class:`~indexing.topk.base.TopKMeta`: kind,
+factory, similarity, dimension, item count, search parameters), what a server needs to
+refuse an index that does not belong to its model or catalogue (model version,
+feature-state hash, catalogue hash), and the recall@K of the index against exact search on
+sampled users.
 """
 
 from __future__ import annotations
@@ -15,26 +17,56 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
 
-from indexing.topk.base import TopK
+from indexing.topk.base import TopK, TopKMeta
 from indexing.topk.store import build_topk, default_factory, load_topk
 from pipeline.columns import ITEM
 from pipeline.config.index import IndexConfig
 from pipeline.config.model import Similarity
 from pipeline.run_dir import (
     MANIFEST,
-    IndexManifest,
     ModelMeta,
-    RecallCheck,
     RunDir,
     atomic_dir,
     catalogue_hash,
-    read_index_manifest,
+    read_meta,
     read_table,
     write_json,
 )
 
 Log = Callable[[str], None]
+
+
+class RecallCheck(BaseModel):
+    """Recall@k of the index against exact search on sampled users."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    k: int
+    users: int
+    value: float
+
+
+class IndexManifest(BaseModel):
+    """``index/manifest.json``: the index's one metadata file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    index: TopKMeta = Field(description="What loads the index files (load_topk).")
+    model_version: str = Field(description="The model whose item embeddings it holds.")
+    feature_state_hash: str = Field(description="The feature state that model was fit on.")
+    recall: RecallCheck
+    ids: str = Field(description="What the index's ids are.")
+    catalogue_hash: str = Field(description="catalogue_hash() of the catalogue's id column "
+                                "in row order: a reordered or edited items.parquet is refused.")
+    build_seconds: float
+    embeddings: dict[str, str] = Field(default_factory=dict)
+
+
+def read_index_manifest(run: RunDir) -> IndexManifest:
+    """``index/manifest.json``."""
+    return read_meta(run.index / MANIFEST, IndexManifest, "run `python -m jobs.build_index`")
 
 
 def recall_at_k(index: TopK, exact: TopK, queries: np.ndarray, k: int) -> float:
@@ -117,16 +149,14 @@ def build_index(cfg: IndexConfig, run: RunDir, meta: ModelMeta, item_emb: np.nda
     k = min(cfg.recall_k, n)
     recall = reach_recall(index, queries, exact.search(queries, k)[1], cfg.target_recall, log)
     build_s = time.perf_counter() - t0
-    manifest = IndexManifest(
-        model_version=meta.model_version, feature_state_hash=meta.feature_state_hash,
-        similarity=similarity, metric="inner_product", normalized=similarity.normalized,
-        dim=int(dim), item_count=int(n), index_type=factory, params=dict(index.params),
-        recall=RecallCheck(k=k, users=len(queries), value=recall),
-        ids="catalogue rows (item_index) of prepared/items.parquet",
-        catalogue_hash=catalogue_hash(catalogue_ids(run, meta)),
-        build_seconds=round(build_s, 3), embeddings=dict(embeddings or {}))
     with atomic_dir(run.index) as tmp:
-        index.save(tmp)
+        manifest = IndexManifest(
+            index=index.save(tmp), model_version=meta.model_version,
+            feature_state_hash=meta.feature_state_hash,
+            recall=RecallCheck(k=k, users=len(queries), value=recall),
+            ids="catalogue rows (item_index) of prepared/items.parquet",
+            catalogue_hash=catalogue_hash(catalogue_ids(run, meta)),
+            build_seconds=round(build_s, 3), embeddings=dict(embeddings or {}))
         write_json(tmp / MANIFEST, manifest.model_dump(mode="json"))
     log(f"[index] {factory} over {n:,} items, dim {dim}: recall@{k} {recall:.4f} "
         f"on {len(queries)} users ({build_s:.1f}s) -> {run.index}")
@@ -149,8 +179,8 @@ def check_catalogue(manifest: IndexManifest, run: RunDir, ids: pa.ChunkedArray) 
     Raises:
         ValueError: naming ``prepared/items.parquet``, both counts or both hashes.
     """
-    if manifest.item_count != len(ids):
-        raise ValueError(f"index manifest item_count={manifest.item_count} but "
+    if manifest.index.count != len(ids):
+        raise ValueError(f"index manifest index.count={manifest.index.count} but "
                          f"{run.table(ITEM)} has {len(ids)} rows: rebuild the index with "
                          "jobs.build_index")
     found = catalogue_hash(ids)
@@ -170,7 +200,7 @@ def check_manifest(manifest: IndexManifest, meta: ModelMeta) -> None:
             "feature_state_hash": meta.feature_state_hash,
             "similarity": meta.config.model.similarity, "dim": meta.config.model.output_dim}
     for key, value in want.items():
-        got = getattr(manifest, key)
+        got = getattr(manifest.index if key in ("similarity", "dim") else manifest, key)
         if got != value:
             raise ValueError(f"index manifest {key}={_plain(got)!r} does not match the "
                              f"model's {key}={_plain(value)!r}: rebuild the index with "
@@ -185,4 +215,4 @@ def load_index(run: RunDir, meta: ModelMeta) -> tuple[TopK, IndexManifest]:
     """The index of a run directory, checked against the model that will query it."""
     manifest = read_index_manifest(run)
     check_manifest(manifest, meta)
-    return load_topk(run.index), manifest
+    return load_topk(run.index, manifest.index), manifest

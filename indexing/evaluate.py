@@ -164,7 +164,7 @@ def evaluate_run(run_dir: Path) -> dict[str, Any]:
                        "exact", {})
     k = manifest.recall.k
     out["index_recall"] = {f"recall@{k}": recall_at_k(index, exact, users["test"].numpy(), k),
-                           "users": len(users["test"]), "index_type": manifest.index_type,
+                           "users": len(users["test"]), "index_type": manifest.index.factory,
                            "sampled_users_recall": manifest.recall.value}
     out["trained_on"] = trained_splits(refit)
     out["model_version"] = meta.model_version

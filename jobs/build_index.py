@@ -18,13 +18,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from indexing.build import build_index
+from indexing.build import IndexManifest, build_index
 from indexing.embed import embed_towers, key_column, read_embeddings
 from jobs.cli import parse_job_args, user_errors
 from jobs.ray_setup import ensure_ray
 from pipeline.columns import ITEM, USER
 from pipeline.config import Config
-from pipeline.run_dir import IndexManifest, RunDir, read_model_meta, read_prepare_manifest
+from pipeline.run_dir import RunDir, read_model_meta, read_prepare_manifest
 from serve_app.events import PREFIX
 from serve_app.store_build import build_embedded
 

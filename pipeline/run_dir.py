@@ -17,8 +17,9 @@ Every job reads and writes one ``RUN_DIR``::
 
 :class:`RunDir` names every path; :func:`atomic_dir` writes a folder next to its final
 place and renames it in one step, so a failed step never leaves a partial artifact. The
-JSON metadata (:class:`ModelMeta`, :class:`IndexManifest`, :class:`PrepareManifest`) is
-read through pydantic models, so code past this edge never indexes a raw dict.
+JSON metadata (:class:`ModelMeta`, :class:`PrepareManifest`, and the index's manifest in
+``indexing.build``) is read through pydantic models, so code past this edge never indexes a
+raw dict.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from pipeline.arrow import table_to_numpy
 from pipeline.columns import ITEM, USER, tower_columns
 from pipeline.config import Config
 from pipeline.config.base import is_prepare_key
-from pipeline.config.model import Similarity
+from pipeline.config.plan import ModelPlan
 from pipeline.splits import SPLIT_NAMES, trained_on
 from pipeline.state import FeatureStateSet
 
@@ -205,37 +206,12 @@ class ModelMeta(_Meta):
     model_version: str = Field(description="Content hash of the state_dict.")
     feature_state_hash: str = Field(description="Hash of the feature state trained on.")
     config: Config = Field(description="The resolved experiment config.")
+    plan: ModelPlan | None = Field(
+        default=None, description="The towers as the config resolved them, which the model "
+        "is built from (None in a meta written before plans: the config's own plan).")
     metrics: dict[str, float] = Field(default_factory=dict, description="The epoch's metrics.")
     train_state: dict[str, Any] = Field(default_factory=dict, description="Loop state.")
     is_best: bool = Field(default=False, description="Best epoch so far when saved.")
-
-
-class RecallCheck(_Meta):
-    """Recall@k of the index against exact search on sampled users."""
-
-    k: int
-    users: int
-    value: float
-
-
-class IndexManifest(_Meta):
-    """``index/manifest.json``: what a server needs to refuse a foreign index."""
-
-    model_version: str
-    feature_state_hash: str
-    similarity: Similarity
-    metric: str
-    normalized: bool
-    dim: int
-    item_count: int
-    index_type: str
-    params: dict[str, int]
-    recall: RecallCheck
-    ids: str
-    catalogue_hash: str = Field(description="catalogue_hash() of the catalogue's id column "
-                                "in row order: a reordered or edited items.parquet is refused.")
-    build_seconds: float
-    embeddings: dict[str, str] = Field(default_factory=dict)
 
 
 class PrepareManifest(_Meta):
@@ -277,11 +253,6 @@ def read_model_meta(directory: str | Path) -> ModelMeta:
     """The ``meta.json`` of a checkpoint or model directory."""
     return read_meta(Path(directory) / META_FILE, ModelMeta,
                      "not a checkpoint or model directory (run `python -m jobs.train`)")
-
-
-def read_index_manifest(run: RunDir) -> IndexManifest:
-    """``index/manifest.json``."""
-    return read_meta(run.index / MANIFEST, IndexManifest, "run `python -m jobs.build_index`")
 
 
 def read_prepare_manifest(run: RunDir) -> PrepareManifest:

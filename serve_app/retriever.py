@@ -163,9 +163,9 @@ class Retriever:
     def info(self) -> VersionResponse:
         """What this retriever serves (``GET /version``; no paths)."""
         m = self.manifest
-        summary = IndexSummary(index_type=m.index_type, similarity=m.similarity.value,
-                               dim=m.dim, item_count=m.item_count, params=m.params,
-                               recall=m.recall.model_dump())
+        summary = IndexSummary(index_type=m.index.factory, similarity=m.index.similarity.value,
+                               dim=m.index.dim, item_count=m.index.count,
+                               params=m.index.params, recall=m.recall.model_dump())
         return VersionResponse(model_version=self.model_version,
                                feature_state_hash=self.feature_state_hash, index=summary)
 

@@ -16,9 +16,9 @@ from pipeline.config.checks import (
     tie_sequence,
 )
 from pipeline.config.model import Aggregation, TowerConfig
+from pipeline.config.plan import plan_for_state
 from tests.conftest import TINY_CONFIG
 from tests.tower_cases import demo_state, model_config
-from towers.model import build_two_tower
 
 NAMES = ["user_id", "age", "history", "clicks"]  # tower order
 
@@ -101,11 +101,11 @@ def test_tie_sequence_true_names_the_mismatch():
     {"item": {"aggregation": "sum_item_multiply", "features": ["category", "tags"]}},
     {"user": {"type": "transformer", "features": ["user_id", "age"]}},
 ])
-def test_config_and_towers_give_the_same_message(model):
+def test_a_config_and_a_fitted_state_give_the_same_message(model):
     raw = copy.deepcopy(TINY_CONFIG)
     raw["model"] = copy.deepcopy(model)
-    with pytest.raises(ValueError) as from_towers:
-        build_two_tower(model_config(**copy.deepcopy(model)), demo_state())
+    with pytest.raises(ValueError) as from_state:
+        plan_for_state(model_config(**copy.deepcopy(model)), demo_state())
     with pytest.raises(ValueError) as from_config:
         parse_config(raw)
-    assert str(from_towers.value) in str(from_config.value)
+    assert str(from_state.value) in str(from_config.value)

@@ -11,16 +11,16 @@ import warnings
 
 import pytest
 import torch
-from tower_cases import batch_for, demo_state, model_config
+from tower_cases import batch_for, build, demo_state, model_config
 
 from indexing.batches import to_tensors
 from pipeline.arrow import table_to_numpy
 from pipeline.columns import TOWERS, tower_columns, tower_inputs
 from pipeline.config.model import TowerType
-from pipeline.run_dir import META_FILE, MODEL_FILE, RunDir, read_table
+from pipeline.run_dir import META_FILE, MODEL_FILE, RunDir, read_model_meta, read_table
 from towers.export import export_tower, load_exported, sidecar_path
 from towers.exported import ExportedTower
-from towers.model import build_two_tower, load_trained, model_version
+from towers.model import load_trained, model_version
 from training.checkpoint import publish_model
 
 FRESH_PROCESS = """
@@ -46,7 +46,7 @@ def exported(tmp_path_factory):
               "mlp": {"hidden": [16], "norm": "batch", "dropout": 0.3}},
         item={"aggregation": "sum", "numeric_projection_dim": 4,
               "mlp": {"hidden": [16, 16], "dropout": 0.3, "gradient_checkpointing": True}})
-    model = build_two_tower(cfg, fitted).train()
+    model = build(cfg, fitted).train()
     for side in ("user", "item"):  # move the batch-norm statistics off their initial values
         getattr(model, f"encode_{side}")(batch_for(side, fitted, 16, seed=5))
     out = tmp_path_factory.mktemp("export")
@@ -168,7 +168,7 @@ def exported_case(request, tmp_path_factory):
     """(model in eval mode, fitted state, folder of both exported towers) per tower type."""
     torch.manual_seed(1)
     fitted = demo_state()
-    model = build_two_tower(model_config(output_dim=8, **TOWER_CASES[request.param]),
+    model = build(model_config(output_dim=8, **TOWER_CASES[request.param]),
                             fitted).train()
     out = tmp_path_factory.mktemp(f"export-{request.param.value}")
     for side in ("user", "item"):
@@ -220,3 +220,21 @@ def test_published_program_equals_load_trained_on_prepared_rows(published, tower
     got = exported(features)[f"{tower}_emb"]
     assert got.shape == (table.num_rows, meta.config.model.output_dim)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+
+
+def test_the_model_meta_keeps_the_plan_the_model_is_built_from(published, tmp_path):
+    meta = read_model_meta(published.model)
+    assert meta.plan == meta.config.plan  # written by training
+    assert "history" in meta.plan.user.features and meta.plan.item.id_feature == "item_id"
+    # load_trained builds from the kept plan, not from the config: a plan whose user tower
+    # leaves the history out builds a tower the saved weights do not fit
+    user = meta.plan.user.model_copy(
+        update={"features": [n for n in meta.plan.user.features if n != "history"]})
+    doctored = meta.model_copy(update={"plan": meta.plan.model_copy(update={"user": user})})
+    model_dir = tmp_path / "model"
+    shutil.copytree(published.model, model_dir)
+    (model_dir / META_FILE).write_text(doctored.model_dump_json(), encoding="utf-8")
+    model, _, _ = load_trained(published)
+    assert "history" in model.user_tower.encoder.inputs
+    with pytest.raises(RuntimeError, match="history"):
+        load_trained(published, model_dir=model_dir)

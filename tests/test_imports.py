@@ -183,6 +183,33 @@ def test_the_tests_never_import_benchmarks():
     assert offenders == [], f"tests import benchmarks: {offenders}"
 
 
+def checks_imported(source: str) -> list[int]:
+    """Lines importing ``pipeline.config.checks`` (as a module, or from it)."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (
+                node.module == "pipeline.config.checks" or node.module == "pipeline.config"
+                and any(a.name == "checks" for a in node.names)):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.Import) and any(a.name == "pipeline.config.checks"
+                                                  for a in node.names):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_the_towers_build_from_the_plan_and_never_re_run_the_config_checks():
+    """The model side reads the resolved plan; the plan resolves the checks once.
+
+    (``pipeline`` and ``prepare`` may ask a rule, e.g. which features are id features.)
+    """
+    model_side = ("towers", "indexing", "training", "serve_app", "jobs", "benchmarks")
+    offenders = [f"{p.relative_to(ROOT)}:{line}" for pkg in model_side
+                 for p in package_modules(pkg)
+                 for line in checks_imported(p.read_text(encoding="utf-8"))]
+    assert offenders == [], f"the config checks are called from {offenders}"
+    assert checks_imported("from pipeline.config import checks, plan\n") == [1]
+
+
 def test_nothing_in_the_source_packages_imports_jobs():
     offenders = [f"{f}:{line}" for pkg in SOURCE for f, line, top in project_imports(pkg)
                  if top == "jobs"]

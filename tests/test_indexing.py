@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from indexing.batches import embed
-from indexing.build import check_manifest
+from indexing.build import check_manifest, read_index_manifest
 from indexing.embed import read_embeddings
 from indexing.eval_set import EvalSet, load_eval_set
 from indexing.evaluate import MISS, evaluate_run, index_metrics, index_ranks, split_metrics
 from indexing.metrics import retrieval_metrics, target_ranks
 from indexing.topk.store import build_topk
 from pipeline.columns import ITEM, USER
-from pipeline.run_dir import RunDir, read_catalogue, read_index_manifest, read_model_meta
+from pipeline.run_dir import RunDir, read_catalogue, read_model_meta
 from towers.model import load_trained
 
 
@@ -71,16 +71,21 @@ def test_manifest_describes_the_index_and_guards_the_version(demo_trained):
     manifest = read_index_manifest(RunDir(demo_trained))
     meta = read_model_meta(demo_trained / "model")
     assert manifest.model_version == meta.model_version
-    assert (manifest.similarity.value, manifest.metric, manifest.normalized) == (
-        "cosine", "inner_product", True)
-    assert manifest.index_type == "Flat" and manifest.dim == 16
+    assert manifest.index.model_dump(mode="json") == {
+        "kind": "faiss", "factory": "Flat", "similarity": "cosine", "dim": 16,
+        "count": manifest.index.count, "params": {}}
+    catalogue = read_catalogue(RunDir(demo_trained))
+    assert manifest.index.count == len(next(iter(catalogue.values()))) > 0
+    assert sorted(p.name for p in (demo_trained / "index").iterdir()) == [
+        "ids.npy", "index.faiss", "manifest.json"]  # one metadata file
     assert manifest.recall.value == pytest.approx(1.0)  # Flat is exact
 
     check_manifest(manifest, meta)
     with pytest.raises(ValueError, match="model_version"):
         check_manifest(manifest.model_copy(update={"model_version": "0" * 16}), meta)
     with pytest.raises(ValueError, match="dim=32"):
-        check_manifest(manifest.model_copy(update={"dim": 32}), meta)
+        check_manifest(manifest.model_copy(
+            update={"index": manifest.index.model_copy(update={"dim": 32})}), meta)
 
 
 def _numpy_ranks(u: np.ndarray, v: np.ndarray, eval_set: EvalSet, masked: bool) -> np.ndarray:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -164,15 +162,15 @@ def test_save_load_gives_identical_results(tmp_path, factory, params):
     queries = _clustered(7, 30, 16)
     ids = np.arange(2000, dtype=np.int64)[::-1].copy()
     topk = build_topk(items, ids, "cosine", factory, params)
-    topk.save(tmp_path)
-    loaded = load_topk(tmp_path)
+    meta = topk.save(tmp_path)
+    loaded = load_topk(tmp_path, meta)
     exclude = [ids[:3]] * len(queries)
     for ex in (None, exclude):
         (a_s, a_i), (b_s, b_i) = topk.search(queries, 15, ex), loaded.search(queries, 15, ex)
         assert np.array_equal(a_i, b_i) and np.array_equal(a_s, b_s)
-    meta = json.loads((tmp_path / "topk.json").read_text())
-    assert meta == {"kind": "exact" if factory == "exact" else "faiss", "factory": factory,
-                    "similarity": "cosine", "dim": 16, "count": 2000, "params": params or {}}
+    assert meta.model_dump(mode="json") == {
+        "kind": "exact" if factory == "exact" else "faiss", "factory": factory,
+        "similarity": "cosine", "dim": 16, "count": 2000, "params": params or {}}
     assert np.array_equal(np.load(tmp_path / "ids.npy", allow_pickle=False), ids)
 
 
@@ -357,8 +355,7 @@ def test_reach_recall_raises_ef_search_until_the_target_and_saves_it(tmp_path):
     assert before < 0.85 and recall >= 0.9 and 16 < ef <= 1024 and ef & (ef - 1) == 0
     assert "below index.target_recall 0.9" in logs[0] and len(logs) == 1 + np.log2(ef / 16)
     assert recall == overlap(index.search(queries, 50)[1], want)  # the setting searched
-    index.save(tmp_path / "ix")
-    loaded = load_topk(tmp_path / "ix")
+    loaded = load_topk(tmp_path / "ix", index.save(tmp_path / "ix"))
     assert loaded.params == {"efSearch": ef} and loaded.index.hnsw.efSearch == ef
     assert np.array_equal(loaded.search(queries, 50)[1], index.search(queries, 50)[1])
     # already at the target: nothing changes, nothing logged

@@ -13,6 +13,7 @@ from tower_cases import (
     ITEM_ROWS,
     bag,
     batch_for,
+    build,
     categorical,
     demo_state,
     dense,
@@ -27,7 +28,7 @@ from towers import bodies
 from towers.bodies import TowerBody
 from towers.features import Aggregator
 from towers.layers import MLP
-from towers.model import TEMPERATURE_RANGE, build_two_tower, model_version
+from towers.model import TEMPERATURE_RANGE, model_version
 
 ALL = list(Aggregation)
 ITEM_DIM = 4
@@ -93,7 +94,7 @@ def cases(draw):
 def test_generated_models_shape_norm_and_gradients(case, batch, seed):
     cfg, fitted = case
     torch.manual_seed(seed)
-    model = build_two_tower(cfg, fitted).train()
+    model = build(cfg, fitted).train()
     u = model.encode_user(batch_for("user", fitted, batch, seed))
     i = model.encode_item(batch_for("item", fitted, batch, seed + 1))
     assert u.shape == i.shape == (batch, cfg.output_dim)
@@ -120,7 +121,7 @@ def _hand_item_tower(pooling: str, aggregation: str = "concat", similarity: str 
     width = 4 if aggregation == "concat" else 2
     cfg = model_config(output_dim=width, similarity=similarity,
                        item={"aggregation": aggregation, "mlp": {"hidden": []}})
-    tower = build_two_tower(cfg, fitted).item_tower.eval()
+    tower = build(cfg, fitted).item_tower.eval()
     enc = tower.encoder.inputs
     r = torch.arange(5.0)
     with torch.no_grad():
@@ -161,7 +162,7 @@ def test_mlp_body_mean_pools_history_over_real_positions():
                        item={"item_id": categorical(ITEM_ROWS, 2)})
     cfg = model_config(output_dim=2, tie_sequence_embedding=False, similarity="dot",
                        user={"features": ["history"], "mlp": {"hidden": []}})
-    tower = build_two_tower(cfg, fitted).user_tower.eval()
+    tower = build(cfg, fitted).user_tower.eval()
     with torch.no_grad():
         tower.encoder.inputs["history"].id_table.weight.copy_(
             torch.arange(ITEM_ROWS * 2.0).view(-1, 2))  # row r = [2r, 2r + 1]
@@ -175,14 +176,14 @@ def test_mlp_body_mean_pools_history_over_real_positions():
 
 def test_tying_shares_the_item_tables():
     fitted = demo_state(seq_dim=8, item_dim=8)
-    model = build_two_tower(model_config(), fitted)
+    model = build(model_config(), fitted)
     seq, item = model.user_tower.encoder.inputs["history"], model.item_tower.encoder
     assert seq.id_table is item.table("item_id")
     assert seq.item_tables["category"] is item.table("category")
     with torch.no_grad():
         item.table("item_id").weight[5] += 1.0
     torch.testing.assert_close(seq.id_table.weight[5], item.table("item_id").weight[5])
-    untied = build_two_tower(model_config(tie_sequence_embedding=False), fitted)
+    untied = build(model_config(tie_sequence_embedding=False), fitted)
     assert untied.user_tower.encoder.inputs["history"].id_table is not \
         untied.item_tower.encoder.table("item_id")
     n_tied = sum(p.numel() for p in model.parameters())
@@ -192,12 +193,12 @@ def test_tying_shares_the_item_tables():
 
 def test_tie_default_follows_widths_and_true_with_mismatch_errors():
     fitted = demo_state(seq_dim=6, item_dim=8)
-    model = build_two_tower(model_config(), fitted)  # null: widths differ -> own table
+    model = build(model_config(), fitted)  # null: widths differ -> own table
     assert model.user_tower.encoder.inputs["history"].id_table.embedding_dim == 6
     with pytest.raises(ValueError, match=r"history.*embedding_dim=6.*item_id.*embedding_dim=8"):
-        build_two_tower(model_config(tie_sequence_embedding=True), fitted)
+        build(model_config(tie_sequence_embedding=True), fitted)
     with pytest.raises(ValueError, match="no item-tower id embedding"):
-        build_two_tower(model_config(tie_sequence_embedding=True,
+        build(model_config(tie_sequence_embedding=True,
                                      item={"features": ["category", "tags"]}),
                         demo_state(seq_dim=8, item_dim=8))
 
@@ -209,7 +210,7 @@ def test_sum_aggregation_projects_mismatched_widths():
     torch.testing.assert_close(out, agg.project["a"](torch.ones(2, 3)))
     agg4 = Aggregator(Aggregation.SUM, {"a": 3, "b": 5}, None, 4, "model.item")
     assert agg4.output_dim() == 4 and sorted(agg4.project) == ["a", "b"]
-    model = build_two_tower(model_config(item={"aggregation": "sum"}), demo_state())
+    model = build(model_config(item={"aggregation": "sum"}), demo_state())
     assert sorted(model.item_tower.body.aggregate.project) == [
         "category", "item_id", "price", "tags", "title"]  # all but the widest: embedding, 16
 
@@ -231,7 +232,7 @@ def test_sum_aggregation_projects_mismatched_widths():
 ])
 def test_bad_combinations_name_the_fields(kw, message):
     with pytest.raises(ValueError, match=message):
-        build_two_tower(model_config(**kw), demo_state())
+        build(model_config(**kw), demo_state())
 
 
 def test_custom_body_is_a_subclass_and_one_map_entry(monkeypatch):
@@ -250,17 +251,17 @@ def test_custom_body_is_a_subclass_and_one_map_entry(monkeypatch):
 
     monkeypatch.setitem(bodies.TOWER_BODIES, TowerType.CNN, MeanOfFeatures)
     fitted = demo_state()
-    model = build_two_tower(model_config(output_dim=5, user={"type": "cnn"}), fitted)
+    model = build(model_config(output_dim=5, user={"type": "cnn"}), fitted)
     assert isinstance(model.user_tower.body, MeanOfFeatures)
     assert model.encode_user(batch_for("user", fitted, 3)).shape == (3, 5)
 
 
 def test_temperature_fixed_or_learned_and_clamped():
     fitted = demo_state()
-    fixed = build_two_tower(model_config(temperature=0.05), fitted)
+    fixed = build(model_config(temperature=0.05), fitted)
     assert "log_temperature" in dict(fixed.named_buffers())
     torch.testing.assert_close(fixed.temperature(), torch.tensor(0.05))
-    learned = build_two_tower(model_config(temperature=0.05, learnable_temperature=True), fitted)
+    learned = build(model_config(temperature=0.05, learnable_temperature=True), fitted)
     assert isinstance(learned.log_temperature, torch.nn.Parameter)
     with torch.no_grad():
         learned.log_temperature.fill_(-20.0)
@@ -269,15 +270,15 @@ def test_temperature_fixed_or_learned_and_clamped():
 
 def test_variational_dropout_penalty_and_eval_identity():
     fitted = demo_state()
-    off = build_two_tower(model_config(), fitted)
+    off = build(model_config(), fitted)
     assert off.regularization_loss().item() == 0.0
     torch.manual_seed(0)
-    on = build_two_tower(model_config(user={"variational_dropout": True},
+    on = build(model_config(user={"variational_dropout": True},
                                       item={"variational_dropout": True}), fitted)
     # 4 user + 6 item features, each initial p = 0.1: sum(1 - p) = 10 * 0.9
     assert on.regularization_loss().item() == pytest.approx(9.0)
     torch.manual_seed(0)
-    plain = build_two_tower(model_config(), fitted)
+    plain = build(model_config(), fitted)
     plain.load_state_dict({k: v for k, v in on.state_dict().items() if "dropout" not in k})
     f = batch_for("item", fitted, 4)
     on.eval(), plain.eval()
@@ -298,7 +299,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_input_spec_follows_the_contract():
-    spec = build_two_tower(model_config(), demo_state()).user_tower.input_spec()
+    spec = build(model_config(), demo_state()).user_tower.input_spec()
     assert spec == {"user_id": ("int64", ()), "age": ("int64", ()),
                     "age__missing": ("float32", ()), "signup_days": ("float32", ()),
                     "signup_days__missing": ("float32", ()), "history": ("int64", (5,)),
@@ -308,9 +309,9 @@ def test_input_spec_follows_the_contract():
 def test_model_version_is_a_deterministic_content_hash():
     fitted = demo_state()
     torch.manual_seed(1)
-    a = build_two_tower(model_config(), fitted)
+    a = build(model_config(), fitted)
     torch.manual_seed(1)
-    b = build_two_tower(model_config(), fitted)
+    b = build(model_config(), fitted)
     assert model_version(a) == model_version(b) and len(model_version(a)) == 16
     with torch.no_grad():
         b.item_tower.output.bias[0] += 1e-3

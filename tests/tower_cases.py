@@ -9,7 +9,10 @@ from __future__ import annotations
 import torch
 
 from pipeline.config.model import ModelConfig, TowerConfig
+from pipeline.config.plan import plan_for_state
+from pipeline.config.sequence import SequenceConfig
 from pipeline.state import FeatureState, FeatureStateSet, TowerState
+from towers.model import TwoTowerModel, build_two_tower
 
 ITEM_ROWS = 12  # item-id vocabulary of 10 + pad + OOV
 
@@ -74,6 +77,12 @@ def model_config(**kw) -> ModelConfig:
         if isinstance(kw.get(side), dict):
             kw[side] = TowerConfig(**kw[side])
     return ModelConfig(**kw)
+
+
+def build(model: ModelConfig, fitted: FeatureStateSet,
+          sequence: SequenceConfig | None = None) -> TwoTowerModel:
+    """The two towers of ``model`` over ``fitted``, resolved as config validation would."""
+    return build_two_tower(model, fitted, plan_for_state(model, fitted, sequence))
 
 
 def _ids(g: torch.Generator, rows: int, shape: tuple[int, ...]) -> torch.Tensor:

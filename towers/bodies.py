@@ -17,7 +17,6 @@ import math
 import torch
 from torch import Tensor, nn
 
-from pipeline.config import checks
 from pipeline.config.model import (
     Aggregation,
     FusionMode,
@@ -79,15 +78,14 @@ class MLPBody(TowerBody):
 class SequenceBody(TowerBody):
     """A body that models one history itself; its vector joins the other features.
 
-    The sequence is the one :func:`~pipeline.config.checks.sequence_to_model` picks for
-    ``cfg.type``; subclasses build the module that runs over it.
+    The sequence is the tower plan's (``plan.sequence``, resolved by config validation);
+    subclasses build the module that runs over it.
     """
 
     def __init__(self, encoder: FeatureEncoder, cfg: TowerConfig):
         super().__init__(encoder, cfg)
-        sequence = checks.sequence_to_model(cfg, encoder.sequence_names, self.where)
-        assert sequence is not None, f"{type(self).__name__} registered for type={cfg.type}"
-        self.sequence = sequence
+        self.sequence = encoder.plan.sequence
+        assert self.sequence is not None, f"{type(self).__name__}: the plan names no sequence"
         module = encoder.inputs[self.sequence]
         self.sequence_encoder = self.sequence_module(module.output_dim(), module.length, cfg)
         widths = dict(encoder.widths)
@@ -157,9 +155,8 @@ class FusionBody(TowerBody):
         super().__init__(encoder, cfg)
         fusion, widths, id_name = cfg.fusion, encoder.widths, encoder.id_name
         multiply = cfg.aggregation is Aggregation.SUM_ITEM_MULTIPLY
-        checks.check_item_multiply(cfg.aggregation, list(widths), id_name, self.where)
         groups = {}
-        for g, members in checks.fusion_groups(cfg, list(widths), self.where).items():
+        for g, members in encoder.plan.fusion_groups.items():
             if multiply and id_name is not None:
                 members = [n for n in members if n != id_name]
                 if not members:

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.columns import MISSING, input_key
-from pipeline.config import checks
 from pipeline.config.model import Aggregation, TowerConfig
+from pipeline.config.plan import TowerPlan
 from pipeline.features import InputForm, NumericTransform, Pooling, spec_of
 from pipeline.state import FeatureState, TowerState
 from pipeline.transforms import PAD
@@ -307,27 +307,27 @@ class FeatureEncoder(nn.Module):
 
     Args:
         state: the tower's fitted features.
-        cfg: the tower's model config (feature subset, projections, variational dropout).
-        id_column: the tower's key column; the categorical feature read from it is the id
+        cfg: the tower's model config (projections, variational dropout).
+        plan: the tower as config validation resolved it: the features it uses and its id
             feature (the multiplier of ``aggregation=sum_item_multiply``).
         where: config path used in error messages, e.g. ``"model.user"``.
         item_states: the item tower's fitted features (sizes of history item features).
         shared: sequence name -> {item feature name: the item tower's table to reuse}.
     """
 
-    def __init__(self, state: TowerState, cfg: TowerConfig, id_column: str, where: str,
+    def __init__(self, state: TowerState, cfg: TowerConfig, plan: TowerPlan, where: str,
                  item_states: Mapping[str, FeatureState] | None = None,
                  shared: Mapping[str, Mapping[str, nn.Embedding]] | None = None):
         super().__init__()
         self.where = where
-        names = checks.selected_features(cfg, list(state.features), where)
+        self.plan = plan
+        names = plan.features
         shared = shared or {}
         self.inputs = nn.ModuleDict({
             n: build_feature(n, state.features[n], cfg, item_states or {}, shared.get(n, {}))
             for n in names})
         self.dropout = VariationalDropout(names) if cfg.variational_dropout else None
-        self.id_name = checks.id_feature(
-            ((n, state.features[n].type, state.features[n].source) for n in names), id_column)
+        self.id_name = plan.id_feature
 
     @property
     def widths(self) -> dict[str, int]:
@@ -384,7 +384,8 @@ class Aggregator(nn.Module):
     Args:
         mode: the aggregation.
         widths: feature name -> width E of its [B, E] vector.
-        id_name: the id feature (needed by ``sum_item_multiply``).
+        id_name: the id feature (the multiplier of ``sum_item_multiply``; config
+            validation made sure it is among ``widths`` with a feature besides it).
         dim: the common width of the sum modes.
         where: config path used in error messages.
     """
@@ -396,7 +397,6 @@ class Aggregator(nn.Module):
             raise ValueError(f"{where}: no features to aggregate")
         self.mode, self.names = mode, list(widths)
         self.id_name = id_name if mode is Aggregation.SUM_ITEM_MULTIPLY else None
-        checks.check_item_multiply(mode, self.names, id_name, where)
         self.width = sum(widths.values()) if mode is Aggregation.CONCAT else (
             dim or max(widths.values()))
         self.project = nn.ModuleDict({} if mode is Aggregation.CONCAT else {

@@ -17,10 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.config import checks
 from pipeline.config.model import ModelConfig, TowerConfig
-from pipeline.config.sequence import Objective, SequenceConfig
-from pipeline.features import InputForm, spec_of
+from pipeline.config.plan import ModelPlan, TowerPlan
 from pipeline.run_dir import MODEL_FILE, ModelMeta, RunDir, load_fitted, read_model_meta
 from pipeline.state import FeatureState, FeatureStateSet, TowerState
 from towers import bodies
@@ -37,18 +35,18 @@ class Tower(nn.Module):
         state: the tower's fitted features.
         cfg: the tower's model config.
         model_cfg: the model config (output width, similarity).
-        id_column: the tower's key column (its id feature is read from it).
+        plan: the tower as config validation resolved it.
         item_states: the item tower's fitted features (user tower with history only).
         shared: sequence name -> {item feature name: the item tower's table to reuse}.
     """
 
     def __init__(self, name: str, state: TowerState, cfg: TowerConfig, model_cfg: ModelConfig,
-                 id_column: str, item_states: Mapping[str, FeatureState] | None = None,
+                 plan: TowerPlan, item_states: Mapping[str, FeatureState] | None = None,
                  shared: Mapping[str, Mapping[str, nn.Embedding]] | None = None):
         super().__init__()
         self.name = name
         where = f"model.{name}"
-        self.encoder = FeatureEncoder(state, cfg, id_column, where, item_states, shared)
+        self.encoder = FeatureEncoder(state, cfg, plan, where, item_states, shared)
         body = bodies.TOWER_BODIES.get(cfg.type)
         if body is None:
             raise ValueError(f"{where}.type={cfg.type.value} has no registered body; "
@@ -158,61 +156,50 @@ class TwoTowerModel(nn.Module):
         return self.user_tower.regularization_loss() + self.item_tower.regularization_loss()
 
 
-def _tie(flag: bool | None, name: str, state: FeatureState, table: nn.Embedding | None) -> bool:
-    """Whether history ``name`` reuses the item tower's id ``table`` (None: tie if widths match)."""
-    tied = checks.tie_sequence(flag, name, state.embedding_dim,
-                               state.vocab_of if table is not None else None,
-                               table.embedding_dim if table is not None else None)
-    if tied and table.num_embeddings != state.num_embeddings:
-        raise ValueError(f"user sequence {name!r} has {state.num_embeddings} rows but item "
-                         f"feature {state.vocab_of!r} has {table.num_embeddings}; re-run prepare")
-    return tied
-
-
-def shared_tables(model_cfg: ModelConfig, fitted: FeatureStateSet,
+def shared_tables(plan: ModelPlan, fitted: FeatureStateSet,
                   item_tower: Tower) -> dict[str, dict[str, nn.Embedding]]:
-    """For each tied user history: the item tower's id table and item-feature tables.
+    """For each tied user history (``plan.tied``): the item tower's id and item-feature tables.
 
     Returns:
         sequence name -> {item feature name: the item tower's ``nn.Embedding``}.
+
+    Raises:
+        ValueError: the item table is missing or its rows differ from the history's
+            vocabulary (a state fitted apart from the model's config: re-run prepare).
     """
     out = {}
-    for name in checks.selected_features(model_cfg.user, list(fitted.user.features),
-                                         "model.user"):
+    for name in plan.tied:
         st = fitted.user.features[name]
-        if spec_of(st.type).form is not InputForm.SEQUENCE:
-            continue
         id_table = item_tower.encoder.table(st.vocab_of) if st.vocab_of else None
-        if _tie(model_cfg.tie_sequence_embedding, name, st, id_table):
-            tables = {st.vocab_of: id_table}
-            for f in st.item_features:
-                table = item_tower.encoder.table(f)
-                if table is not None:
-                    tables[f] = table
-            out[name] = tables
+        if id_table is None or id_table.num_embeddings != st.num_embeddings:
+            rows = id_table.num_embeddings if id_table is not None else None
+            raise ValueError(f"user sequence {name!r} ({st.num_embeddings} rows) is tied to "
+                             f"item feature {st.vocab_of!r} ({rows} rows); re-run prepare")
+        tables = {st.vocab_of: id_table}
+        for f in st.item_features:
+            table = item_tower.encoder.table(f)
+            if table is not None:
+                tables[f] = table
+        out[name] = tables
     return out
 
 
 def build_two_tower(model_cfg: ModelConfig, fitted: FeatureStateSet,
-                    sequence: SequenceConfig | None = None) -> TwoTowerModel:
-    """Build both towers from the model config and the fitted feature state.
+                    plan: ModelPlan) -> TwoTowerModel:
+    """Build both towers from the model config, the fitted feature state and the plan.
 
-    The item tower comes first; user histories tied to it (``tie_sequence_embedding`` true,
-    or null with equal widths) share its id and item-feature tables. With
-    ``sequence.objective=mlm`` the user tower's transformer learns a mask token, which its
-    forward appends after the last history item.
-
-    Raises:
-        ValueError: for a combination the config and state cannot build, naming the field.
+    The item tower comes first; user histories tied to it (``plan.tied``) share its id and
+    item-feature tables: the very same ``nn.Embedding`` objects. With ``plan.mask_token``
+    (``sequence.objective=mlm``) the user tower's transformer learns a mask token, which
+    its forward appends after the last history item. ``plan`` is
+    :attr:`Config.plan <pipeline.config.Config.plan>` (or
+    :func:`~pipeline.config.plan.plan_for_state`): every cross-check ran there.
     """
-    item = Tower("item", fitted.item, model_cfg.item, model_cfg, fitted.item_id)
-    user = Tower("user", fitted.user, model_cfg.user, model_cfg, fitted.user_id,
+    item = Tower("item", fitted.item, model_cfg.item, model_cfg, plan.item)
+    user = Tower("user", fitted.user, model_cfg.user, model_cfg, plan.user,
                  item_states=fitted.item.features,
-                 shared=shared_tables(model_cfg, fitted, item))
-    sequence = sequence or SequenceConfig()
-    checks.sequence_mode(sequence.objective, sequence.feature, model_cfg.user,
-                         user.encoder.sequence_names)
-    if sequence.objective is Objective.MLM:
+                 shared=shared_tables(plan, fitted, item))
+    if plan.mask_token:
         user.body.sequence_encoder.add_mask_token()
     model = TwoTowerModel(user, item, model_cfg.temperature, model_cfg.learnable_temperature)
     if model_cfg.embedding_init_std is not None:
@@ -257,7 +244,7 @@ def load_trained(run: RunDir, device: str | torch.device = "cpu",
     model_dir = Path(model_dir or run.model)
     meta = read_model_meta(model_dir)
     fitted = load_fitted(run, meta)
-    model = build_two_tower(meta.config.model, fitted, meta.config.sequence)
+    model = build_two_tower(meta.config.model, fitted, meta.plan or meta.config.plan)
     weights = torch.load(model_dir / MODEL_FILE, map_location="cpu", weights_only=True)
     model.load_state_dict(weights)
     return model.to(device).eval(), meta, fitted

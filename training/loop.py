@@ -124,7 +124,7 @@ def item_ids(model: nn.Module, catalogue: dict[str, np.ndarray], run: RunDir, cf
 
     Every rank computes the same factors (same data and seed); DDP also starts every rank
     from rank 0's weights. The config refused svd without an item id feature, by the rule
-    that picks ``encoder.id_name`` (``checks.id_feature``).
+    that picks ``encoder.id_name`` (the plan's ``item.id_feature``).
     """
     encoder = model.item_tower.encoder
     column = column_name(ITEM, encoder.id_name)
@@ -145,7 +145,7 @@ def setup(cfg: Config, run_dir: Path, device: torch.device, world_size: int, ran
     run = RunDir(run_dir)
     manifest = require_prepared_as(run, cfg)
     fitted = FeatureStateSet.load(run.feature_state)
-    model = build_two_tower(cfg.model, fitted, cfg.sequence)
+    model = build_two_tower(cfg.model, fitted, cfg.plan)
     catalogue = read_catalogue(run)
     if cfg.model.item_id_init is IdInit.SVD:
         item_ids(model, catalogue, run, cfg)
@@ -256,7 +256,8 @@ def selection_metric(cfg: Config) -> str:
 
 def checkpoint_meta(s: Setup, metrics: dict[str, float], is_best: bool = False) -> ModelMeta:
     """What every checkpoint carries besides the weights."""
-    return ModelMeta(config=s.cfg, feature_state_hash=s.fitted.content_hash(),
+    return ModelMeta(config=s.cfg, plan=s.cfg.plan,
+                     feature_state_hash=s.fitted.content_hash(),
                      model_version=model_version(s.eval_model), metrics=metrics,
                      is_best=is_best)
 

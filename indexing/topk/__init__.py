@@ -24,9 +24,11 @@ The package: ``base.py`` (the interface, the id map and per-query filter plannin
 (FAISS), ``store.py`` (the default factory, build, save and load). Import from the module
 that defines a name.
 
-On disk (never pickle): ``topk.json`` {kind, factory, similarity, dim, count, params},
-``ids.npy`` (``allow_pickle=False``), and ``index.faiss`` (``faiss.write_index``) or, for
-the exact kind, the stored vectors as ``embeddings.npy``. ``load_topk(dir)`` reads either.
+On disk (never pickle): ``ids.npy`` (``allow_pickle=False``), and ``index.faiss``
+(``faiss.write_index``) or, for the exact kind, the stored vectors as ``embeddings.npy``.
+``save(dir)`` returns the index's one metadata record, :class:`~indexing.topk.base.TopKMeta`
+{kind, factory, similarity, dim, count, params}, which the caller keeps (a run directory:
+``index/manifest.json``); ``load_topk(dir, meta)`` reads either kind.
 
 FAISS threads: left at faiss's default (OpenMP, all cores); set
 ``faiss.omp_set_num_threads`` in the caller (e.g. a Serve replica's ``num_cpus``). HNSW

@@ -8,11 +8,11 @@ from measurements on ``docs/serving.md`` ("Filters and the index").
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from indexing.topk.kernels import (
     PAD_ID,
@@ -23,10 +23,26 @@ from indexing.topk.kernels import (
 from pipeline.config.model import Similarity
 from pipeline.transforms import distinct
 
-TOPK_JSON = "topk.json"
-
-
 IDS_FILE = "ids.npy"
+
+
+class TopKMeta(BaseModel):
+    """What loads a saved index: the one metadata record an index has.
+
+    The run directory keeps it in ``index/manifest.json`` (``indexing.build``), beside the
+    model and catalogue it was built for; ``load_topk(directory, meta)`` reads the files.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: str = Field(description="'exact' (stored vectors) or 'faiss'.")
+    factory: str = Field(description="The FAISS factory string, or 'exact'.")
+    similarity: Similarity = Field(description="dot or cosine (cosine: L2-normalised, "
+                                   "then inner product; both search by inner product).")
+    dim: int = Field(ge=1, description="Vector width D.")
+    count: int = Field(ge=0, description="Items indexed N (rows of ids.npy).")
+    params: dict[str, int] = Field(default_factory=dict,
+                                   description="Search parameters (nprobe, efSearch).")
 
 
 WIDEN_MAX = 64  # longer exclusion lists are searched alone, with a selector
@@ -68,8 +84,9 @@ class TopK:
         """``(scores [Q, k] float32, rows [Q, k] int64, -1 = none)`` for prepared queries."""
         raise NotImplementedError
 
-    def _metadata(self) -> dict:
-        """The ``topk.json`` content."""
+    @property
+    def meta(self) -> TopKMeta:
+        """What :func:`~indexing.topk.store.load_topk` needs besides the saved files."""
         raise NotImplementedError
 
     def _save_index(self, directory: Path) -> None:
@@ -214,10 +231,14 @@ class TopK:
             np.where(rows >= 0, self.ids[np.maximum(rows, 0)], PAD_ID)
         return scores, ids
 
-    def save(self, directory: str | Path) -> None:
-        """Write ``topk.json``, ``ids.npy`` and the index into ``directory`` (created)."""
+    def save(self, directory: str | Path) -> TopKMeta:
+        """Write ``ids.npy`` and the index into ``directory`` (created).
+
+        Returns:
+            The index's metadata, for the caller's one record of it (``load_topk`` needs it).
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         np.save(directory / IDS_FILE, self.ids, allow_pickle=False)
         self._save_index(directory)
-        (directory / TOPK_JSON).write_text(json.dumps(self._metadata(), indent=2))
+        return self.meta

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from indexing.topk.base import TopK
+from indexing.topk.base import TopK, TopKMeta
 from indexing.topk.kernels import (
     EXACT_CHUNK_ELEMENTS,
     _check_ids,
@@ -42,10 +42,10 @@ class ExactTopK(TopK):
         self.vectors_t = torch.from_numpy(vectors)  # [N, D], as searched
 
     @classmethod
-    def _from_vectors(cls, vectors: np.ndarray, ids: np.ndarray, meta: dict) -> ExactTopK:
+    def _from_vectors(cls, vectors: np.ndarray, ids: np.ndarray, meta: TopKMeta) -> ExactTopK:
         """Wrap stored vectors as they are: normalising again could move the last bit."""
         self = cls.__new__(cls)
-        TopK.__init__(self, ids, Similarity(meta["similarity"]), int(meta["dim"]))
+        TopK.__init__(self, ids, meta.similarity, meta.dim)
         self.vectors_t = torch.from_numpy(vectors)
         return self
 
@@ -67,9 +67,10 @@ class ExactTopK(TopK):
     def _all_vectors(self) -> np.ndarray:
         return self.vectors_t.numpy()
 
-    def _metadata(self) -> dict:
-        return {"kind": EXACT, "factory": EXACT, "similarity": self.similarity.value,
-                "dim": self.dim, "count": self.count, "params": {}}
+    @property
+    def meta(self) -> TopKMeta:  # noqa: D102
+        return TopKMeta(kind=EXACT, factory=EXACT, similarity=self.similarity, dim=self.dim,
+                        count=self.count)
 
     def _save_index(self, directory: Path) -> None:
         np.save(directory / EMBEDDINGS_FILE, self.vectors_t.numpy(), allow_pickle=False)

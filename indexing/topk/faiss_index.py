@@ -8,7 +8,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from indexing.topk.base import WIDEN_MAX, TopK
+from indexing.topk.base import WIDEN_MAX, TopK, TopKMeta
 from indexing.topk.exact import EXACT
 from indexing.topk.kernels import _check_ids, _dense_top, _distinct_rows, as_searched
 from pipeline.config.model import Similarity
@@ -135,11 +135,11 @@ class FaissTopK(TopK):
         self.index.train(vectors)
 
     @classmethod
-    def _from_index(cls, index: faiss.Index, ids: np.ndarray, meta: dict) -> FaissTopK:
+    def _from_index(cls, index: faiss.Index, ids: np.ndarray, meta: TopKMeta) -> FaissTopK:
         """Wrap a loaded index without retraining or re-adding."""
         self = cls.__new__(cls)
-        TopK.__init__(self, ids, Similarity(meta["similarity"]), int(meta["dim"]))
-        self.factory, self.params, self.index = meta["factory"], dict(meta["params"]), index
+        TopK.__init__(self, ids, meta.similarity, meta.dim)
+        self.factory, self.params, self.index = meta.factory, dict(meta.params), index
         _apply_params(index, self.params, self.factory)
         self._dense_vectors()  # at load, not on the first request (50,000 x 64: 23-42 ms)
         return self
@@ -257,9 +257,10 @@ class FaissTopK(TopK):
         _apply_params(self.index, params, self.factory)
         self.params.update(params)
 
-    def _metadata(self) -> dict:
-        return {"kind": self.kind, "factory": self.factory, "similarity": self.similarity.value,
-                "dim": self.dim, "count": self.count, "params": self.params}
+    @property
+    def meta(self) -> TopKMeta:  # noqa: D102
+        return TopKMeta(kind=self.kind, factory=self.factory, similarity=self.similarity,
+                        dim=self.dim, count=self.count, params=self.params)
 
     def _save_index(self, directory: Path) -> None:
         faiss.write_index(self.index, str(directory / INDEX_FILE))

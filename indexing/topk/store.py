@@ -1,8 +1,7 @@
-"""Choosing, building, saving and loading a top-k index (``topk.json``, ``ids.npy``, the index)."""
+"""Choosing, building and loading a top-k index (``ids.npy``, the index, its :class:`TopKMeta`)."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import faiss
 import numpy as np
 import torch
 
-from indexing.topk.base import IDS_FILE, TOPK_JSON, TopK
+from indexing.topk.base import IDS_FILE, TopK, TopKMeta
 from indexing.topk.exact import EMBEDDINGS_FILE, EXACT, ExactTopK
 from indexing.topk.faiss_index import FLAT_MAX_ITEMS, INDEX_FILE, MIN_POINTS_PER_CENTROID, FaissTopK
 from indexing.topk.kernels import _as_float32
@@ -70,57 +69,41 @@ def build_topk(
     return FaissTopK(embeddings, ids, similarity, factory or default_factory(n, dim), params)
 
 
-def load_topk(directory: str | Path) -> TopK:
+def load_topk(directory: str | Path, meta: TopKMeta) -> TopK:
     """Read a :class:`TopK` written by ``save``; its searches give identical results.
 
     Args:
-        directory: folder holding ``topk.json``, ``ids.npy`` and the index file.
+        directory: folder holding ``ids.npy`` and the index file.
+        meta: what ``save`` returned (a run directory keeps it in ``index/manifest.json``).
 
     Returns:
         An :class:`ExactTopK` or :class:`FaissTopK`.
 
     Raises:
         FileNotFoundError: a file is missing (named).
-        ValueError: a file does not read as what ``save`` wrote (named, with the reason):
-            a truncated or foreign ``index.faiss``, a ``topk.json`` without its keys.
+        ValueError: a file does not read as what ``save`` wrote, or disagrees with ``meta``
+            (named, with the reason): a truncated or foreign ``index.faiss``, another count.
     """
     directory = Path(directory)
-    meta = _read_topk_json(directory / TOPK_JSON)
     ids = _read_npy(directory / IDS_FILE)
-    if ids.ndim != 1 or len(ids) != meta["count"]:
-        raise ValueError(f"{directory / IDS_FILE} holds {ids.shape} ids; {TOPK_JSON} says "
-                         f"count={meta['count']}")
-    if meta["kind"] == EXACT:
+    if ids.ndim != 1 or len(ids) != meta.count:
+        raise ValueError(f"{directory / IDS_FILE} holds {ids.shape} ids; the index metadata "
+                         f"says count={meta.count}")
+    if meta.kind == EXACT:
         vectors = _read_npy(directory / EMBEDDINGS_FILE)
-        if vectors.shape != (meta["count"], meta["dim"]):
-            raise ValueError(f"{directory / EMBEDDINGS_FILE} has shape {vectors.shape}; "
-                             f"{TOPK_JSON} says ({meta['count']}, {meta['dim']})")
+        if vectors.shape != (meta.count, meta.dim):
+            raise ValueError(f"{directory / EMBEDDINGS_FILE} has shape {vectors.shape}; the "
+                             f"index metadata says ({meta.count}, {meta.dim})")
         return ExactTopK._from_vectors(vectors, ids, meta)
-    if meta["kind"] == FaissTopK.kind:
+    if meta.kind == FaissTopK.kind:
         index = _read_faiss(directory / INDEX_FILE)
-        if (index.ntotal, index.d) != (meta["count"], meta["dim"]):
+        if (index.ntotal, index.d) != (meta.count, meta.dim):
             raise ValueError(f"{directory / INDEX_FILE} holds {index.ntotal} vectors of dim "
-                             f"{index.d}; {TOPK_JSON} says {meta['count']} of dim {meta['dim']}")
+                             f"{index.d}; the index metadata says {meta.count} of dim "
+                             f"{meta.dim}")
         return FaissTopK._from_index(index, ids, meta)
-    raise ValueError(f"{directory / TOPK_JSON} has kind {meta['kind']!r}; expected "
-                     f"'{EXACT}' or '{FaissTopK.kind}'")
-
-
-_TOPK_KEYS = ("kind", "factory", "similarity", "dim", "count", "params")
-
-
-def _read_topk_json(path: Path) -> dict:
-    """``topk.json`` with every key ``load_topk`` reads."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run `python -m jobs.build_index`")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    missing = [key for key in _TOPK_KEYS if not isinstance(meta, dict) or key not in meta]
-    if missing:
-        raise ValueError(f"{path} lacks {missing}; expected keys {list(_TOPK_KEYS)}")
-    return meta
+    raise ValueError(f"index metadata kind {meta.kind!r}; expected '{EXACT}' or "
+                     f"'{FaissTopK.kind}'")
 
 
 def _read_npy(path: Path) -> np.ndarray:

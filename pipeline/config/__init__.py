@@ -19,7 +19,7 @@ import os
 from typing import Any, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, model_validator
 
 from pipeline.config import checks
 from pipeline.config.data import DataConfig, Duplicates, PrepareConfig
@@ -38,7 +38,8 @@ from pipeline.config.features import (
 )
 from pipeline.config.index import IndexConfig
 from pipeline.config.loss import LossConfig
-from pipeline.config.model import IdInit, ModelConfig, TowerConfig, TowerType
+from pipeline.config.model import IdInit, ModelConfig, TowerConfig
+from pipeline.config.plan import ModelPlan, infos, resolve_plan
 from pipeline.config.sequence import Candidates, Objective, SequenceConfig
 from pipeline.config.serve import ServeConfig
 from pipeline.config.train import TrainConfig
@@ -76,32 +77,28 @@ class Config(StrictModel):
     serve: ServeConfig = Field(default_factory=ServeConfig, description="The endpoint.")
     tune: TuneConfig = Field(default_factory=TuneConfig,
                              description="The search of jobs.tune (ignored by the other jobs).")
+    _plan: ModelPlan = PrivateAttr()
 
     @model_validator(mode="after")
     def _model_matches_features(self) -> Config:
         user = {f.name: f for f in self.features.user}
         item = {f.name: f for f in self.features.item}
-        user_used, _ = _check_tower("model.user", self.model.user, user, self.data.user_id)
-        _, item_id = _check_tower("model.item", self.model.item, item, self.data.item_id)
-        item_dim = item[item_id].embedding_dim if item_id is not None else None
+        plan = resolve_plan(self.model, self.sequence, infos(user), infos(item),
+                            self.data.user_id, self.data.item_id)
         on_ids = []  # the settings that act on the item id table
         if self.model.item_id_init is IdInit.SVD:
             on_ids.append("model.item_id_init=svd")
         if self.model.item_id_lr_scale != 1.0:
             on_ids.append(f"model.item_id_lr_scale={self.model.item_id_lr_scale}")
-        if on_ids and item_id is None:
+        if on_ids and plan.item.id_feature is None:
             raise ValueError(f"{' and '.join(on_ids)} act on the item tower's id table, but "
                              "the item tower has no id feature (a categorical feature of "
                              f"data.item_id={self.data.item_id!r}); add one to features.item "
                              "or leave model.item_id_init=random and item_id_lr_scale=1")
-        sequences = [n for n in user_used if isinstance(user[n], SequenceFeature)]
-        for name in sequences:
-            checks.tie_sequence(self.model.tie_sequence_embedding, name,
-                                user[name].embedding_dim, item_id, item_dim)
-        window = checks.sequence_mode(self.sequence.objective, self.sequence.feature,
-                                      self.model.user, sequences)
-        if window is not None:
-            checks.window_stride(self.sequence.window_stride, window, user[window].max_length)
+        if plan.window is not None:
+            checks.window_stride(self.sequence.window_stride, plan.window,
+                                 user[plan.window].max_length)
+        self._plan = plan
         if self.sequence.enabled and self.loss.impressions_column is not None:
             raise ValueError(f"loss.impressions_column={self.loss.impressions_column!r} gives "
                              "each interaction row its own negatives, which the sequence "
@@ -119,26 +116,14 @@ class Config(StrictModel):
                 raise ValueError(f"tune.space key {path!r}: {err}") from None
         return self
 
+    @property
+    def plan(self) -> ModelPlan:
+        """The towers as validation resolved them (:mod:`~pipeline.config.plan`)."""
+        return self._plan
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able mapping (enums as values), for artifacts."""
         return self.model_dump(mode="json")
-
-
-def _check_tower(where: str, tc: TowerConfig, feats: dict[str, Feature],
-                 key: str) -> tuple[list[str], str | None]:
-    """Cross-check one tower's model section against its features.
-
-    Returns:
-        The tower's selected feature names and its selected id feature (None: none).
-    """
-    used = checks.selected_features(tc, list(feats), where)
-    id_name = checks.id_feature(((n, feats[n].type, feats[n].source) for n in used), key)
-    checks.sequence_to_model(tc, [n for n in used if isinstance(feats[n], SequenceFeature)],
-                             where)
-    if tc.type is TowerType.FUSION:
-        checks.fusion_groups(tc, used, where)
-    checks.check_item_multiply(tc.aggregation, used, id_name, where)
-    return used, id_name
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -1,11 +1,10 @@
 """Cross-checks of a tower's model config against its features: each rule written once.
 
-Two callers hold every rule: :class:`~pipeline.config.Config` validates a YAML file
-against the feature configs, and ``towers`` builds from the fitted
-:class:`~pipeline.state.FeatureState` s. Both reduce what they hold to plain values (feature
-names, which are sequences, the id feature, widths) and call the functions here, so the
-same mistake gives the same message at both edges. ``where`` is the config path a message
-names, e.g. ``"model.user"``.
+One caller holds every rule: :mod:`~pipeline.config.plan` resolves the towers with them,
+from a config's features (:class:`~pipeline.config.Config` validation) or from a fitted
+state (:func:`~pipeline.config.plan.plan_for_state`), so the same mistake gives the same
+message at both edges. ``towers`` builds from the resolved plan and never calls these.
+``where`` is the config path a message names, e.g. ``"model.user"``.
 """
 
 from __future__ import annotations
