@@ -19,9 +19,19 @@ def cfg_with(**changes):
 
 
 def test_shipped_configs_validate(tmp_path):
-    for name in ("demo", "ml100k", "large"):
+    for name in ("demo", "demo_sparse", "ml100k", "ml100k_rows", "amazon_sports", "large",
+                 "tiny"):
         cfg = load_config(f"configs/{name}.yaml")
         assert cfg.features.user and cfg.features.item
+
+
+def test_the_real_data_configs_ship_one_model_sequence_and_loss_section():
+    """ML-100K and Amazon Sports: one family (docs/training.md); data statistics resolve
+    the rest (sequence.candidates, sequence.length_pools)."""
+    ml, amazon = (load_config(f"configs/{n}.yaml") for n in ("ml100k", "amazon_sports"))
+    for section in ("model", "sequence", "loss"):
+        assert getattr(ml, section) == getattr(amazon, section), section
+    assert ml.train.lr == amazon.train.lr and ml.train.schedule == amazon.train.schedule
 
 
 def test_unknown_key_is_named():
