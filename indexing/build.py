@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from indexing.topk.base import TopK, TopKMeta
 from indexing.topk.store import build_topk, default_factory, load_topk
@@ -34,24 +34,21 @@ from pipeline.run_dir import (
     read_table,
     write_json,
 )
+from pipeline.strict import StrictModel
 
 Log = Callable[[str], None]
 
 
-class RecallCheck(BaseModel):
+class RecallCheck(StrictModel):
     """Recall@k of the index against exact search on sampled users."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     k: int
     users: int
     value: float
 
 
-class IndexManifest(BaseModel):
+class IndexManifest(StrictModel):
     """``index/manifest.json``: the index's one metadata file."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     index: TopKMeta = Field(description="What loads the index files (load_topk).")
     model_version: str = Field(description="The model whose item embeddings it holds.")
@@ -196,11 +193,11 @@ def check_manifest(manifest: IndexManifest, meta: ModelMeta) -> None:
     Raises:
         ValueError: naming the field that differs, the index's value and the model's.
     """
-    want = {"model_version": meta.model_version,
-            "feature_state_hash": meta.feature_state_hash,
-            "similarity": meta.config.model.similarity, "dim": meta.config.model.output_dim}
-    for key, value in want.items():
-        got = getattr(manifest.index if key in ("similarity", "dim") else manifest, key)
+    pairs = {"model_version": (manifest.model_version, meta.model_version),
+             "feature_state_hash": (manifest.feature_state_hash, meta.feature_state_hash),
+             "similarity": (manifest.index.similarity, meta.config.model.similarity),
+             "dim": (manifest.index.dim, meta.config.model.output_dim)}
+    for key, (got, value) in pairs.items():
         if got != value:
             raise ValueError(f"index manifest {key}={_plain(got)!r} does not match the "
                              f"model's {key}={_plain(value)!r}: rebuild the index with "

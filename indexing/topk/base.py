@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from indexing.topk.kernels import (
     PAD_ID,
@@ -21,19 +21,18 @@ from indexing.topk.kernels import (
     as_searched,
 )
 from pipeline.config.model import Similarity
+from pipeline.strict import StrictModel
 from pipeline.transforms import distinct
 
 IDS_FILE = "ids.npy"
 
 
-class TopKMeta(BaseModel):
+class TopKMeta(StrictModel):
     """What loads a saved index: the one metadata record an index has.
 
     The run directory keeps it in ``index/manifest.json`` (``indexing.build``), beside the
     model and catalogue it was built for; ``load_topk(directory, meta)`` reads the files.
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: str = Field(description="'exact' (stored vectors) or 'faiss'.")
     factory: str = Field(description="The FAISS factory string, or 'exact'.")

@@ -75,8 +75,7 @@ def resolve_tower(where: str, cfg: TowerConfig, features: Sequence[FeatureInfo],
     used = checks.selected_features(cfg, list(by_name), where)
     id_name = checks.id_feature(((n, by_name[n].type, by_name[n].source) for n in used),
                                 key_column)
-    sequences = [n for n in used if spec_of(by_name[n].type).form is InputForm.SEQUENCE]
-    sequence = checks.sequence_to_model(cfg, sequences, where)
+    sequence = checks.sequence_to_model(cfg, _sequences(used, by_name), where)
     groups = checks.fusion_groups(cfg, used, where) if cfg.type is TowerType.FUSION else None
     checks.check_item_multiply(cfg.aggregation, used, id_name, where)
     return TowerPlan(features=used, id_feature=id_name, sequence=sequence,
@@ -101,19 +100,21 @@ def resolve_plan(model: ModelConfig, sequence: SequenceConfig,
     """
     user_plan = resolve_tower("model.user", model.user, user, user_id)
     item_plan = resolve_tower("model.item", model.item, item, item_id)
-    widths = {f.name: f.embedding_dim for f in user} | {
-        f"item.{f.name}": f.embedding_dim for f in item}
+    users, items = {f.name: f for f in user}, {f.name: f for f in item}
     item_key = item_plan.id_feature
-    item_dim = widths[f"item.{item_key}"] if item_key is not None else None
-    user_types = {f.name: f.type for f in user}
-    sequences = [n for n in user_plan.features
-                 if spec_of(user_types[n]).form is InputForm.SEQUENCE]
+    item_dim = items[item_key].embedding_dim if item_key is not None else None
+    sequences = _sequences(user_plan.features, users)
     tied = [n for n in sequences
-            if checks.tie_sequence(model.tie_sequence_embedding, n, widths[n], item_key,
-                                   item_dim)]
+            if checks.tie_sequence(model.tie_sequence_embedding, n, users[n].embedding_dim,
+                                   item_key, item_dim)]
     window = checks.sequence_mode(sequence.objective, sequence.feature, model.user, sequences)
     return ModelPlan(user=user_plan, item=item_plan, tied=tied, window=window,
                      mask_token=sequence.objective is Objective.MLM)
+
+
+def _sequences(names: Sequence[str], by_name: Mapping[str, FeatureInfo]) -> list[str]:
+    """The sequence features among ``names``, in order."""
+    return [n for n in names if spec_of(by_name[n].type).form is InputForm.SEQUENCE]
 
 
 def infos(features: Mapping[str, Any]) -> list[FeatureInfo]:
